@@ -1,0 +1,1 @@
+"""Datasets: scanning, captions, buckets and caches."""

@@ -1,0 +1,1 @@
+"""Model families and the loaders they share."""

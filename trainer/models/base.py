@@ -1,0 +1,168 @@
+"""What the training loop needs from a model, whatever its family or backend.
+
+The loop sees a `TrainingModel`: a denoiser to adapt (with its trainable targets named by
+ComfyUI's own keys), text/pixel encoders, an objective and `predict`. Family differences live
+in the family modules, never in the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Conditioning for a batch: family-defined tensors, batch dimension first.
+Conditioning = dict[str, torch.Tensor]
+
+
+def split_conditioning(cond: Conditioning) -> list[Conditioning]:
+    n = next(iter(cond.values())).shape[0]
+    return [{k: v[i] for k, v in cond.items()} for i in range(n)]
+
+
+def collate_conditioning(items: list[Conditioning]) -> Conditioning:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def conditioning_to(cond: Conditioning, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+    out = {}
+    for k, v in cond.items():
+        v = v.to(device)
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+@dataclass
+class TargetMember:
+    """One module of the backend that computes rows `rows` of the ComfyUI weight named by the target."""
+
+    module: nn.Module
+    rows: slice
+
+
+@dataclass
+class Target:
+    """A trainable layer as ComfyUI names it (`diffusion_model.double_blocks.0.img_attn.qkv`).
+
+    A fused original weight (Flux qkv, linear1) may be computed by several backend modules that
+    share one input; each member computes a slice of the fused output rows.
+    """
+
+    key: str
+    in_features: int
+    out_features: int
+    members: list[TargetMember]
+    kind: str = "linear"
+    aliases: tuple[str, ...] = ()  # backend names of the members, also matched by target filters
+
+
+class FlowObjective:
+    """Rectified flow: x_t = (1 - s) x0 + s n, the model predicts n - x0."""
+
+    name = "flow"
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        return (1.0 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def snr(self, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.clamp(1e-6, 1 - 1e-6)
+        return ((1 - s) / s) ** 2
+
+
+def time_shift_exponential(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
+    """Resolution-dependent shift used by Flux: exp(mu) / (exp(mu) + (1/s - 1))."""
+    s = sigmas.clamp(1e-7, 1.0)
+    return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+
+
+def time_shift_linear(shift: float, sigmas: torch.Tensor) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def linear_mu(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * m + (base_shift - m * base_seq)
+
+
+@dataclass
+class SampleRequest:
+    cond: Conditioning
+    neg_cond: Conditioning | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+class TrainingModel(ABC):
+    """The seam between the loop and a family/backend."""
+
+    arch: str = ""
+    objective = FlowObjective()
+    # image sides must be multiples of this (VAE downsampling x patch size)
+    pixel_factor: int = 16
+    # guidance distilled into the model (an embedding) rather than classifier-free guidance
+    distilled_guidance: bool = False
+    denoiser: nn.Module
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @abstractmethod
+    def targets(self) -> list[Target]:
+        """Trainable layers of the denoiser, named by ComfyUI's keys."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> Conditioning: ...
+
+    @abstractmethod
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """images in [-1, 1], (b, 3, h, w) -> normalized latents."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalized latents -> images in [-1, 1]."""
+
+    @abstractmethod
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        """Model output in the objective's target space, for latents (b, c, h, w) at noise level sigmas (b,)."""
+
+    @abstractmethod
+    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Descending noise levels for sampling, ending in 0."""
+
+    @abstractmethod
+    def latent_channels(self) -> int: ...
+
+    def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
+        """mu for resolution-dependent timestep shift, or None if the family has none."""
+        return None
+
+    def release_text_encoders(self) -> None:
+        """Text encoders leave memory once embeddings are cached."""
+
+    def text_encoders_loaded(self) -> bool:
+        return True
+
+    def set_train_hooks(self, training: bool) -> None:
+        """Family-specific switches between training and sampling (e.g. a bypassed guidance embedding)."""
+
+    def latent_cache_id(self) -> str:
+        """Identifies the pixel encoder, so cached latents are never reused across encoders."""
+        return type(self).__name__
+
+    def save_metadata(self) -> dict[str, str]:
+        return {"ss_base_model_version": self.arch, "eridiffusion.arch": self.arch}
+
+
+ModelLoader = Callable[..., TrainingModel]

@@ -1,0 +1,31 @@
+"""Which family a checkpoint belongs to, from its tensor names alone."""
+
+from __future__ import annotations
+
+UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+
+# (family, keys that must all be present under one prefix); first match wins, most specific first
+SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("chroma", ("distilled_guidance_layer.norms.0.scale",)),
+    ("flux2", ("double_stream_modulation_img.lin.weight",)),
+    ("hunyuan_video", ("double_blocks.0.img_attn_qkv.weight",)),
+    ("flux", ("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight")),
+    ("sd3", ("joint_blocks.0.x_block.attn.qkv.weight",)),
+    ("sdxl", ("input_blocks.0.0.weight", "label_emb.0.0.weight")),
+    ("sd1", ("input_blocks.0.0.weight",)),
+    ("wan", ("blocks.0.self_attn.q.weight", "patch_embedding.weight")),
+    ("ltxv", ("adaln_single.linear.weight", "transformer_blocks.0.attn1.to_q.weight")),
+    ("flux_diffusers", ("transformer_blocks.0.attn.add_q_proj.weight", "x_embedder.weight")),
+    ("vae", ("encoder.conv_in.weight", "decoder.conv_out.weight")),
+    ("clip", ("text_model.embeddings.token_embedding.weight",)),
+    ("t5", ("encoder.block.0.layer.0.SelfAttention.q.weight",)),
+)
+
+
+def guess_family(keys) -> str | None:
+    keys = set(keys)
+    for family, needed in SIGNATURES:
+        for p in UNET_PREFIXES:
+            if all(f"{p}{k}" in keys for k in needed):
+                return family
+    return None

@@ -1,0 +1,117 @@
+"""Local model files: path checks, safetensors headers and state dicts. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFileError
+
+# Loading code below never reaches a hub; this makes libraries that could refuse to try.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def local_path(value: str, key: str) -> Path:
+    """The path named by config key `key`, which must exist on disk."""
+    p = Path(os.path.expanduser(str(value)))
+    if p.exists():
+        return p
+    hint = ""
+    if _HUB_ID.match(str(value)) and not str(value).startswith((".", "/")):
+        hint = (
+            f" It looks like a hub id: this trainer never downloads. Point {key} at the local file or folder"
+            " (e.g. ComfyUI/models/diffusion_models/flux1-dev.safetensors or a downloaded diffusers folder)."
+        )
+    raise ModelFileError(f"{key}: {value!r} does not exist.{hint}")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a .safetensors header, without reading the weights."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({e})") from None
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_state_dict(path: Path, dtype: torch.dtype | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file (keys under `prefix`, with the prefix removed)."""
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                if not k.startswith(prefix):
+                    continue
+                t = f.get_tensor(k)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                out[k[len(prefix):]] = t
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelFileError(f"{path}: cannot read tensors ({e})") from None
+    return out
+
+
+def strip_known_prefix(shapes: dict[str, tuple[int, ...]], prefixes: tuple[str, ...]) -> str:
+    """The first of `prefixes` that all (or most) keys start with, else ''."""
+    for p in prefixes:
+        if p and sum(k.startswith(p) for k in shapes) > len(shapes) // 2:
+            return p
+    return ""
+
+
+def find_weights_file(folder: Path) -> list[Path]:
+    """Safetensors files of a diffusers component folder (single or sharded)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{folder}: no .safetensors weights in this folder")
+    return files
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").exists()
+
+
+def comfyui_roots(*near: Path) -> list[Path]:
+    """ComfyUI installs to take tokenizers from: COMFYUI_PATH, the install this pack sits in, and any
+    install that holds the given model files."""
+    seen: list[Path] = []
+    candidates: list[Path] = []
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        candidates.append(Path(env))
+    here = Path(__file__).resolve()
+    candidates.extend(here.parents)
+    for p in near:
+        try:
+            candidates.extend(Path(p).resolve().parents)
+        except OSError:
+            continue
+    for c in candidates:
+        if (c / "comfy").is_dir() and c not in seen:
+            seen.append(c)
+    return seen

@@ -1,0 +1,48 @@
+"""The registry of families, keyed by `model.arch`: the one piece of global state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+    from .base import TrainingModel
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str
+    description: str
+    load: Callable[["ModelConfig", str, "object"], "TrainingModel"]  # (model_cfg, device, dtype)
+    # writes a small random model of this family into a folder; returns model-config overrides
+    make_demo: Callable[..., dict] | None = None
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family, aliases: tuple[str, ...] = ()) -> Family:
+    for name in (family.arch, *aliases):
+        _FAMILIES[name] = family
+    return family
+
+
+def _ensure_loaded() -> None:
+    # importing the family modules registers them
+    from . import flux  # noqa: F401
+
+
+def known_arches() -> list[str]:
+    _ensure_loaded()
+    return sorted(_FAMILIES)
+
+
+def get_family(arch: str) -> Family:
+    _ensure_loaded()
+    try:
+        return _FAMILIES[arch]
+    except KeyError:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(known_arches())}") from None

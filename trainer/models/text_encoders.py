@@ -1,0 +1,194 @@
+"""Text encoders from local files: ComfyUI's `text_encoders/` single files or diffusers folders.
+
+The architecture config is derived from the checkpoint's shapes, so pruned or small encoders load
+without a config file. Tokenizers come from a model folder, a configured path, or the ComfyUI
+install around the pack or the model files; a missing tokenizer is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFileError
+from .files import comfyui_roots, find_weights_file, load_state_dict, safetensors_shapes
+
+CLIP_PREFIXES = ("cond_stage_model.transformer.", "transformer.", "te.", "")
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "transformer.", "")
+
+
+@dataclass
+class EncoderFile:
+    kind: str  # "clip" or "t5"
+    path: Path
+    prefix: str
+
+
+def _weights_files(path: Path) -> list[Path]:
+    return find_weights_file(path) if path.is_dir() else [path]
+
+
+def _all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in _weights_files(path):
+        shapes.update(safetensors_shapes(f))
+    return shapes
+
+
+def identify_text_encoder(path: Path) -> EncoderFile:
+    """Tell a CLIP text model from a T5 encoder by its keys."""
+    shapes = _all_shapes(path)
+    for p in CLIP_PREFIXES:
+        if f"{p}text_model.embeddings.token_embedding.weight" in shapes:
+            return EncoderFile("clip", path, p)
+    for p in T5_PREFIXES:
+        if f"{p}encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
+            return EncoderFile("t5", path, p)
+    sample = ", ".join(sorted(shapes)[:3])
+    raise ModelFileError(f"{path}: not a CLIP or T5 text encoder (first keys: {sample})")
+
+
+def _read(ef: EncoderFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in _weights_files(ef.path):
+        sd.update(load_state_dict(f, dtype, ef.prefix))
+    return sd
+
+
+def _count(sd_keys, pattern: str) -> int:
+    n = 0
+    while any(k.startswith(pattern.format(n)) for k in sd_keys):
+        n += 1
+    return n
+
+
+def load_clip_text_model(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int | None):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = _read(ef, dtype)
+    sd = {k: v for k, v in sd.items() if k.startswith("text_model.")}
+    emb = sd["text_model.embeddings.token_embedding.weight"]
+    hidden = emb.shape[1]
+    cfg = CLIPTextConfig(
+        vocab_size=emb.shape[0],
+        hidden_size=hidden,
+        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count(sd, "text_model.encoder.layers.{}."),
+        # CLIP text towers use 64-wide heads (L: 768/12, G: 1280/20)
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+        # OpenAI CLIP-L uses quick_gelu; OpenCLIP bigG uses gelu
+        hidden_act="gelu" if hidden == 1280 else "quick_gelu",
+        projection_dim=hidden,
+        eos_token_id=eos_token_id if eos_token_id is not None else 2,
+        bos_token_id=0,
+        pad_token_id=eos_token_id if eos_token_id is not None else 1,
+    )
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    # transformers 4.x nests the tower under `text_model.`; 5.x does not
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        sd = {k[len("text_model."):]: v for k, v in sd.items()}
+    _load_checked(model, sd, ef.path, allowed_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    return model.eval().requires_grad_(False)
+
+
+def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    sd = _read(ef, dtype)
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+    rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    heads = rel.shape[1]
+    inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = "wi_0" if gated else "wi"
+    cfg = T5Config(
+        vocab_size=sd["shared.weight"].shape[0],
+        d_model=sd["shared.weight"].shape[1],
+        d_kv=inner // heads,
+        d_ff=sd[f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight"].shape[0],
+        num_layers=_count(sd, "encoder.block.{}."),
+        num_heads=heads,
+        relative_attention_num_buckets=rel.shape[0],
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    _load_checked(model, sd, ef.path, allowed_missing=())
+    return model.eval().requires_grad_(False)
+
+
+def _load_checked(model: torch.nn.Module, sd: dict, path: Path, allowed_missing: tuple[str, ...]) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=False)
+    missing = [k for k in missing if k not in allowed_missing]
+    if missing:
+        raise ModelFileError(f"{path}: incomplete text encoder, missing {len(missing)} tensors (e.g. {missing[0]})")
+    # buffers that the file need not hold (position ids) are rebuilt
+    for name, buf in model.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+COMFY_TOKENIZER_DIRS = {
+    "clip": ("comfy/sd1_tokenizer",),
+    "t5": ("comfy/text_encoders/t5_tokenizer", "comfy/t5_tokenizer"),
+}
+
+
+def _looks_like_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        (folder / n).exists() for n in ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
+    )
+
+
+def find_tokenizer(kind: str, explicit: Path | None, folder_candidates: list[Path], near: list[Path]) -> Path:
+    """The first tokenizer folder found: explicit path, then model folders, then a ComfyUI install."""
+    tried: list[str] = []
+    for c in ([explicit] if explicit else []) + folder_candidates:
+        if c is None:
+            continue
+        tried.append(str(c))
+        if _looks_like_tokenizer(c):
+            return c
+    for root in comfyui_roots(*near):
+        for rel in COMFY_TOKENIZER_DIRS[kind]:
+            c = root / rel
+            tried.append(str(c))
+            if _looks_like_tokenizer(c):
+                return c
+    name = {"clip": "CLIP", "t5": "T5"}[kind]
+    raise ModelFileError(
+        f"no {name} tokenizer found (looked in: {', '.join(tried) or 'nothing'}). Set model.tokenizer_paths to a"
+        f" local tokenizer folder, or run from a ComfyUI install (its comfy/ folder ships the tokenizers)."
+    )
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelFileError(f"{folder}: cannot load tokenizer ({e})") from None
+
+
+def tokenizer_vocab_size(folder: Path) -> int | None:
+    cfg = folder / "tokenizer.json"
+    if cfg.exists():
+        try:
+            return len(json.loads(cfg.read_text())["model"]["vocab"])
+        except (KeyError, ValueError, TypeError):
+            return None
+    return None

@@ -1,0 +1,82 @@
+"""KL autoencoders from local files: the original (LDM/BFL `ae.safetensors`) layout or a diffusers folder.
+
+The config is derived from the checkpoint's shapes, so any channel widths load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFileError
+from .files import load_state_dict, safetensors_shapes
+
+LDM_PREFIXES = ("first_stage_model.", "vae.", "")
+
+
+def _count(keys, pattern: str) -> int:
+    n = 0
+    while any(k.startswith(pattern.format(n)) for k in keys):
+        n += 1
+    return n
+
+
+def ldm_vae_config(shapes: dict[str, tuple[int, ...]], scaling_factor: float, shift_factor: float | None) -> dict:
+    levels = _count(shapes, "encoder.down.{}.")
+    widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
+    layers = _count(shapes, "encoder.down.0.block.{}.")
+    latent = shapes["decoder.conv_in.weight"][1]
+    return dict(
+        in_channels=shapes["encoder.conv_in.weight"][1],
+        out_channels=shapes["decoder.conv_out.weight"][0],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=32,
+        use_quant_conv="quant_conv.weight" in shapes,
+        use_post_quant_conv="post_quant_conv.weight" in shapes,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, shift_factor: float | None, latent_channels: int):
+    """An AutoencoderKL from a single file or a diffusers folder; checks its latent width."""
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise ModelFileError(f"{path}: not a diffusers VAE folder (no config.json)")
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    else:
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        shapes = safetensors_shapes(path)
+        prefix = next((p for p in LDM_PREFIXES if f"{p}encoder.conv_in.weight" in shapes), None)
+        if prefix is None:
+            raise ModelFileError(f"{path}: not a VAE in the original layout (no encoder.conv_in.weight)")
+        shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        cfg = ldm_vae_config(shapes, scaling_factor, shift_factor)
+        if any(w % 32 for w in cfg["block_out_channels"]):
+            raise ModelFileError(f"{path}: VAE widths {cfg['block_out_channels']} are not multiples of 32")
+        sd = load_state_dict(path, dtype, prefix)
+        converted = convert_ldm_vae_checkpoint(sd, cfg)
+        vae = AutoencoderKL(**cfg)
+        missing, unexpected = vae.load_state_dict(converted, strict=False)
+        if missing:
+            raise ModelFileError(f"{path}: incomplete VAE, missing {len(missing)} tensors (e.g. {missing[0]})")
+        if dtype != torch.float32:
+            vae = vae.to(dtype)
+    if vae.config.latent_channels != latent_channels:
+        raise ModelFileError(
+            f"{path}: this VAE has {vae.config.latent_channels} latent channels; the model needs {latent_channels}"
+        )
+    return vae.eval().requires_grad_(False)
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)

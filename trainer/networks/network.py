@@ -1,0 +1,117 @@
+"""A set of adapters over a model's targets: selection, injection by forward hooks, ComfyUI-keyed files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models.base import Target
+from .lora import LoRAAdapter
+
+ADAPTER_TYPES = {"lora": LoRAAdapter}
+
+
+def select_targets(targets: list[Target], only_if_contains: list[str], ignore_if_contains: list[str]) -> list[Target]:
+    """Targets whose ComfyUI key or backend names contain any `only` string and no `ignore` string."""
+
+    def names(t: Target) -> list[str]:
+        return [t.key, *t.aliases]
+
+    out = []
+    for t in targets:
+        ns = names(t)
+        if only_if_contains and not any(s in n for s in only_if_contains for n in ns):
+            continue
+        if ignore_if_contains and any(s in n for s in ignore_if_contains for n in ns):
+            continue
+        out.append(t)
+    return out
+
+
+def _module_key(key: str) -> str:
+    return key.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+class Network(nn.Module):
+    def __init__(self, targets: list[Target], type_name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not targets:
+            raise UserError("network: no layers match the target filters (network_kwargs.only_if_contains / ignore_if_contains)")
+        cls = ADAPTER_TYPES[type_name]
+        self.type_name = type_name
+        self.rank, self.alpha = rank, alpha
+        self.targets = {t.key: t for t in targets}
+        self.adapters = nn.ModuleDict(
+            {_module_key(t.key): cls(t.in_features, t.out_features, rank, alpha, dropout) for t in targets}
+        )
+        self._handles: list = []
+
+    def adapter(self, key: str) -> nn.Module:
+        return self.adapters[_module_key(key)]
+
+    # --- injection -----------------------------------------------------------------------------
+    def attach(self) -> "Network":
+        self.detach()
+        for key, t in self.targets.items():
+            ad = self.adapter(key)
+            for m in t.members:
+                self._handles.append(m.module.register_forward_hook(_make_hook(ad, m.rows)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # --- files ---------------------------------------------------------------------------------
+    def export(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.targets:
+            for suffix, t in self.adapter(key).export().items():
+                t = t.detach().cpu()
+                if dtype is not None and t.is_floating_point() and suffix != "alpha":
+                    t = t.to(dtype)
+                out[f"{key}.{suffix}"] = t.contiguous()
+        return out
+
+    def import_(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load ComfyUI-keyed tensors; every target must be present, unknown keys are an error."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        unknown = []
+        for name, t in tensors.items():
+            key = next((k for k in self.targets if name.startswith(k + ".")), None)
+            if key is None:
+                unknown.append(name)
+                continue
+            grouped.setdefault(key, {})[name[len(key) + 1:]] = t
+        if unknown:
+            raise UserError(f"{source}: {len(unknown)} tensors match no layer of this network (e.g. {unknown[0]})")
+        missing = [k for k in self.targets if k not in grouped]
+        if missing:
+            raise UserError(f"{source}: no weights for {len(missing)} layers of this network (e.g. {missing[0]})")
+        for key, ts in grouped.items():
+            try:
+                self.adapter(key).import_(ts, f"{source}: {key}")
+            except (KeyError, ValueError) as e:
+                raise UserError(str(e)) from None
+
+
+def _make_hook(adapter: nn.Module, rows: slice):
+    def hook(module, args, output):
+        return output + adapter.delta(args[0], rows)
+
+    return hook
+
+
+def build_network(model_targets: list[Target], net_cfg) -> Network:
+    targets = select_targets(model_targets, net_cfg.only_if_contains, net_cfg.ignore_if_contains)
+    return Network(targets, net_cfg.type, net_cfg.linear, net_cfg.alpha, net_cfg.dropout)
+
+
+def read_network_file(path: Path) -> dict[str, torch.Tensor]:
+    from ..models.files import load_state_dict
+
+    return load_state_dict(path)

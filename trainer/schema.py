@@ -1,0 +1,159 @@
+"""A small typed-schema builder: plain dict (from YAML) -> dataclass, with errors that name the key path.
+
+Fields are declared as dataclass fields; constraints ride in `field(metadata=...)`:
+  ge / gt / le  numeric bounds        choices   allowed strings (case-insensitive)
+  aliases       other accepted names  required  must be given
+Unknown keys are collected as warnings, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Union
+
+from .errors import ConfigError
+
+
+def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A dataclass field with schema metadata."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    if default is dataclasses.MISSING:
+        default = None
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class SchemaContext:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-4` as a string; accept numeric strings.
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _convert(tp: Any, value: Any, path: str, ctx: SchemaContext) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        if len(non_none) == 1:
+            return _convert(non_none[0], value, path, ctx)
+        for a in non_none:  # first that converts without error
+            sub = SchemaContext()
+            out = _convert(a, value, path, sub)
+            if not sub.errors:
+                return out
+        ctx.error(path, f"expected one of {[getattr(a, '__name__', str(a)) for a in non_none]}, got {_describe(value)}")
+        return None
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            ctx.error(path, f"expected a mapping, got {_describe(value)}")
+            return None
+        return build(tp, value, path, ctx)
+    if origin is list:
+        (item_tp,) = args or (Any,)
+        if not isinstance(value, list):
+            value = [value]  # a lone value where a list is expected: `resolution: 512`
+        return [_convert(item_tp, v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            ctx.error(path, f"expected a mapping, got {_describe(value)}")
+            return None
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        ctx.error(path, f"expected true or false, got {_describe(value)}")
+        return None
+    if tp is int:
+        f = _to_float(value)
+        if f is None or not math.isfinite(f) or f != int(f):
+            ctx.error(path, f"expected a whole number, got {_describe(value)}")
+            return None
+        return int(f)
+    if tp is float:
+        f = _to_float(value)
+        if f is None:
+            ctx.error(path, f"expected a number, got {_describe(value)}")
+            return None
+        return f
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        ctx.error(path, f"expected a string, got {_describe(value)}")
+        return None
+    raise TypeError(f"schema type {tp!r} not supported")  # a programming error, not a user one
+
+
+def _check(meta: dict, value: Any, path: str, ctx: SchemaContext) -> Any:
+    if value is None:
+        return value
+    choices = meta.get("choices")
+    if choices is not None and isinstance(value, str):
+        low = value.lower()
+        if low not in [c.lower() for c in choices]:
+            ctx.error(path, f"expected one of {', '.join(choices)}, got {value!r}")
+        return low
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "gt" in meta and not value > meta["gt"]:
+            ctx.error(path, f"must be greater than {meta['gt']}, got {value}")
+        if "ge" in meta and not value >= meta["ge"]:
+            ctx.error(path, f"must be at least {meta['ge']}, got {value}")
+        if "le" in meta and not value <= meta["le"]:
+            ctx.error(path, f"must be at most {meta['le']}, got {value}")
+    return value
+
+
+def build(cls: type, data: dict, path: str, ctx: SchemaContext) -> Any:
+    hints = typing.get_type_hints(cls)
+    known: set[str] = set()
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        names = [f.name, *f.metadata.get("aliases", ())]
+        known.update(names)
+        present = [n for n in names if n in data]
+        fpath = f"{path}.{f.name}" if path else f.name
+        if not present:
+            if f.metadata.get("required"):
+                ctx.error(fpath, "is required")
+            continue
+        key = present[0]
+        fpath = f"{path}.{key}" if path else key
+        value = _convert(hints[f.name], data[key], fpath, ctx)
+        kwargs[f.name] = _check(dict(f.metadata), value, fpath, ctx)
+    for key in data:
+        if key not in known:
+            ctx.warnings.append(f"{path}.{key}: unknown key, ignored" if path else f"{key}: unknown key, ignored")
+    return cls(**kwargs)

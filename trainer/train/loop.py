@@ -1,0 +1,267 @@
+"""The training loop. It reads top to bottom and knows nothing of the family it trains."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import JobConfig
+from ..data.cache import LatentCache, TextCache
+from ..data.dataset import BatchPlan, Dataset, captions_for_batch
+from ..errors import TrainingDiverged, UserError
+from ..fileio import append_jsonl
+from ..models.base import Conditioning, SampleRequest, TrainingModel, collate_conditioning
+from ..networks.network import Network
+from ..sampling import sample_image, to_pil
+from .checkpoints import RunFolder, check_resumable
+from .optim import build_optimizer, build_scheduler
+from .timesteps import linear_timestep_weights, min_snr_weights, sample_train_sigmas
+
+log = logging.getLogger("trainer")
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class PreparedSample:
+    index: int
+    prompt: str
+    request: SampleRequest
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    last_save: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """One training run: the model, its network, the data and the run folder, stepped to `train.steps`."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        model: TrainingModel,
+        network: Network,
+        datasets: list[Dataset],
+        latents: LatentCache,
+        texts: TextCache | None,
+        samples: list[PreparedSample],
+        run: RunFolder,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.job, self.cfg = job, job.process
+        self.model, self.network = model, network
+        self.datasets, self.latents, self.texts = datasets, latents, texts
+        self.samples = samples
+        self.run = run
+        self.on_step = on_step
+        tc = self.cfg.train
+        self.plan = BatchPlan(datasets, tc.batch_size, tc.seed)
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, dict(tc.optimizer_params), model.device)
+        self.scheduler = build_scheduler(self.optimizer, tc.lr_scheduler, tc.steps, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
+        fp16 = model.dtype == torch.float16 and model.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.state = TrainState()
+        self.network_shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+    # --- persistence ---------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        from ..config import dump_job_yaml
+
+        nc = self.cfg.network
+        md = {
+            **self.model.save_metadata(),
+            "ss_network_module": "eridiffusion.networks.lora",
+            "ss_network_dim": str(nc.linear),
+            "ss_network_alpha": str(nc.alpha),
+            "eridiffusion.network_type": nc.type,
+            "eridiffusion.step": str(self.state.step),
+            "eridiffusion.job": dump_job_yaml(self.job),
+        }
+        if self.cfg.trigger_word:
+            md["ss_trigger_word"] = self.cfg.trigger_word
+        return md
+
+    def save(self, final: bool = False) -> None:
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[self.cfg.save.dtype]
+        tensors = self.network.export(dtype)
+        path = self.run.final_path if final else self.run.step_path(self.state.step)
+        self.run.save_network(path, tensors, self.metadata())
+        self.run.save_state({
+            "step": self.state.step,
+            "arch": self.model.arch,
+            "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "network_shapes": self.network_shapes,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "last_save": str(path),
+        })
+        if not final:
+            self.run.prune(self.cfg.save.max_step_saves_to_keep)
+        self.state.last_save = str(path)
+
+    def resume(self) -> bool:
+        st = self.run.load_state()
+        if st is None:
+            return False
+        check_resumable(st, self.network_shapes, self.model.arch, self.run.state_path)
+        self.network.load_state_dict(st["network"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.scaler and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.state.step = int(st["step"])
+        self.state.last_save = st.get("last_save")
+        return True
+
+    # --- one step ------------------------------------------------------------------------------
+    def _conditioning(self, captions: list[str]) -> Conditioning:
+        if self.texts is not None:
+            return collate_conditioning([self.texts.get(c) for c in captions])
+        return self.model.encode_text(captions)
+
+    def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor:
+        tc = self.cfg.train
+        batch = self.plan.batch(micro)
+        latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in batch]).float()
+        cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
+        noise = torch.randn(latents.shape, generator=gen)
+        if tc.noise_offset:
+            noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        sigmas = sample_train_sigmas(tc.timestep_type, latents.shape[0], gen, self.model, tuple(latents.shape))
+        obj = self.model.objective
+        dev = self.model.device
+        latents, noise, sigmas = latents.to(dev), noise.to(dev), sigmas.to(dev)
+        noisy = obj.add_noise(latents, noise, sigmas)
+        pred = self.model.predict(noisy, sigmas, cond, guidance=1.0).float()
+        target = obj.target(latents, noise, sigmas)
+        per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
+        weights = torch.ones_like(per_sample)
+        if tc.linear_timesteps:
+            weights = weights * linear_timestep_weights(sigmas)
+        if tc.snr_gamma:
+            weights = weights * min_snr_weights(sigmas, tc.snr_gamma, obj.snr(sigmas))
+        return (per_sample * weights).mean()
+
+    def step(self) -> float:
+        tc = self.cfg.train
+        step = self.state.step
+        seed = derived_seed(tc.seed, step)
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        gen = torch.Generator().manual_seed(seed)
+        total = 0.0
+        for a in range(tc.gradient_accumulation):
+            loss = self._loss(step * tc.gradient_accumulation + a, gen) / tc.gradient_accumulation
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                saved = self.state.last_save or "nothing was saved yet"
+                raise TrainingDiverged(
+                    f"loss became {value} at step {step + 1}; training stopped before the weights were touched."
+                    f" Last good save: {saved}. Try a lower train.lr, train.dtype bf16 instead of fp16,"
+                    f" or a smaller train.max_grad_norm."
+                )
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += value
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        return total
+
+    # --- sampling ------------------------------------------------------------------------------
+    def sample(self) -> list:
+        if not self.samples:
+            return []
+        self.network.eval()
+        self.model.set_train_hooks(False)
+        images = []
+        for s in self.samples:
+            img = to_pil(sample_image(self.model, s.request))
+            path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
+            from ..fileio import atomic_path
+
+            with atomic_path(path) as tmp:
+                img.save(tmp, format="PNG")
+            append_jsonl(self.run.samples / "index.jsonl", {
+                "step": self.state.step, "index": s.index, "prompt": s.prompt, "seed": s.request.seed,
+                "file": path.name,
+            })
+            images.append(img)
+        self.model.set_train_hooks(True)
+        self.network.train()
+        return images
+
+    # --- the run -------------------------------------------------------------------------------
+    def train(self, progress=None) -> TrainState:
+        tc, sc = self.cfg.train, self.cfg.sample
+        sampling = not tc.disable_sampling and bool(self.samples)
+        self.network.train()
+        self.model.set_train_hooks(True)
+        if self.state.step == 0 and sampling and not tc.skip_first_sample:
+            self.sample()
+        t_last = time.perf_counter()
+        try:
+            while self.state.step < tc.steps:
+                loss = self.step()
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                step = self.state.step
+                self.state.losses.append(loss)
+                rec = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "s_per_step": dt,
+                       "peak_mem_gib": _peak_gib(self.model.device), "time": time.time()}
+                append_jsonl(self.run.metrics_path, rec)
+                if progress is not None:
+                    progress(rec)
+                if self.on_step is not None:
+                    self.on_step(step, loss)
+                if step < tc.steps and step % self.cfg.save.save_every == 0:
+                    self.save()
+                if sampling and step < tc.steps and step % sc.sample_every == 0:
+                    self.sample()
+                    t_last = time.perf_counter()  # sampling time is not step time
+        except KeyboardInterrupt:
+            if self.state.step > 0:
+                self.save()
+            raise UserError(
+                f"interrupted at step {self.state.step}; saved {self.state.last_save or 'nothing yet'}."
+                " Run the same job again to resume."
+            ) from None
+        finally:
+            self.model.set_train_hooks(False)
+        self.save(final=True)
+        if sampling:
+            self.sample()
+        return self.state
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    except ImportError:
+        return 0.0
