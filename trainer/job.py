@@ -108,7 +108,10 @@ def prepare_samples(job: JobConfig, model: TrainingModel) -> list[PreparedSample
 
 
 def make_network(job: JobConfig, model: TrainingModel) -> Network:
-    net = build_network(model.targets(), job.process.network)
+    # the initial weights are a function of train.seed, so runs are reproducible
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.process.train.seed)
+        net = build_network(model.targets(), job.process.network)
     path = job.process.network.pretrained_lora_path
     if path:
         from .models.files import local_path

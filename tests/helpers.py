@@ -1,0 +1,72 @@
+"""Test helpers: tiny real Flux-family files (original layouts), synthetic images, job dicts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+TINY_FLUX = dict(hidden=32, head_dim=16, double=1, single=1, context_dim=32, pooled_dim=64)
+
+
+def write_tiny_flux(folder: Path, guidance: bool = True, seed: int = 4) -> dict:
+    """A tiny Flux (+ CLIP, T5, VAE, tokenizers) in the files users keep; returns the `model:` config."""
+    from trainer.models import tiny
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = tiny.build_tokenizer(folder / "tok_clip", "clip")
+    tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
+    tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=TINY_FLUX["pooled_dim"])
+    tiny.make_t5_file(folder / "t5.safetensors", len(tt), d_model=TINY_FLUX["context_dim"])
+    tiny.make_vae_file(folder / "ae.safetensors", [32, 32])
+    cfg = tiny.flux_diffusers_config(guidance=guidance, **TINY_FLUX)
+    tiny.make_flux_file(folder / "flux.safetensors", cfg, seed=seed, dtype=torch.float32)
+    return {
+        "arch": "flux",
+        "name_or_path": str(folder / "flux.safetensors"),
+        "text_encoder_paths": [str(folder / "clip_l.safetensors"), str(folder / "t5.safetensors")],
+        "vae_path": str(folder / "ae.safetensors"),
+        "tokenizer_paths": [str(folder / "tok_clip"), str(folder / "tok_t5")],
+        "t5_max_length": 8,
+    }
+
+
+def make_images(folder: Path, n: int = 4, size: tuple[int, int] = (32, 32), captions: bool = True, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+        d = ImageDraw.Draw(img)
+        w, h = size
+        d.ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(folder / f"img_{i}.png")
+        if captions:
+            (folder / f"img_{i}.txt").write_text(f"a red circle on a blue background {i}")
+    return folder
+
+
+def job_dict(model: dict, dataset: Path, out: Path, name: str = "run", **train) -> dict:
+    t = {"batch_size": 1, "steps": 3, "lr": 1e-3, "optimizer": "adamw", "dtype": "fp32",
+         "gradient_checkpointing": False, "seed": 7}
+    t.update(train)
+    return {
+        "job": "extension",
+        "config": {
+            "name": name,
+            "process": [{
+                "type": "sd_trainer",
+                "training_folder": str(out),
+                "device": "cpu",
+                "trigger_word": "sks",
+                "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
+                "save": {"dtype": "fp32", "save_every": 2, "max_step_saves_to_keep": 2},
+                "datasets": [{"folder_path": str(dataset), "caption_ext": "txt", "resolution": [32]}],
+                "train": t,
+                "model": dict(model),
+                "sample": {"sample_every": 100, "width": 32, "height": 32, "sample_steps": 2,
+                           "prompts": ["[trigger] a cat"], "guidance_scale": 3.5},
+            }],
+        },
+    }

@@ -1,0 +1,116 @@
+import logging
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.config import DatasetConfig
+from trainer.data.buckets import bucket_for, bucket_sizes
+from trainer.data.captions import apply_trigger, shuffle_tokens, training_caption
+from trainer.data.dataset import BatchPlan, captions_for_batch, load_pixels, scan_dataset
+from trainer.errors import DatasetError
+
+from helpers import make_images
+
+
+def test_trigger_word():
+    assert apply_trigger("a photo of [trigger] smiling", "sks") == "a photo of sks smiling"
+    assert apply_trigger("a photo", "sks") == "sks, a photo"
+    assert apply_trigger("sks in a hat", "sks") == "sks in a hat"
+    assert apply_trigger("[trigger], a hat", None) == "a hat"
+
+
+def test_shuffle_keeps_leading_tokens():
+    rng = random.Random(0)
+    caps = {shuffle_tokens("sks, a, b, c, d, e", 1, rng) for _ in range(20)}
+    assert all(c.startswith("sks, ") for c in caps) and len(caps) > 1
+    assert sorted(caps.pop().split(", ")) == sorted("sks, a, b, c, d, e".split(", "))
+
+
+def test_caption_dropout_rate():
+    rng = random.Random(0)
+    out = [training_caption("x", rng, 0.5, False, 0) for _ in range(2000)]
+    assert 0.4 < out.count("") / 2000 < 0.6
+
+
+def test_buckets_never_upscale_and_divisible():
+    for w, h in [(1024, 1024), (1200, 800), (300, 900), (512, 512), (100, 60), (4000, 1000)]:
+        bw, bh = bucket_for(w, h, 512, 16)
+        assert bw % 16 == 0 and bh % 16 == 0
+        assert bw <= w and bh <= h, (w, h, bw, bh)
+        assert bw * bh <= 512 * 512
+    assert bucket_for(1024, 1024, 512, 16) == (512, 512)
+    bw, bh = bucket_for(1536, 1024, 512, 16)
+    assert abs(bw / bh - 1.5) < 0.1
+    assert all(w * h <= 512 * 512 for w, h in bucket_sizes(512, 16))
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(DatasetError, match=r"datasets\[0\].folder_path: folder .* does not exist"):
+        scan_dataset(DatasetConfig(folder_path=str(tmp_path / "nope")), 0, None, 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        scan_dataset(DatasetConfig(folder_path=str(tmp_path / "empty")), 0, None, 16)
+    make_images(tmp_path / "nocap", n=2, captions=False)
+    with pytest.raises(DatasetError, match=r"2 images have no .txt caption \(img_0.png, img_1.png\)"):
+        scan_dataset(DatasetConfig(folder_path=str(tmp_path / "nocap")), 0, None, 16)
+    ds = scan_dataset(DatasetConfig(folder_path=str(tmp_path / "nocap"), default_caption="a thing"), 0, "sks", 16)
+    assert [im.caption for im in ds.images] == ["sks, a thing"] * 2
+
+
+def test_corrupt_images_skipped_with_warning(tmp_path, caplog):
+    folder = make_images(tmp_path / "d", n=2)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "broken.txt").write_text("x")
+    good = folder / "img_0.png"
+    (folder / "trunc.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (folder / "trunc.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        ds = scan_dataset(DatasetConfig(folder_path=str(folder)), 0, None, 16)
+    assert len(ds.images) == 2
+    assert "broken.png" in caplog.text and "trunc.png" in caplog.text
+    for f in folder.glob("img_*.png"):
+        f.write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="could be read"):
+        scan_dataset(DatasetConfig(folder_path=str(folder)), 0, None, 16)
+
+
+def test_entries_repeats_flip_and_multi_resolution(tmp_path):
+    folder = make_images(tmp_path / "d", n=2, size=(64, 48))
+    cfg = DatasetConfig(folder_path=str(folder), resolution=[32, 64], flip_x=True, num_repeats=3)
+    ds = scan_dataset(cfg, 0, None, 16)
+    assert len(ds.entries) == 2 * 2 * 2
+    assert {e.bucket for e in ds.entries} == {(32, 32), (64, 48)} or len({e.bucket for e in ds.entries}) == 2
+    plan = BatchPlan([ds], batch_size=2, seed=1)
+    assert plan.batches_per_epoch == sum((len(g) + 1) // 2 for g in plan.groups)
+    for b in plan.epoch(0):
+        assert len({it.entry.bucket for it in b}) == 1  # batches stay within a bucket
+    assert plan.epoch(3) == BatchPlan([ds], 2, 1).epoch(3)  # pure function of (seed, epoch)
+    assert plan.epoch(0) != plan.epoch(1)
+    e = next(x for x in ds.entries if x.flip)
+    a = load_pixels(ds.images[e.image], e.bucket, False)
+    b = load_pixels(ds.images[e.image], e.bucket, True)
+    assert torch.equal(a.flip(-1), b) and a.min() >= -1 and a.max() <= 1
+
+
+def test_captions_for_batch_deterministic(tmp_path):
+    folder = make_images(tmp_path / "d", n=3)
+    cfg = DatasetConfig(folder_path=str(folder), caption_dropout_rate=0.5, shuffle_tokens=True)
+    ds = scan_dataset(cfg, 0, "sks", 16)
+    plan = BatchPlan([ds], 1, 0)
+    a = [captions_for_batch([ds], plan.batch(i), 0, i) for i in range(10)]
+    b = [captions_for_batch([ds], plan.batch(i), 0, i) for i in range(10)]
+    assert a == b and any(c == [""] for c in a)
+
+
+def test_exif_orientation_respected(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    img = Image.new("RGB", (48, 32), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(folder / "r.jpg", exif=exif)
+    (folder / "r.txt").write_text("x")
+    ds = scan_dataset(DatasetConfig(folder_path=str(folder), resolution=[64]), 0, None, 16)
+    assert (ds.images[0].width, ds.images[0].height) == (32, 48)
