@@ -146,6 +146,8 @@ class FluxModel(TrainingModel):
     def release_text_encoders(self) -> None:
         self.clip = None
         self.t5 = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Conditioning:

@@ -7,7 +7,6 @@ install around the pack or the model files; a missing tokenizer is a clear error
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,8 @@ def identify_text_encoder(path: Path) -> EncoderFile:
     for p in CLIP_PREFIXES:
         if f"{p}text_model.embeddings.token_embedding.weight" in shapes:
             return EncoderFile("clip", path, p)
+    if "embeddings.token_embedding.weight" in shapes and "final_layer_norm.weight" in shapes:
+        return EncoderFile("clip", path, "")  # a tower saved without the `text_model.` level
     for p in T5_PREFIXES:
         if f"{p}encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
             return EncoderFile("t5", path, p)
@@ -65,10 +66,20 @@ def _count(sd_keys, pattern: str) -> int:
     return n
 
 
+def _pretrained_folder(ef: EncoderFile) -> bool:
+    return ef.path.is_dir() and (ef.path / "config.json").exists()
+
+
 def load_clip_text_model(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int | None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if _pretrained_folder(ef):
+        model = CLIPTextModel.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
+
     sd = _read(ef, dtype)
+    if "text_model.embeddings.token_embedding.weight" not in sd:
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k.startswith("text_model.")}
     emb = sd["text_model.embeddings.token_embedding.weight"]
     hidden = emb.shape[1]
@@ -99,6 +110,10 @@ def load_clip_text_model(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int 
 
 def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
     from transformers import T5Config, T5EncoderModel
+
+    if _pretrained_folder(ef):
+        model = T5EncoderModel.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
 
     sd = _read(ef, dtype)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
@@ -182,13 +197,3 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many kinds here
         raise ModelFileError(f"{folder}: cannot load tokenizer ({e})") from None
-
-
-def tokenizer_vocab_size(folder: Path) -> int | None:
-    cfg = folder / "tokenizer.json"
-    if cfg.exists():
-        try:
-            return len(json.loads(cfg.read_text())["model"]["vocab"])
-        except (KeyError, ValueError, TypeError):
-            return None
-    return None

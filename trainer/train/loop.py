@@ -15,11 +15,11 @@ from ..config import JobConfig
 from ..data.cache import LatentCache, TextCache
 from ..data.dataset import BatchPlan, Dataset, captions_for_batch
 from ..errors import TrainingDiverged, UserError
-from ..fileio import append_jsonl
+from ..fileio import append_jsonl, atomic_path
 from ..models.base import Conditioning, SampleRequest, TrainingModel, collate_conditioning
 from ..networks.network import Network
 from ..sampling import sample_image, to_pil
-from .checkpoints import RunFolder, check_resumable
+from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
 from .timesteps import linear_timestep_weights, min_snr_weights, sample_train_sigmas
 
@@ -95,9 +95,7 @@ class Trainer:
         return md
 
     def save(self, final: bool = False) -> None:
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[self.cfg.save.dtype]
-        tensors = self.network.export(dtype)
+        tensors = self.network.export(DTYPES[self.cfg.save.dtype])
         path = self.run.final_path if final else self.run.step_path(self.state.step)
         self.run.save_network(path, tensors, self.metadata())
         self.run.save_state({
@@ -200,8 +198,6 @@ class Trainer:
         for s in self.samples:
             img = to_pil(sample_image(self.model, s.request))
             path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
-            from ..fileio import atomic_path
-
             with atomic_path(path) as tmp:
                 img.save(tmp, format="PNG")
             append_jsonl(self.run.samples / "index.jsonl", {
