@@ -22,9 +22,13 @@ DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 
 @dataclass
 class NetworkConfig:
-    type: str = spec("lora", choices=("lora",))
+    type: str = spec("lora", choices=("lora", "locon", "lokr", "loha", "dora"))
     linear: int = spec(16, ge=1, aliases=("rank",))
     linear_alpha: Optional[float] = spec(None, gt=0, aliases=("alpha",))
+    conv: Optional[int] = spec(None, ge=1, aliases=("conv_rank",))
+    conv_alpha: Optional[float] = spec(None, gt=0)
+    lokr_factor: int = spec(-1)
+    lokr_full_rank: bool = spec(False)
     dropout: float = spec(0.0, ge=0, le=1)
     network_kwargs: dict = spec(default_factory=dict)
     pretrained_lora_path: Optional[str] = spec(None)

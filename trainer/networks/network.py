@@ -7,11 +7,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..models.base import Target
+from .base import conv_params, read_weight
+from .dora import DoRAAdapter
+from .loha import LoHaAdapter
+from .lokr import LoKrAdapter
 from .lora import LoRAAdapter
 
-ADAPTER_TYPES = {"lora": LoRAAdapter}
+NETWORK_TYPES = ("lora", "locon", "lokr", "loha", "dora")
 
 
 def select_targets(targets: list[Target], only_if_contains: list[str], ignore_if_contains: list[str]) -> list[Target]:
@@ -35,18 +39,50 @@ def _module_key(key: str) -> str:
     return key.replace(".", "__")  # ModuleDict keys cannot hold dots
 
 
+def _fused_weight(target: Target):
+    def read() -> torch.Tensor:
+        return torch.cat([read_weight(m.module) for m in target.members], dim=0)
+
+    return read
+
+
+def make_adapter(t: Target, type_name: str, rank: int, alpha: float, dropout: float, factor: int = -1,
+                 full_rank: bool = False) -> nn.Module:
+    """The adapter of `type_name` for one target (a conv target gets the conv form of the type)."""
+    conv = conv_params(t.members[0].module) if t.kind == "conv" else None
+    kernel = tuple(t.members[0].module.kernel_size) if conv is not None else None
+    if type_name in ("lora", "locon"):
+        return LoRAAdapter(t.in_features, t.out_features, rank, alpha, dropout, kernel, conv)
+    if type_name == "loha":
+        return LoHaAdapter(t.in_features, t.out_features, rank, alpha, dropout, kernel, conv)
+    if type_name == "lokr":
+        return LoKrAdapter(t.in_features, t.out_features, rank, alpha, dropout, kernel, conv, factor, full_rank)
+    if type_name == "dora":
+        if conv is not None:
+            raise ConfigError("network.type dora: conv layers are not supported yet; leave network.conv unset")
+        return DoRAAdapter(t.in_features, t.out_features, rank, alpha, dropout, _fused_weight(t))
+    raise ConfigError(f"network.type: unknown type {type_name!r}; known: {', '.join(NETWORK_TYPES)}")
+
+
 class Network(nn.Module):
-    def __init__(self, targets: list[Target], type_name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, targets: list[Target], type_name: str, rank: int, alpha: float, dropout: float = 0.0,
+                 conv_rank: int | None = None, conv_alpha: float | None = None, factor: int = -1,
+                 full_rank: bool = False) -> None:
         super().__init__()
+        # conv layers are adapted only when a conv rank is given (LoCon defaults it to the linear rank)
+        if type_name == "locon" and conv_rank is None:
+            conv_rank = rank
+        targets = [t for t in targets if t.kind != "conv" or conv_rank]
         if not targets:
             raise UserError("network: no layers match the target filters (network_kwargs.only_if_contains / ignore_if_contains)")
-        cls = ADAPTER_TYPES[type_name]
         self.type_name = type_name
         self.rank, self.alpha = rank, alpha
         self.targets = {t.key: t for t in targets}
-        self.adapters = nn.ModuleDict(
-            {_module_key(t.key): cls(t.in_features, t.out_features, rank, alpha, dropout) for t in targets}
-        )
+        adapters = {}
+        for t in targets:
+            r, a = (conv_rank, conv_alpha if conv_alpha is not None else conv_rank) if t.kind == "conv" else (rank, alpha)
+            adapters[_module_key(t.key)] = make_adapter(t, type_name, r, a, dropout, factor, full_rank)
+        self.adapters = nn.ModuleDict(adapters)
         self._handles: list = []
 
     def adapter(self, key: str) -> nn.Module:
@@ -58,6 +94,8 @@ class Network(nn.Module):
         for key, t in self.targets.items():
             ad = self.adapter(key)
             for m in t.members:
+                if isinstance(ad, DoRAAdapter):
+                    self._handles.append(m.module.register_forward_pre_hook(_make_scale_hook(ad)))
                 self._handles.append(m.module.register_forward_hook(_make_hook(ad, m.rows)))
         return self
 
@@ -106,9 +144,19 @@ def _make_hook(adapter: nn.Module, rows: slice):
     return hook
 
 
+def _make_scale_hook(adapter: DoRAAdapter):
+    def pre_hook(module, args):
+        x = args[0]
+        return (x * adapter.input_scale().to(x.dtype), *args[1:])
+
+    return pre_hook
+
+
 def build_network(model_targets: list[Target], net_cfg) -> Network:
     targets = select_targets(model_targets, net_cfg.only_if_contains, net_cfg.ignore_if_contains)
-    return Network(targets, net_cfg.type, net_cfg.linear, net_cfg.alpha, net_cfg.dropout)
+    return Network(targets, net_cfg.type, net_cfg.linear, net_cfg.alpha, net_cfg.dropout,
+                   conv_rank=net_cfg.conv, conv_alpha=net_cfg.conv_alpha, factor=net_cfg.lokr_factor,
+                   full_rank=net_cfg.lokr_full_rank)
 
 
 def read_network_file(path: Path) -> dict[str, torch.Tensor]:

@@ -83,7 +83,7 @@ class Trainer:
         nc = self.cfg.network
         md = {
             **self.model.save_metadata(),
-            "ss_network_module": "eridiffusion.networks.lora",
+            "ss_network_module": f"eridiffusion.networks.{nc.type}",
             "ss_network_dim": str(nc.linear),
             "ss_network_alpha": str(nc.alpha),
             "eridiffusion.network_type": nc.type,
