@@ -112,3 +112,23 @@ def test_sampler_matches_flux_pipeline(variant, tiny_flux, tiny_flux_schnell):
     img = model.decode(ours)
     ref = model.vae.decode(theirs / model.vae.config.scaling_factor + model.vae.config.shift_factor).sample
     assert rel_err(img, ref.clamp(-1, 1)) < 1e-3
+
+
+def test_flex1_bypasses_guidance_in_training_only(tiny_flux):
+    from trainer.models import registry
+
+    cfg = ModelConfig(**{k: v for k, v in tiny_flux.items() if k != "arch"})
+    model = registry.get_family("flex1").load(cfg, "cpu", torch.float32)
+    assert model.arch == "flex1" and model.bypass_guidance
+    x, s = torch.randn(1, 16, 8, 8), torch.tensor([0.5])
+    cond = {"t5": torch.randn(1, 8, 32), "pooled": torch.randn(1, 64)}
+    with torch.no_grad():
+        sampling = [model.predict(x, s, cond, guidance=g) for g in (1.0, 5.0)]
+        model.set_train_hooks(True)
+        training = [model.predict(x, s, cond, guidance=g) for g in (1.0, 5.0)]
+        model.set_train_hooks(False)
+    assert not torch.allclose(sampling[0], sampling[1])  # guidance matters when sampling
+    torch.testing.assert_close(training[0], training[1])  # and is bypassed in training
+    assert not torch.allclose(training[0], sampling[0])
+    # plain flux keeps its guidance embedding in training unless asked
+    assert not _load(tiny_flux).bypass_guidance

@@ -179,3 +179,47 @@ def test_wrong_file_for_network_is_clear(model, tmp_path):
     lokr = _net(model, "lokr")
     with pytest.raises(UserError, match="missing lokr_w1|lokr"):
         lokr.import_(lora.export(), "f.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "lokr_full"])
+def test_conv_layers_match_lycoris(kind):
+    """Conv targets (UNet families): the k x k down / 1x1 up LoCon form and the conv forms of LoHa/LoKr."""
+    from trainer.models.base import Target, TargetMember
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    target = Target("diffusion_model.input_blocks.1.0.in_layers.2", 32, 64, [TargetMember(conv, slice(0, 64))],
+                    kind="conv")
+    t = "lokr" if kind.startswith("lokr") else kind
+    rank, alpha, factor = 4, 2.0, 4
+    net = Network([target], t, rank, alpha, conv_rank=rank, conv_alpha=alpha, factor=factor,
+                  full_rank=kind == "lokr_full")
+    _randomize(net)
+    net.attach()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        ours = conv(x)
+    net.detach()
+    sd = {k[len(target.key) + 1:]: v for k, v in net.export(torch.float32).items()}
+    ref = nn.Conv2d(32, 64, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    lm = _lycoris_module("lora" if kind == "locon" else kind, ref, rank, alpha, factor)
+    _, unexpected = lm.load_state_dict(sd, strict=False)
+    assert not unexpected
+    lm.apply_to()
+    with torch.no_grad():
+        theirs = ref(x)
+    assert (theirs - conv(x)).abs().max() > 1e-3
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-4
+
+
+def test_conv_targets_need_a_conv_rank():
+    from trainer.models.base import Target, TargetMember
+
+    conv = nn.Conv2d(8, 8, 3)
+    lin = nn.Linear(8, 8)
+    targets = [Target("c", 8, 8, [TargetMember(conv, slice(0, 8))], kind="conv"),
+               Target("l", 8, 8, [TargetMember(lin, slice(0, 8))])]
+    assert set(Network(targets, "lora", 2, 2.0).targets) == {"l"}
+    assert set(Network(targets, "locon", 2, 2.0).targets) == {"c", "l"}  # LoCon adapts convs by default
+    assert set(Network(targets, "lora", 2, 2.0, conv_rank=2).targets) == {"c", "l"}

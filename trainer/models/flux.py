@@ -23,6 +23,9 @@ from .text_encoders import (
 )
 from .vae import load_vae, vae_scale
 
+# Flex.1 is Flux's layout (8 double blocks) with a guidance embedder meant to be bypassed in training
+FAMILY_DEFAULTS = {"flex1": {"bypass_guidance_embedding": True}}
+
 FLUX_VAE_SCALE = 0.3611
 FLUX_VAE_SHIFT = 0.1159
 CLIP_MAX_LENGTH = 77
@@ -60,7 +63,7 @@ def load_flux_transformer(path: Path, dtype: torch.dtype, arch: str):
         return model
     shapes = safetensors_shapes(path)
     family = guess_family(shapes)
-    if family != "flux":
+    if family != "flux":  # Flux-layout derivatives (Flex.1, Flux.1-lite) detect as flux too
         what = f"a {family} checkpoint" if family else "not a diffusion model checkpoint this trainer knows"
         raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
     prefix = next(p for p in ORIGINAL_PREFIXES if f"{p}img_in.weight" in shapes)
@@ -304,7 +307,8 @@ def load_flux(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "flu
 
     guidance = bool(transformer.config.guidance_embeds)
     t5_len = mc.t5_max_length or (512 if guidance else 256)
-    bypass = bool(mc.bypass_guidance_embedding) if mc.bypass_guidance_embedding is not None else False
+    default_bypass = FAMILY_DEFAULTS.get(arch, {}).get("bypass_guidance_embedding", False)
+    bypass = bool(mc.bypass_guidance_embedding) if mc.bypass_guidance_embedding is not None else default_bypass
     dev = torch.device(device)
     for m in (transformer, vae, clip, t5):
         m.to(dev)
@@ -345,5 +349,12 @@ registry.register(
         description="FLUX.1 dev / schnell (and Flux-layout derivatives): CLIP-L + T5-XXL, 16-channel VAE",
         load=load_flux,
         make_demo=make_flux_demo,
+    )
+)
+registry.register(
+    registry.Family(
+        arch="flex1",
+        description="Flex.1 (Flux layout, 8 double blocks): trained with the guidance embedding bypassed",
+        load=lambda mc, device, dtype: load_flux(mc, device, dtype, arch="flex1"),
     )
 )

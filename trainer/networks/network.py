@@ -153,6 +153,10 @@ def _make_scale_hook(adapter: DoRAAdapter):
 
 
 def build_network(model_targets: list[Target], net_cfg) -> Network:
+    if net_cfg.dropout and net_cfg.type in ("loha", "lokr"):
+        import logging
+
+        logging.getLogger("trainer").warning("network.dropout is not applied to %s; ignored", net_cfg.type)
     targets = select_targets(model_targets, net_cfg.only_if_contains, net_cfg.ignore_if_contains)
     return Network(targets, net_cfg.type, net_cfg.linear, net_cfg.alpha, net_cfg.dropout,
                    conv_rank=net_cfg.conv, conv_alpha=net_cfg.conv_alpha, factor=net_cfg.lokr_factor,
