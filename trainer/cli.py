@@ -54,6 +54,11 @@ def run_job_file(path: str, overrides: list[str]) -> int:
     bar = ProgressBar(total, trainer.state.step)
     try:
         trainer.train(bar)
+    except KeyboardInterrupt:
+        raise UserError(
+            f"interrupted at step {trainer.state.step}; saved {trainer.state.last_save or 'nothing yet'}."
+            " Run the same job again to resume."
+        ) from None
     finally:
         bar.close()
     print(f"saved {trainer.run.final_path}")

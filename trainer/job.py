@@ -120,14 +120,16 @@ def make_network(job: JobConfig, model: TrainingModel) -> Network:
     return net.to(model.device).attach()
 
 
-def build_trainer(job: JobConfig, report: Callable[[str], None] = print) -> Trainer:
+def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: TrainingModel | None = None) -> Trainer:
+    """Every stage up to a ready Trainer. `model` is a model a host already loaded (ComfyUI's)."""
     proc = job.process
-    device = pick_device(proc.device)
-    dtype = pick_dtype(proc.train.dtype, device)
     run = RunFolder(job.run_dir, job.name)
     write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
-    report(f"loading {job.arch} from {proc.model.name_or_path} on {device} ({dtype})")
-    model = load_model(job, device, dtype)
+    if model is None:
+        device = pick_device(proc.device)
+        dtype = pick_dtype(proc.train.dtype, device)
+        report(f"loading {job.arch} from {proc.model.name_or_path} on {device} ({dtype})")
+        model = load_model(job, device, dtype)
     datasets = load_datasets(job, model)
     report(f"{sum(len(d.images) for d in datasets)} images, {sum(len(d.entries) for d in datasets)} training entries")
     latents, texts = prepare_caches(job, model, datasets, report)

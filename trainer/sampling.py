@@ -18,7 +18,7 @@ def initial_noise(model: TrainingModel, width: int, height: int, seed: int) -> t
 @torch.no_grad()
 def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: Conditioning | None, steps: int, guidance_scale: float) -> torch.Tensor:
     sigmas = model.sample_sigmas(steps, tuple(noise.shape))
-    x = noise.float()
+    x = model.objective.initial(noise.float(), sigmas[0])
     cfg = (not model.distilled_guidance) and guidance_scale > 1.0 and neg is not None
     for i in range(steps):
         s = sigmas[i].reshape(1).expand(x.shape[0])

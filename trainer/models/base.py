@@ -78,6 +78,38 @@ class FlowObjective:
         s = sigmas.clamp(1e-6, 1 - 1e-6)
         return ((1 - s) / s) ** 2
 
+    def initial(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The starting latent for sampling from noise level `sigma` (1 for flow)."""
+        return noise * sigma
+
+    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma for a velocity target: x0 error = sigma * velocity error, and x0 losses are
+        weighted min(snr, gamma), so velocity losses get sigma^2 * min(snr, gamma)."""
+        return sigmas**2 * torch.clamp(self.snr(sigmas), max=gamma)
+
+
+class EpsObjective:
+    """Variance-exploding (k-diffusion) form of eps / v models: x_t = x0 + s n, the loss is on eps."""
+
+    name = "eps"
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        return latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def snr(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return 1.0 / sigmas.clamp_min(1e-6) ** 2
+
+    def initial(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return noise * torch.sqrt(1.0 + sigma**2)
+
+    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
+        snr = self.snr(sigmas)
+        return torch.clamp(snr, max=gamma) / snr
+
 
 def time_shift_exponential(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
     """Resolution-dependent shift used by Flux: exp(mu) / (exp(mu) + (1/s - 1))."""
@@ -143,6 +175,12 @@ class TrainingModel(ABC):
 
     @abstractmethod
     def latent_channels(self) -> int: ...
+
+    def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Noise levels for a training batch (`train.timestep_type`); flow families share this one."""
+        from ..train.timesteps import sample_flow_sigmas
+
+        return sample_flow_sigmas(kind, batch, gen, self.train_shift_mu(latent_shape))
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         """mu for resolution-dependent timestep shift, or None if the family has none."""

@@ -28,9 +28,21 @@ def register(family: Family, aliases: tuple[str, ...] = ()) -> Family:
     return family
 
 
+def _from_comfyui(*_args, **_kwargs):
+    from ..errors import ConfigError
+
+    raise ConfigError(
+        "model.arch comfy: this model comes from ComfyUI's own loaders; train it with the EriDiffusion nodes,"
+        " or give the family (e.g. flux) and the model files to train it headless"
+    )
+
+
 def _ensure_loaded() -> None:
     # importing the family modules registers them
     from . import flux  # noqa: F401
+
+    if "comfy" not in _FAMILIES:
+        register(Family("comfy", "any model loaded by ComfyUI's loaders (nodes only)", _from_comfyui))
 
 
 def known_arches() -> list[str]:

@@ -21,7 +21,7 @@ from ..networks.network import Network
 from ..sampling import sample_image, to_pil
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
-from .timesteps import linear_timestep_weights, min_snr_weights, sample_train_sigmas
+from .timesteps import linear_timestep_weights
 
 log = logging.getLogger("trainer")
 
@@ -140,7 +140,7 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=gen)
         if tc.noise_offset:
             noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-        sigmas = sample_train_sigmas(tc.timestep_type, latents.shape[0], gen, self.model, tuple(latents.shape))
+        sigmas = self.model.train_sigmas(tc.timestep_type, latents.shape[0], gen, tuple(latents.shape))
         obj = self.model.objective
         dev = self.model.device
         latents, noise, sigmas = latents.to(dev), noise.to(dev), sigmas.to(dev)
@@ -152,7 +152,7 @@ class Trainer:
         if tc.linear_timesteps:
             weights = weights * linear_timestep_weights(sigmas)
         if tc.snr_gamma:
-            weights = weights * min_snr_weights(sigmas, tc.snr_gamma, obj.snr(sigmas))
+            weights = weights * obj.min_snr_weights(sigmas, tc.snr_gamma)
         return (per_sample * weights).mean()
 
     def step(self) -> float:
@@ -210,8 +210,10 @@ class Trainer:
         return images
 
     # --- the run -------------------------------------------------------------------------------
-    def train(self, progress=None) -> TrainState:
+    def train(self, progress=None, until: int | None = None) -> TrainState:
+        """Step to `until` (default: train.steps); at train.steps the final file is written."""
         tc, sc = self.cfg.train, self.cfg.sample
+        until = tc.steps if until is None else min(until, tc.steps)
         sampling = not tc.disable_sampling and bool(self.samples)
         self.network.train()
         self.model.set_train_hooks(True)
@@ -219,7 +221,7 @@ class Trainer:
             self.sample()
         t_last = time.perf_counter()
         try:
-            while self.state.step < tc.steps:
+            while self.state.step < until:
                 loss = self.step()
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
@@ -237,19 +239,31 @@ class Trainer:
                 if sampling and step < tc.steps and step % sc.sample_every == 0:
                     self.sample()
                     t_last = time.perf_counter()  # sampling time is not step time
-        except KeyboardInterrupt:
-            if self.state.step > 0:
-                self.save()
-            raise UserError(
-                f"interrupted at step {self.state.step}; saved {self.state.last_save or 'nothing yet'}."
-                " Run the same job again to resume."
-            ) from None
+        except (KeyboardInterrupt, TrainingDiverged):
+            self._save_on_stop()
+            raise
+        except Exception:
+            # a cancel from the host (ComfyUI's interrupt) or a crash: keep what was trained
+            self._save_on_stop()
+            raise
         finally:
             self.model.set_train_hooks(False)
-        self.save(final=True)
-        if sampling:
-            self.sample()
+        if self.state.step >= tc.steps:
+            self.save(final=True)
+            if sampling:
+                self.sample()
+        elif self.state.step > 0 and self.state.last_save != str(self.run.step_path(self.state.step)):
+            self.save()
         return self.state
+
+    def _save_on_stop(self) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TrainingDiverged) or self.state.step == 0:
+            return
+        if self.state.last_save != str(self.run.step_path(self.state.step)):
+            self.save()
 
 
 def _peak_gib(device: torch.device) -> float:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..models.base import TrainingModel, time_shift_exponential, time_shift_linear
+from ..models.base import time_shift_exponential, time_shift_linear
 
 SIGMA_MIN = 1e-4
 FIXED_SHIFT = 3.0
 
 
-def sample_train_sigmas(kind: str, batch: int, gen: torch.Generator, model: TrainingModel, latent_shape: tuple[int, ...]) -> torch.Tensor:
+def sample_flow_sigmas(kind: str, batch: int, gen: torch.Generator, mu: float | None) -> torch.Tensor:
     """sigma in (0, 1] per sample.
 
     sigmoid: sigmoid of a standard normal (logit-normal, dense in the middle);
@@ -24,7 +24,6 @@ def sample_train_sigmas(kind: str, batch: int, gen: torch.Generator, model: Trai
         if kind == "shift":
             s = time_shift_linear(FIXED_SHIFT, s)
         elif kind == "flux_shift":
-            mu = model.train_shift_mu(latent_shape)
             s = time_shift_exponential(mu, s) if mu is not None else time_shift_linear(FIXED_SHIFT, s)
         elif kind != "linear":
             raise ValueError(kind)
@@ -42,10 +41,3 @@ _BELL_MEAN = float(_bell(torch.linspace(0, 1, 100001, dtype=torch.float64)).mean
 def linear_timestep_weights(sigmas: torch.Tensor) -> torch.Tensor:
     """`linear_timesteps`: emphasize mid noise levels with a bell curve whose mean over uniform sigma is 1."""
     return _bell(sigmas) / _BELL_MEAN
-
-
-def min_snr_weights(sigmas: torch.Tensor, gamma: float, snr: torch.Tensor) -> torch.Tensor:
-    """Min-SNR-gamma for a velocity target: x0 error = sigma * velocity error, and x0 losses are
-    weighted min(snr, gamma), so velocity losses get sigma^2 * min(snr, gamma)."""
-    return sigmas**2 * torch.clamp(snr, max=gamma)
-

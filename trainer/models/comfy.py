@@ -1,0 +1,171 @@
+"""The ComfyUI backend: train on the MODEL / CLIP / VAE that ComfyUI already loaded.
+
+Any family ComfyUI can load trains through this one path: the network is hooked into ComfyUI's own
+modules (whose names are the keys ComfyUI loads LoRAs by), noise, sigmas and the target come from the
+model's own `model_sampling`, and conditioning from ComfyUI's CLIP encode. Imported only inside
+ComfyUI (it imports `comfy`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from .base import Conditioning, EpsObjective, FlowObjective, Target, TargetMember, TrainingModel
+
+# Layers inside a model's repeated blocks (double_blocks.3, blocks.12, input_blocks.4, middle_block.1 ...)
+BLOCK_RE = re.compile(r"(^|\.)([a-z_]*blocks?|middle_block)\.\d+\.")
+
+
+def default_targets(diffusion_model: nn.Module) -> list[Target]:
+    """Every Linear (and Conv2d, as a conv target) inside the repeated blocks, named by ComfyUI's keys."""
+    out = []
+    for name, mod in diffusion_model.named_modules():
+        if not BLOCK_RE.search(name + "."):
+            continue
+        if isinstance(mod, nn.Linear):
+            out.append(Target(f"diffusion_model.{name}", mod.in_features, mod.out_features,
+                              [TargetMember(mod, slice(0, mod.out_features))]))
+        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
+            out.append(Target(f"diffusion_model.{name}", mod.in_channels, mod.out_channels,
+                              [TargetMember(mod, slice(0, mod.out_channels))], kind="conv"))
+    return out
+
+
+class ComfyModel(TrainingModel):
+    """A TrainingModel over ComfyUI's ModelPatcher (+ CLIP and VAE objects)."""
+
+    def __init__(self, patcher, clip=None, vae=None, arch: str | None = None) -> None:
+        import comfy.model_management as mm
+        import comfy.model_sampling as ms
+
+        self.patcher = patcher
+        self.base = patcher.model  # comfy.model_base.BaseModel
+        self.denoiser = self.base.diffusion_model
+        self.clip = clip
+        self.vae = vae
+        self.arch = arch or type(self.base).__name__.lower()
+        self.device = mm.get_torch_device()
+        self.dtype = self.base.get_dtype()
+        self.sampling = self.base.model_sampling
+        self.is_flow = isinstance(self.sampling, ms.CONST)
+        self.objective = FlowObjective() if self.is_flow else EpsObjective()
+        unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
+        self.distilled_guidance = bool(unet_config.get("guidance_embed", False))
+        fmt = self.base.latent_format
+        self._channels = fmt.latent_channels
+        self.vae_scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
+        if not isinstance(self.vae_scale, int):
+            self.vae_scale = 8
+        # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
+        self.pixel_factor = self.vae_scale * 2
+
+    def load_to_device(self) -> None:
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+
+    # --- targets ------------------------------------------------------------------------------
+    def targets(self) -> list[Target]:
+        return default_targets(self.denoiser)
+
+    def latent_channels(self) -> int:
+        return self._channels
+
+    # --- encoders -----------------------------------------------------------------------------
+    def text_encoders_loaded(self) -> bool:
+        return self.clip is not None
+
+    def release_text_encoders(self) -> None:
+        self.clip = None
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        if self.clip is None:
+            raise RuntimeError("no CLIP: connect a CLIP to encode captions, or cache the text embeddings")
+        conds, pooled = [], []
+        for c in captions:
+            out = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(c), show_pbar=False)
+            cond, extra = out[0][0], out[0][1]
+            conds.append(cond[0].float().cpu())
+            p = extra.get("pooled_output")
+            pooled.append(p[0].float().cpu() if p is not None else torch.zeros(1))
+        length = math.lcm(*[c.shape[0] for c in conds])
+        # different lengths batch as ComfyUI does: repeat to a common multiple (cross-attention invariant)
+        conds = [c.repeat(length // c.shape[0], 1) for c in conds]
+        return {"cross_attn": torch.stack(conds), "pooled_output": torch.stack(pooled)}
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise RuntimeError("no VAE: connect a VAE to encode the dataset images")
+        pixels = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+        lat = self.vae.encode(pixels)
+        return self.base.process_latent_in(lat.float()).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise RuntimeError("no VAE: connect a VAE to decode samples")
+        img = self.vae.decode(self.base.process_latent_out(latents.float()))
+        if img.dim() == 5:  # video VAEs return frames
+            img = img.reshape(-1, *img.shape[-3:])
+        return (img.float().movedim(-1, 1) * 2 - 1).clamp(-1, 1).cpu()
+
+    # --- denoising ----------------------------------------------------------------------------
+    def _model_conds(self, noisy: torch.Tensor, cond: Conditioning, guidance: float | None) -> dict:
+        b = noisy.shape[0]
+        per_sample = []
+        for i in range(b):
+            params = {"cross_attn": cond["cross_attn"][i:i + 1].to(self.device), "device": self.device,
+                      "noise": noisy[i:i + 1], "width": noisy.shape[-1] * self.vae_scale,
+                      "height": noisy.shape[-2] * self.vae_scale}
+            if cond.get("pooled_output") is not None and cond["pooled_output"].numel() > b:
+                params["pooled_output"] = cond["pooled_output"][i:i + 1].to(self.device)
+            if self.distilled_guidance:
+                params["guidance"] = 1.0 if guidance is None else float(guidance)
+            per_sample.append(self.base.extra_conds(**params))
+        out = {}
+        for k in per_sample[0]:
+            items = [d[k].process_cond(batch_size=1, device=self.device, area=None) for d in per_sample]
+            out[k] = items[0].concat(items[1:]) if len(items) > 1 else items[0].cond
+        return out
+
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        x = noisy.to(self.device, torch.float32)
+        s = sigmas.to(self.device, torch.float32)
+        denoised = self.base.apply_model(x, s, **self._model_conds(x, cond, guidance))
+        # eps for eps/v models, the velocity (noise - x0) for flow models
+        return (x - denoised) / s.view(-1, *([1] * (x.dim() - 1)))
+
+    def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        if self.is_flow:
+            return super().train_sigmas(kind, batch, gen, latent_shape)
+        table = self.sampling.sigmas.float().cpu()
+        idx = torch.randint(0, table.shape[0], (batch,), generator=gen)
+        return table[idx]
+
+    def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
+        from .base import linear_mu
+
+        if not self.is_flow:
+            return None
+        h, w = latent_shape[-2:]
+        return linear_mu((h // 2) * (w // 2))
+
+    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        import comfy.samplers
+
+        return comfy.samplers.calculate_sigmas(self.sampling, "simple", steps).float().cpu()
+
+    def latent_cache_id(self) -> str:
+        from ..data.cache import module_fingerprint
+
+        fsm = getattr(self.vae, "first_stage_model", None)
+        return module_fingerprint(fsm) if fsm is not None else "comfy-vae"
+
+    def save_metadata(self) -> dict[str, str]:
+        return {"ss_base_model_version": self.arch, "eridiffusion.arch": self.arch, "eridiffusion.backend": "comfy"}
