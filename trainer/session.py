@@ -45,6 +45,28 @@ def assemble_job(name: str, model: dict, datasets: list[dict], network: dict, se
     return {"job": "extension", "config": {"name": name, "process": [proc]}, "meta": {"name": name}}
 
 
+def job_from_parts(model_part: dict, datasets: list[dict], network: dict, settings: dict, steps: int,
+                   default_folder: str) -> dict:
+    """The job dict a node graph describes. A ComfyUI MODEL becomes `arch: comfy`."""
+    s = copy.deepcopy(settings)
+    name = s.pop("name", "my_lora")
+    s.setdefault("training_folder", default_folder)
+    s.setdefault("train", {})["steps"] = steps
+    if "comfy" in model_part:
+        model = {"arch": COMFY_ARCH, "name_or_path": "<ComfyUI MODEL>"}
+    else:
+        model = model_part["model"]
+    return assemble_job(name, model, datasets, network, s)
+
+
+def parts_from_job(data: dict) -> tuple[dict, list[dict], dict, dict, int]:
+    """(model part, datasets, network, settings, steps) of a job dict, as the nodes pass them."""
+    name, model, datasets, network, settings = split_job(data)
+    settings["name"] = name
+    steps = int(settings.get("train", {}).pop("steps", 1000))
+    return {"model": model}, datasets, network, settings, steps
+
+
 def split_job(data: dict) -> tuple[str, dict, list[dict], dict, dict]:
     """The inverse of assemble_job: (name, model, datasets, network, settings) of a job dict."""
     job = load_job_dict(data)  # validates, with key paths in the errors
