@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 
 class _Capture(logging.Handler):
@@ -108,6 +109,7 @@ def main() -> int:
     outputs = {"base": run(model)}
     per_lora = {}
     for name, path in a.lora:
+        t0 = time.monotonic()
         lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
         mark = len(capture.messages)
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
@@ -119,6 +121,7 @@ def main() -> int:
             "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
             "patched_keys": sorted(patched.patches.keys()),
             "lora_messages": messages[-50:],
+            "seconds": round(time.monotonic() - t0, 2),
         }
         del patched, lora_sd
     outputs["base_after"] = run(model)

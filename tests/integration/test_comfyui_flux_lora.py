@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,23 @@ CASES = {
     "lokr_full": (dict(type_name="lokr", full_rank=True), {"lokr_w1", "lokr_w2"}),
     "dora": (dict(type_name="dora"), {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}),
 }
-# the parameter each type's update is linear in: rescaled to set the update's size
+# the parameter each type's update dW is linear in, and the rms of dW when every parameter is N(0, 1):
+# a product of two N(0, 1) factors summed over rank r has variance r (LoHa: a Hadamard product of two such)
 LINEAR_PARAM = {"lora": "lora_up", "dora": "lora_up", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+
+
+def _unit_delta_rms(ad) -> float:
+    from trainer.networks.loha import LoHaAdapter
+    from trainer.networks.lokr import LoKrAdapter
+    from trainer.networks.lora import LoRAAdapter  # DoRAAdapter is one
+
+    if isinstance(ad, LoRAAdapter):
+        return ad.alpha / ad.rank * ad.rank**0.5
+    if isinstance(ad, LoHaAdapter):
+        return ad.alpha / ad.rank * ad.rank
+    if isinstance(ad, LoKrAdapter):
+        return ad.scale * (1.0 if ad.full else ad.rank**0.5)
+    raise AssertionError(f"no rms rule for {type(ad).__name__}")
 
 
 def _comfy() -> tuple[Path, Path]:
@@ -69,16 +83,19 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _make_checkpoint(path: Path, cfg: dict) -> None:
-    """A random Flux in the original layout, written by the trainer's own writer. Its biases are zero and
-    its norm scales one, which would hide a bias or scale mapped to the wrong place: give them random
-    values too (in the file, so both sides read the same ones)."""
-    from safetensors.torch import load_file
+    """A random Flux in the original layout (what trainer.models.tiny.make_flux_file writes, built here in
+    memory so the 2 GB file is written once), saved by the trainer's own writer. make_flux_file's biases
+    are zero and its norm scales one, which would hide a bias or scale mapped to the wrong place: give them
+    random values too (in the file, so both sides read the same ones)."""
+    from diffusers import FluxTransformer2DModel
 
     from trainer.fileio import save_safetensors_atomic
-    from trainer.models.tiny import make_flux_file
+    from trainer.models.flux_layout import diffusers_to_original
+    from trainer.models.tiny import random_state_dict
 
-    make_flux_file(path, cfg, seed=4, dtype=torch.float32)
-    sd = load_file(str(path))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in FluxTransformer2DModel(**cfg).state_dict().items()}
+    sd = diffusers_to_original(random_state_dict(shapes, 4, torch.float32), cfg)
     g = torch.Generator().manual_seed(5)
     for k in sorted(sd):
         t = sd[k]
@@ -106,17 +123,17 @@ def _flux_model(transformer):
 
 
 def _randomize(net, targets, g: torch.Generator) -> None:
-    """Weights as if trained: random, non-zero, seeded. Each adapter's update dW gets an rms of
-    0.2 / sqrt(in) (about a third of the base weight's), so every type moves the output far beyond the
-    tolerance; a DoRA magnitude is also moved off ||W|| by ~10% per channel, to exercise that path."""
+    """Weights as if trained: random, non-zero, seeded. Each adapter's update dW gets an rms of about
+    0.2 / sqrt(in) (a fifth of the base weight's, 1 / sqrt(in)), so every type moves the output far beyond the tolerance
+    (asserted); a DoRA magnitude is also moved off ||W|| by ~10% per channel, to exercise that path. The
+    rms comes from the parameters' distribution: materializing every dW here would double the runtime."""
     with torch.no_grad():
         for t in targets:
             ad = net.adapter(t.key)
             for name, p in ad.named_parameters():
                 if name != "dora_scale":
                     p.copy_(torch.randn(p.shape, generator=g))
-            dw_rms = ad.delta_weight().float().pow(2).mean().sqrt()
-            getattr(ad, LINEAR_PARAM[net.type_name]).mul_(0.2 / t.in_features**0.5 / dw_rms)
+            getattr(ad, LINEAR_PARAM[net.type_name]).mul_(0.2 / t.in_features**0.5 / _unit_delta_rms(ad))
             if net.type_name == "dora":
                 ad.dora_scale.mul_(1.0 + 0.1 * torch.randn(ad.dora_scale.shape, generator=g))
 
@@ -203,13 +220,18 @@ def comfy_run(tmp_path_factory) -> ComfyRun:
         cmd += ["--lora", f"{case}={f}"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # patching allocates and frees one full-size weight after another: glibc's default (mmap each, unmap on
+    # free) makes every one of them page-fault afresh, more than doubling ComfyUI's time on CPU; keep the
+    # freed memory in the process instead (ignored where the C library is not glibc)
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296")
     proc = subprocess.run(cmd, cwd=str(comfy), env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"ComfyUI side failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     t_comfy = time.monotonic() - t0 - t_ours
 
     report = json.loads(report_file.read_text())
     print(f"\nComfyUI {report['comfyui_version']}: {report['model_class']} ({report['weight_dtype']}); "
-          f"trainer side {t_ours:.1f}s, ComfyUI side {t_comfy:.1f}s")
+          f"trainer side {t_ours:.1f}s, ComfyUI side {t_comfy:.1f}s (per file: "
+          + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["loras"].items()) + ")")
     return ComfyRun(report=report, theirs=load_file(str(out_file)), ours=ours, exported=exported,
                     effect=effect, targets=target_keys)
 
