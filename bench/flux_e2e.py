@@ -1,0 +1,97 @@
+"""End-to-end benchmark through `python -m trainer`: full-size random FLUX.1-dev files on disk, a job at
+1024², and the trainer's own metrics.jsonl. Reports median s/step after warm-up and peak GiB per variant.
+
+    python3 bench/flux_e2e.py --work /tmp/e2e --steps 30 [--variants base compile ckpt0 compile_ckpt0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+VARIANTS = {
+    "base": {},
+    "compile": {"compile": True},
+    "ckpt0": {"gradient_checkpointing": False},
+    "compile_ckpt0": {"compile": True, "gradient_checkpointing": False},
+    "compile_ckpt05": {"compile": True, "gradient_checkpointing": 0.5},
+}
+
+
+def build_files(folder: Path) -> dict:
+    from trainer.demo import make_dataset
+    from trainer.models import tiny
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flux = folder / "flux1-dev-random.safetensors"
+    if not flux.exists():
+        t0 = time.time()
+        cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
+                                         pooled_dim=768, guidance=True)
+        tiny.make_flux_file(flux, cfg, dtype=torch.bfloat16)
+        ct = tiny.build_tokenizer(folder / "tok_clip", "clip")
+        tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
+        # real widths where the transformer reads them (768 pooled, 4096 context), one layer each
+        tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=768, layers=1, dtype=torch.bfloat16)
+        tiny.make_t5_file(folder / "t5.safetensors", len(tt), d_model=4096, layers=1, heads=64, d_kv=64, d_ff=10240,
+                          dtype=torch.bfloat16)
+        tiny.make_vae_file(folder / "ae.safetensors", [128, 256, 512, 512], layers=2, latent=16, dtype=torch.bfloat16)
+        make_dataset(folder / "data", n=4, size=(1024, 1024))
+        print(f"# files written in {time.time() - t0:.0f}s", flush=True)
+    return {"arch": "flux", "name_or_path": str(flux),
+            "text_encoder_paths": [str(folder / "clip_l.safetensors"), str(folder / "t5.safetensors")],
+            "vae_path": str(folder / "ae.safetensors"),
+            "tokenizer_paths": [str(folder / "tok_clip"), str(folder / "tok_t5")], "t5_max_length": 512}
+
+
+def job(name: str, model: dict, folder: Path, steps: int, res: int, extra: dict) -> dict:
+    train = {"steps": steps, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True,
+             "cache_text_embeddings": True, "disable_sampling": True}
+    train.update(extra)
+    return {"job": "extension", "config": {"name": name, "process": [{
+        "training_folder": str(folder / "runs"), "device": "cuda",
+        "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+        "save": {"dtype": "bf16", "save_every": 100000},
+        "datasets": [{"folder_path": str(folder / "data"), "resolution": [res], "caption_ext": "txt"}],
+        "train": train, "model": model}]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/flux_e2e")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    a = ap.parse_args()
+    folder = Path(a.work)
+    model = build_files(folder)
+    for v in a.variants:
+        name = f"e2e_{v}_{a.res}"
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(job(name, model, folder, a.steps, a.res, VARIANTS[v])))
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "trainer", str(path)], capture_output=True, text=True)
+        wall = time.time() - t0
+        if r.returncode != 0:
+            print(json.dumps({"variant": v, "error": r.stderr[-2000:]}), flush=True)
+            continue
+        m = [json.loads(l) for l in (folder / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        steady = [x["s_per_step"] for x in m[a.warmup:]]
+        print(json.dumps({"variant": v, "res": a.res, "median_s_per_step": round(statistics.median(steady), 4),
+                          "mean_s_per_step": round(statistics.mean(steady), 4),
+                          "first_step_s": round(m[0]["s_per_step"], 2),
+                          "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
+                          "device": torch.cuda.get_device_name()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
