@@ -72,3 +72,29 @@ def test_latent_disk_cache_is_reused(tiny_flux, images, tmp_path):
     files[1].write_bytes(b"broken")
     trainer = build_trainer(load_job_dict(d), report=quiet)
     assert load_file(str(files[1]))["latent"].shape == marked.shape
+
+
+def test_partial_checkpointing_gives_the_same_training(tiny_flux, images, tmp_path, monkeypatch):
+    """1 double + 1 single block: checkpointing none, half (one block) or all changes nothing but memory."""
+    import torch.utils.checkpoint as ckpt
+
+    real = ckpt.checkpoint
+    calls = []
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "checkpoint", counting)
+    results, counts = [], []
+    for i, gc in enumerate([False, 0.5, True]):
+        calls.clear()
+        d = job_dict(tiny_flux, images, tmp_path / f"o{i}", steps=2, disable_sampling=True, gradient_checkpointing=gc)
+        trainer = build_trainer(load_job_dict(d), report=quiet)
+        trainer.train()
+        results.append(trainer.network.export(torch.float32))
+        counts.append(len(calls))
+    assert counts == [0, 2, 4]  # blocks checkpointed per step x 2 steps
+    for r in results[1:]:
+        for k in r:
+            torch.testing.assert_close(r[k], results[0][k], rtol=0, atol=1e-6)

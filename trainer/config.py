@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -88,7 +88,9 @@ class TrainConfig:
     gradient_accumulation: int = spec(1, ge=1, aliases=("gradient_accumulation_steps",))
     max_grad_norm: float = spec(1.0, ge=0)
     dtype: str = spec("bf16", choices=DTYPES)
-    gradient_checkpointing: bool = spec(True)
+    # true / false, or the fraction of blocks to checkpoint (memory for speed: 0.5 is about half of each)
+    gradient_checkpointing: Union[bool, float] = spec(True)
+    compile: bool = spec(False)
     noise_scheduler: str = spec("flowmatch")
     timestep_type: str = spec("sigmoid", choices=("sigmoid", "linear", "shift", "flux_shift"))
     linear_timesteps: bool = spec(False)

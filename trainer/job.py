@@ -52,8 +52,8 @@ def load_model(job: JobConfig, device: torch.device, dtype: torch.dtype) -> Trai
     if device.type == "cuda":
         # cuDNN's SDPA backward fails on Flux-sized attention on H100 (see DESIGN.md); use flash/efficient
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if job.process.train.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
-        model.denoiser.enable_gradient_checkpointing()
+    gc = job.process.train.gradient_checkpointing
+    model.set_gradient_checkpointing(1.0 if gc is True else float(gc or 0.0))
     return model
 
 
@@ -108,6 +108,7 @@ def prepare_samples(job: JobConfig, model: TrainingModel) -> list[PreparedSample
 
 
 def make_network(job: JobConfig, model: TrainingModel) -> Network:
+    model.denoiser.requires_grad_(False)  # only the network trains: no gradients for the base weights
     # the initial weights are a function of train.seed, so runs are reproducible
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.process.train.seed)
@@ -120,8 +121,10 @@ def make_network(job: JobConfig, model: TrainingModel) -> Network:
     return net.to(model.device).attach()
 
 
-def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: TrainingModel | None = None) -> Trainer:
-    """Every stage up to a ready Trainer. `model` is a model a host already loaded (ComfyUI's)."""
+def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: TrainingModel | None = None,
+                  keep_text_encoders: bool = False) -> Trainer:
+    """Every stage up to a ready Trainer. `model` is a model a host already loaded (ComfyUI's).
+    `keep_text_encoders`: keep them even with cached embeddings (a session samples any prompt later)."""
     proc = job.process
     run = RunFolder(job.run_dir, job.name)
     write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
@@ -134,9 +137,12 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     report(f"{sum(len(d.images) for d in datasets)} images, {sum(len(d.entries) for d in datasets)} training entries")
     latents, texts = prepare_caches(job, model, datasets, report)
     samples = prepare_samples(job, model)
-    if texts is not None:
+    if texts is not None and not keep_text_encoders:
         model.release_text_encoders()
     network = make_network(job, model)
+    if proc.train.compile:
+        report("compiling the model's blocks (the first steps of each new size take longer)")
+        model.compile_blocks()
     n_params = sum(p.numel() for p in network.parameters())
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers ({n_params / 1e6:.2f}M parameters)")
     trainer = Trainer(job, model, network, datasets, latents, texts, samples, run)

@@ -89,7 +89,8 @@ class TrainingSession:
         from .job import build_trainer
 
         self.job: JobConfig = load_job_dict(job_dict)
-        self.trainer: Trainer = build_trainer(self.job, report, model=model)
+        # keep the text encoders: sample() encodes any prompt, not only the cached captions
+        self.trainer: Trainer = build_trainer(self.job, report, model=model, keep_text_encoders=True)
         self.trainer.network.detach()
         self.losses: list[tuple[int, float]] = []
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 # Conditioning for a batch: family-defined tensors, batch dimension first.
@@ -194,6 +195,34 @@ class TrainingModel(ABC):
 
     def set_train_hooks(self, training: bool) -> None:
         """Family-specific switches between training and sampling (e.g. a bypassed guidance embedding)."""
+
+    def set_gradient_checkpointing(self, fraction: float) -> None:
+        """Checkpoint this fraction of the denoiser's repeated blocks (0: none, 1: all)."""
+        blocks = self.repeated_blocks()
+        if not blocks or fraction <= 0:
+            return
+        n = len(blocks)
+        k = max(0, min(n, round(fraction * n)))
+        chosen = {id(blocks[round(i * n / k)]) for i in range(k)} if k else set()  # spread over depth
+
+        def checkpoint(module, *args):
+            if id(module) in chosen:
+                return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+            return module(*args)
+
+        enable = getattr(self.denoiser, "enable_gradient_checkpointing", None)
+        if enable is None:
+            raise ValueError(f"{type(self.denoiser).__name__} has no gradient checkpointing")
+        enable(gradient_checkpointing_func=checkpoint)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The denoiser's repeated blocks, in depth order (for checkpointing and compiling)."""
+        return []
+
+    def compile_blocks(self) -> None:
+        """Regional torch.compile of the repeated blocks (after the network's hooks are attached)."""
+        for b in self.repeated_blocks():
+            b.compile(fullgraph=True)
 
     def latent_cache_id(self) -> str:
         """Identifies the pixel encoder, so cached latents are never reused across encoders."""

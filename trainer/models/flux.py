@@ -142,6 +142,9 @@ class FluxModel(TrainingModel):
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels // 4
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return [*self.denoiser.transformer_blocks, *self.denoiser.single_transformer_blocks]
+
     # --- encoders ------------------------------------------------------------------------------
     def text_encoders_loaded(self) -> bool:
         return self.clip is not None and self.t5 is not None
