@@ -44,6 +44,7 @@ class EriTrain(io.ComfyNode):
         return io.Schema(
             node_id="EriTrain", display_name="Train LoRA (N steps)", category=CATEGORY,
             description="Trains N steps. Connect `state` from another Train node to continue that run.",
+            is_output_node=True,  # training writes saves: a graph ending here still runs
             inputs=[
                 EriModel.Input("training_model"),
                 EriDatasets.Input("datasets"),

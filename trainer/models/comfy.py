@@ -35,6 +35,62 @@ def default_targets(diffusion_model: nn.Module) -> list[Target]:
     return out
 
 
+def _autograd_ready(module: nn.Module) -> None:
+    """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
+    cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
+    copies, frozen (ComfyUI's parameters require grad); done after every load, which may move them again."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and (p.is_inference() or p.requires_grad):
+                    m._parameters[name] = nn.Parameter(p.detach().clone() if p.is_inference() else p.detach(),
+                                                       requires_grad=False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+
+
+def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone() if t.requires_grad else t  # frozen weights and constants are never written
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+_ROPE_AUTOGRAD = False
+
+
+def _rope_autograd() -> None:
+    """comfy_kitchen's RoPE ops (ComfyUI >= 0.8 calls them in Flux's attention, on every backend) have no
+    autograd formula: register one. RoPE rotates each pair of channels by a 2x2 matrix F (freqs_cis[..., i, :, :]),
+    so the gradient is the same op with every F transposed; the op trims freqs_cis to the sequence itself."""
+    global _ROPE_AUTOGRAD
+    if _ROPE_AUTOGRAD:
+        return
+    _ROPE_AUTOGRAD = True
+    try:
+        import comfy.quant_ops  # noqa: F401  (loads comfy_kitchen and its ops, when installed)
+
+        ops = torch.ops.comfy_kitchen
+        names = [n for n in ("apply_rope", "apply_rope1") if hasattr(ops, n)]
+    except Exception:  # no comfy_kitchen: ComfyUI's pure-torch RoPE is differentiable
+        return
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[-1])
+
+    def rotate_back(ctx, g):
+        return None if g is None else torch.ops.comfy_kitchen.apply_rope1(g, ctx.saved_tensors[0].transpose(-1, -2))
+
+    for name in names:
+        if name == "apply_rope":
+            backward = lambda ctx, gq, gk: (rotate_back(ctx, gq), rotate_back(ctx, gk), None)  # noqa: E731
+        else:
+            backward = lambda ctx, g: (rotate_back(ctx, g), None)  # noqa: E731
+        torch.library.register_autograd(f"comfy_kitchen::{name}", backward, setup_context=setup)
+
+
 class ComfyModel(TrainingModel):
     """A TrainingModel over ComfyUI's ModelPatcher (+ CLIP and VAE objects)."""
 
@@ -42,6 +98,7 @@ class ComfyModel(TrainingModel):
         import comfy.model_management as mm
         import comfy.model_sampling as ms
 
+        _rope_autograd()
         self.patcher = patcher
         self.base = patcher.model  # comfy.model_base.BaseModel
         self.denoiser = self.base.diffusion_model
@@ -67,6 +124,7 @@ class ComfyModel(TrainingModel):
         import comfy.model_management as mm
 
         mm.load_models_gpu([self.patcher], force_full_load=True)
+        _autograd_ready(self.denoiser)
 
     # --- targets ------------------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -137,7 +195,10 @@ class ComfyModel(TrainingModel):
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
         x = noisy.to(self.device, torch.float32)
         s = sigmas.to(self.device, torch.float32)
-        denoised = self.base.apply_model(x, s, **self._model_conds(x, cond, guidance))
+        # ComfyUI's models add residuals in place (Flux: `x += ...` after a norm saved x), which autograd
+        # refuses: the activations it saves are copied as they are saved, so later in-place updates miss them
+        with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _same):
+            denoised = self.base.apply_model(x, s, **self._model_conds(x, cond, guidance))
         # eps for eps/v models, the velocity (noise - x0) for flow models
         return (x - denoised) / s.view(-1, *([1] * (x.dim() - 1)))
 
