@@ -115,6 +115,8 @@ class ModelConfig:
     vae_path: Optional[str] = spec(None)
     tokenizer_paths: list[str] = spec(default_factory=list, aliases=("tokenizer_path",))
     t5_max_length: Optional[int] = spec(None, ge=1)
+    # v-prediction checkpoints without a marker (SDXL); None: from the checkpoint's own markers
+    is_v_pred: Optional[bool] = spec(None, aliases=("v_pred",))
     bypass_guidance_embedding: Optional[bool] = spec(None)
     quantize: bool = spec(False)
     low_vram: bool = spec(False)

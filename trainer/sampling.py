@@ -20,12 +20,16 @@ def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: 
     sigmas = model.sample_sigmas(steps, tuple(noise.shape))
     x = model.objective.initial(noise.float(), sigmas[0])
     cfg = (not model.distilled_guidance) and guidance_scale > 1.0 and neg is not None
+    # an objective whose target is not dx/dsigma (v-prediction) says how to turn the output into it
+    to_derivative = getattr(model.objective, "derivative", None)
     for i in range(steps):
         s = sigmas[i].reshape(1).expand(x.shape[0])
         v = model.predict(x, s, cond, guidance=guidance_scale).float()
         if cfg:
             v_neg = model.predict(x, s, neg, guidance=guidance_scale).float()
             v = v_neg + guidance_scale * (v - v_neg)
+        if to_derivative is not None:
+            v = to_derivative(x, v, sigmas[i])
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 

@@ -10,10 +10,16 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from . import registry
-from .base import Conditioning, Target, TargetMember, TrainingModel, linear_mu, time_shift_exponential
+from .base import Conditioning, Target, TrainingModel, linear_mu, time_shift_exponential
 from .detect import guess_family
 from .files import is_diffusers_folder, load_state_dict, local_path, safetensors_shapes
-from .flux_layout import ORIGINAL_PREFIXES, diffusers_config_from_original, flux_layout, original_to_diffusers
+from .flux_layout import (
+    ORIGINAL_PREFIXES,
+    block_targets,
+    diffusers_config_from_original,
+    flux_layout,
+    original_to_diffusers,
+)
 from .text_encoders import (
     find_tokenizer,
     identify_text_encoder,
@@ -117,27 +123,7 @@ class FluxModel(TrainingModel):
     def targets(self) -> list[Target]:
         cfg = self.denoiser.config
         lin, _ = flux_layout(cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds)
-        modules = dict(self.denoiser.named_modules())
-        out = []
-        for m in lin:
-            if not m.block:
-                continue
-            members, row = [], 0
-            parts = [modules[p] for p in m.parts]
-            for mod in parts:
-                out_f = mod.out_features
-                members.append(TargetMember(mod, slice(row, row + out_f)))
-                row += out_f
-            out.append(
-                Target(
-                    key=f"diffusion_model.{m.original}",
-                    in_features=parts[0].in_features,
-                    out_features=row,
-                    members=members,
-                    aliases=tuple(f"transformer.{p}" for p in m.parts),
-                )
-            )
-        return out
+        return block_targets(self.denoiser, lin)
 
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels // 4

@@ -48,12 +48,23 @@ def flux_layout(num_double: int, num_single: int, guidance: bool) -> tuple[list[
             LinearMap("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
             LinearMap("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
         ]
+    blin, par = block_layout(num_double, num_single, modulation=True)
+    return lin + blin, par
+
+
+def block_layout(num_double: int, num_single: int, modulation: bool) -> tuple[list[LinearMap], list[ParamMap]]:
+    """The double / single stream blocks, shared by the Flux-layout families. `modulation`: each block has its
+    own modulation linear (Flux); Chroma's blocks have none (one approximator computes every block's)."""
+    lin: list[LinearMap] = []
     par: list[ParamMap] = []
     for i in range(num_double):
         o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        if modulation:
+            lin += [
+                LinearMap(f"{o}.img_mod.lin", (f"{d}.norm1.linear",), True),
+                LinearMap(f"{o}.txt_mod.lin", (f"{d}.norm1_context.linear",), True),
+            ]
         lin += [
-            LinearMap(f"{o}.img_mod.lin", (f"{d}.norm1.linear",), True),
-            LinearMap(f"{o}.txt_mod.lin", (f"{d}.norm1_context.linear",), True),
             LinearMap(f"{o}.img_attn.qkv", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"), True),
             LinearMap(f"{o}.img_attn.proj", (f"{d}.attn.to_out.0",), True),
             LinearMap(f"{o}.txt_attn.qkv", (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"), True),
@@ -71,8 +82,9 @@ def flux_layout(num_double: int, num_single: int, guidance: bool) -> tuple[list[
         ]
     for i in range(num_single):
         o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        if modulation:
+            lin.append(LinearMap(f"{o}.modulation.lin", (f"{d}.norm.linear",), True))
         lin += [
-            LinearMap(f"{o}.modulation.lin", (f"{d}.norm.linear",), True),
             LinearMap(f"{o}.linear1", (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"), True),
             LinearMap(f"{o}.linear2", (f"{d}.proj_out",), True),
         ]
@@ -129,6 +141,17 @@ def diffusers_config_from_original(shapes: dict[str, tuple[int, ...]], source: s
 
 def original_to_diffusers(sd: dict[str, torch.Tensor], model_shapes: dict[str, tuple[int, ...]], cfg: dict, source: str) -> dict[str, torch.Tensor]:
     lin, par = flux_layout(cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"])
+    return split_original(sd, lin, par, model_shapes, source, "Flux")
+
+
+def diffusers_to_original(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    lin, par = flux_layout(cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"])
+    return join_original(sd, lin, par)
+
+
+def split_original(sd: dict[str, torch.Tensor], lin: list[LinearMap], par: list[ParamMap],
+                   model_shapes: dict[str, tuple[int, ...]], source: str, family: str) -> dict[str, torch.Tensor]:
+    """Original-layout tensors -> diffusers names (fused linears split by the diffusers module sizes)."""
     out: dict[str, torch.Tensor] = {}
     try:
         for m in lin:
@@ -142,12 +165,12 @@ def original_to_diffusers(sd: dict[str, torch.Tensor], model_shapes: dict[str, t
         for m in par:
             out[m.diffusers] = sd.pop(m.original)
     except KeyError as e:
-        raise ModelFileError(f"{source}: not a complete Flux checkpoint (missing {e.args[0]})") from None
+        raise ModelFileError(f"{source}: not a complete {family} checkpoint (missing {e.args[0]})") from None
     return out
 
 
-def diffusers_to_original(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    lin, par = flux_layout(cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"])
+def join_original(sd: dict[str, torch.Tensor], lin: list[LinearMap], par: list[ParamMap]) -> dict[str, torch.Tensor]:
+    """Diffusers-named tensors -> the original layout (fused linears concatenated)."""
     out: dict[str, torch.Tensor] = {}
     for m in lin:
         for suffix in ("weight", "bias"):
@@ -155,4 +178,23 @@ def diffusers_to_original(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
             out[f"{m.original}.{suffix}"] = _swap(t) if m.swap_halves else t
     for m in par:
         out[m.original] = sd[m.diffusers]
+    return out
+
+
+def block_targets(denoiser: torch.nn.Module, lin: list[LinearMap]) -> list["Target"]:
+    """Trainable targets named by ComfyUI's keys: every block linear of `lin`, a fused one as several members."""
+    from .base import Target, TargetMember
+
+    modules = dict(denoiser.named_modules())
+    out = []
+    for m in lin:
+        if not m.block:
+            continue
+        members, row = [], 0
+        parts = [modules[p] for p in m.parts]
+        for mod in parts:
+            members.append(TargetMember(mod, slice(row, row + mod.out_features)))
+            row += mod.out_features
+        out.append(Target(key=f"diffusion_model.{m.original}", in_features=parts[0].in_features, out_features=row,
+                          members=members, aliases=tuple(f"transformer.{p}" for p in m.parts)))
     return out

@@ -40,6 +40,8 @@ def _from_comfyui(*_args, **_kwargs):
 def _ensure_loaded() -> None:
     # importing the family modules registers them
     from . import flux  # noqa: F401
+    from . import sdxl  # noqa: F401
+    from . import chroma  # noqa: F401
 
     if "comfy" not in _FAMILIES:
         register(Family("comfy", "any model loaded by ComfyUI's loaders (nodes only)", _from_comfyui))

@@ -14,7 +14,7 @@ import torch
 from ..config import JobConfig
 from ..data.cache import LatentCache, TextCache
 from ..data.dataset import BatchPlan, Dataset, captions_for_batch
-from ..errors import TrainingDiverged, UserError
+from ..errors import TrainingDiverged
 from ..fileio import append_jsonl, atomic_path
 from ..models.base import Conditioning, SampleRequest, TrainingModel, collate_conditioning
 from ..networks.network import Network

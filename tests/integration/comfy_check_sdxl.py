@@ -1,0 +1,159 @@
+"""Runs INSIDE ComfyUI's own python (not the trainer's): SDXL checks with ComfyUI's own code.
+
+    cd <ComfyUI> && <comfy python> comfy_check_sdxl.py --real-shapes shapes.json --model tiny.safetensors \
+        [--vpred-model tiny_v.safetensors] --lora lora=lora.safetensors ... --inputs inputs.safetensors \
+        --out result.safetensors --report result.json
+
+1. Real size, names only: --real-shapes holds `ldm_shapes` (the LDM tensor names and shapes of a real-size
+   SDXL UNet as the trainer writes them) and `targets` (the trainer's LoRA target keys and weight shapes).
+   ComfyUI's detection reads the shapes (comfy.model_detection: which model, which config), builds that
+   model on the meta device, and its LoRA key map (comfy.lora.model_lora_keys_unet, what LoraLoader uses)
+   must take every target key onto a weight of the same shape.
+2. Tiny, numbers: --model is a tiny SDXL-structured full checkpoint. ComfyUI only detects SDXL at its real
+   size, so its config is ComfyUI's own detect_unet_config of the file, put into ComfyUI's SDXL model class
+   (heads of 64 channels, 6 x 256 time ids) and loaded with ComfyUI's checkpoint prefix. The script writes
+   `base` (eps = (x - denoised) / sigma from BaseModel.apply_model with SDXL's encode_adm), one output per
+   `--lora NAME=FILE` applied alone through comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls),
+   `base_after`, and `vpred_base` for --vpred-model (ComfyUI decides v-prediction from the file's marker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:
+            self.messages.append(str(record.msg))
+
+
+def _named_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
+    return name, path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", default=os.getcwd())
+    ap.add_argument("--real-shapes", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--vpred-model")
+    ap.add_argument("--lora", action="append", default=[], type=_named_file, metavar="NAME=FILE")
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--report", required=True)
+    a = ap.parse_args()
+
+    sys.path.insert(0, os.path.abspath(a.comfyui))
+    capture = _Capture()
+    root = logging.getLogger()
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+
+    from comfy.cli_args import args
+
+    args.cpu = True  # before any other comfy import: model_management reads it at import time
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    report: dict = {}
+
+    # 1. real size: detection and LoRA key names
+    real = json.load(open(a.real_shapes))
+    fake = {k: torch.empty(v, device="meta") for k, v in real["ldm_shapes"].items()}
+    unet_config = comfy.model_detection.detect_unet_config(fake, "")
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, fake)
+    report["real_model_config"] = type(model_config).__name__ if model_config is not None else None
+    if model_config is not None:
+        model_config.set_inference_dtype(torch.float16, None)
+        model = model_config.get_model(fake, "", device="meta")
+        key_map = comfy.lora.model_lora_keys_unet(model, {})
+        weights = {k: list(v.shape) for k, v in model.state_dict().items()}
+        report["real_targets"] = len(real["targets"])
+        report["real_unmapped"] = [k for k in real["targets"] if k not in key_map]
+        report["real_shape_mismatch"] = [
+            k for k, shape in real["targets"].items() if k in key_map and weights.get(key_map[k]) != shape
+        ]
+        del model, fake
+
+    # 2. tiny: numbers through ComfyUI's SDXL model and LoRA loader
+    inputs = load_file(a.inputs)
+    x, sigma = inputs["latents"].float(), inputs["sigma"].float()
+    h, w = inputs["size"].tolist()
+    cpu = torch.device("cpu")
+
+    def load_patcher(path: str):
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        prefix = "model.diffusion_model."
+        mc = comfy.supported_models.SDXL(comfy.model_detection.detect_unet_config(sd, prefix))
+        mc.set_inference_dtype(torch.float32, None)
+        m = mc.get_model(sd, prefix, device=cpu)
+        m.load_model_weights(sd, prefix)
+        return comfy.model_patcher.ModelPatcher(m, load_device=cpu, offload_device=cpu)
+
+    def run(patcher) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        m = patcher.model
+        with torch.no_grad():
+            y = m.encode_adm(pooled_output=inputs["pooled"].float(), width=w, height=h)
+            denoised = m.apply_model(x, sigma, c_crossattn=inputs["crossattn"].float(), y=y)
+        comfy.model_management.unload_all_models()
+        return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).contiguous()
+
+    patcher = load_patcher(a.model)
+    report["model_class"] = type(patcher.model).__name__
+    report["model_type"] = patcher.model.model_type.name
+    outputs = {"base": run(patcher)}
+    report["loras"] = {}
+    for name, path in a.lora:
+        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+        mark = len(capture.messages)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
+        messages = capture.messages[mark:]
+        outputs[name] = run(patched)
+        report["loras"][name] = {
+            "lora_tensors": len(lora_sd),
+            "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
+            "patched_keys": sorted(patched.patches.keys()),
+        }
+    outputs["base_after"] = run(patcher)
+    if a.vpred_model:
+        v = load_patcher(a.vpred_model)
+        report["vpred_model_type"] = v.model.model_type.name
+        outputs["vpred_base"] = run(v)
+
+    try:
+        from comfyui_version import __version__ as comfy_version
+    except Exception:
+        comfy_version = "unknown"
+    report["comfyui_version"] = comfy_version
+    save_file(outputs, a.out)
+    with open(a.report, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

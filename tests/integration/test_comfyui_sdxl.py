@@ -1,0 +1,159 @@
+"""SDXL against real ComfyUI: the trainer's LDM layout and LoRA keys as ComfyUI detects and loads them.
+
+Needs a ComfyUI install: set COMFYUI_PATH (its folder) and, unless `<COMFYUI_PATH>/../comfy-venv/bin/python`
+exists, COMFYUI_PYTHON. Skipped otherwise. One ComfyUI process (comfy_check_sdxl.py) does everything:
+  - at SDXL's real size, on the meta device (names and shapes only): ComfyUI detects the trainer's LDM layout
+    as SDXL, and its LoRA key map takes every one of the trainer's target keys (linear and conv) onto a
+    weight of the same shape, so LoraLoader loads a trainer file with no "lora key not loaded";
+  - on a tiny SDXL-structured checkpoint (ComfyUI detects SDXL only at full size, so the tiny one is put
+    into ComfyUI's SDXL class with ComfyUI's own detected config): the base model's eps, and the eps with a
+    LoRA / LoCon file applied through comfy.sd.load_lora_for_models, equal the trainer's; a v-prediction
+    file is recognized as such and agrees too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+TOL = 1e-4  # max |a - b| / max |b|, fp32
+
+
+def _comfy() -> tuple[Path, Path]:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("set COMFYUI_PATH to a ComfyUI install to run the ComfyUI SDXL test")
+    comfy = Path(path).expanduser().resolve()
+    if not (comfy / "comfy" / "sd.py").is_file():
+        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI folder (no comfy/sd.py)")
+    py = os.environ.get("COMFYUI_PYTHON")
+    python = Path(py).expanduser() if py else comfy.parent / "comfy-venv" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"set COMFYUI_PYTHON to ComfyUI's python ({python} does not exist)")
+    return comfy, python
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+REAL_SDXL = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=2048,
+    attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def _real_size_names() -> dict:
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models.sdxl import SDXLModel
+    from trainer.models.sdxl_layout import diffusers_to_ldm
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**REAL_SDXL)
+    model = object.__new__(SDXLModel)
+    model.denoiser = unet
+    ldm = diffusers_to_ldm(unet.state_dict(), unet.config)
+    return {
+        "ldm_shapes": {k: list(v.shape) for k, v in ldm.items()},
+        "targets": {t.key: list(t.members[0].module.weight.shape) for t in model.targets()},
+    }
+
+
+@pytest.fixture(scope="module")
+def comfy_run(tmp_path_factory):
+    comfy, python = _comfy()
+    from safetensors.torch import load_file
+
+    from sdxl_helpers import load, write_tiny_sdxl
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.networks.network import Network
+
+    tmp = tmp_path_factory.mktemp("comfy_sdxl")
+    torch.set_num_threads(1)
+    real = _real_size_names()
+    (tmp / "real.json").write_text(json.dumps(real))
+    eps_cfg = write_tiny_sdxl(tmp / "eps")
+    v_cfg = write_tiny_sdxl(tmp / "v", v_pred=True, seed=12)
+    model, vmodel = load(eps_cfg), load(v_cfg)
+
+    g = torch.Generator().manual_seed(7)
+    # a sigma of the DDPM table (timestep 562): ComfyUI maps sigma to the nearest discrete timestep where the
+    # trainer (like diffusers' schedulers) interpolates; at the table's sigmas, where both train and sample, they agree
+    sigma = model.sigma_table[562].reshape(1)
+    inputs = {"latents": torch.randn(1, 4, 16, 16, generator=g) * (1 + sigma**2).sqrt(), "sigma": sigma,
+              "crossattn": torch.randn(1, 77, 96, generator=g), "pooled": torch.randn(1, 32, generator=g),
+              "size": torch.tensor([32, 32])}
+    cond = {"crossattn": inputs["crossattn"], "pooled": inputs["pooled"]}
+
+    def eps(m) -> torch.Tensor:
+        with torch.no_grad():
+            out = m.predict(inputs["latents"], sigma, cond).float()
+        to_d = getattr(m.objective, "derivative", None)
+        return to_d(inputs["latents"], out, sigma[0]) if to_d else out
+
+    ours = {"base": eps(model), "vpred_base": eps(vmodel)}
+    files, n_targets = {}, {}
+    for i, kind in enumerate(("lora", "locon")):
+        net = Network(model.targets(), kind, rank=4, alpha=8.0, conv_rank=4 if kind == "locon" else None)
+        gen = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        files[kind] = tmp / f"{kind}.safetensors"
+        save_safetensors_atomic(net.export(), files[kind])
+        n_targets[kind] = len(net.targets)
+        net.attach()
+        ours[kind] = eps(model)
+        net.detach()
+    save_safetensors_atomic(inputs, tmp / "inputs.safetensors")
+
+    out, report = tmp / "out.safetensors", tmp / "report.json"
+    cmd = [str(python), str(HERE / "comfy_check_sdxl.py"), "--comfyui", str(comfy), "--real-shapes",
+           str(tmp / "real.json"), "--model", eps_cfg["name_or_path"], "--vpred-model", v_cfg["name_or_path"],
+           "--inputs", str(tmp / "inputs.safetensors"), "--out", str(out), "--report", str(report)]
+    for kind, f in files.items():
+        cmd += ["--lora", f"{kind}={f}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, cwd=str(comfy), env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"ComfyUI side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(report.read_text()), load_file(str(out)), ours, n_targets, real
+
+
+def test_real_size_detection_and_lora_keys(comfy_run):
+    report, _, _, _, real = comfy_run
+    assert report["real_model_config"] == "SDXL"
+    assert report["real_targets"] == len(real["targets"])
+    assert report["real_unmapped"] == [] and report["real_shape_mismatch"] == []
+    kinds = {len(s) for s in real["targets"].values()}
+    assert kinds == {2, 4}  # linear and conv targets both checked
+
+
+def test_tiny_base_and_vpred(comfy_run):
+    report, theirs, ours, _, _ = comfy_run
+    assert report["model_class"] == "SDXL" and report["model_type"] == "EPS"
+    assert report["vpred_model_type"] == "V_PREDICTION"
+    assert _rel_err(theirs["base"], ours["base"]) < TOL
+    assert _rel_err(theirs["vpred_base"], ours["vpred_base"]) < TOL
+    assert _rel_err(theirs["base_after"], theirs["base"]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon"])
+def test_tiny_network_in_comfyui(comfy_run, kind):
+    report, theirs, ours, n_targets, _ = comfy_run
+    r = report["loras"][kind]
+    assert r["not_loaded"] == []
+    assert len(r["patched_keys"]) == n_targets[kind]
+    assert _rel_err(ours[kind], ours["base"]) > 100 * TOL  # the network really changes the output
+    assert _rel_err(theirs[kind], ours[kind]) < TOL

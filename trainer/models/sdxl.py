@@ -1,0 +1,615 @@
+"""Stable Diffusion XL on the diffusers backend, from local files.
+
+The UNet loads from a single-file checkpoint in the original (LDM / ComfyUI) layout — a full
+`checkpoints/` file with CLIP-L, OpenCLIP-G and the VAE inside, or a bare `diffusion_models/` UNet — with
+its config derived from the shapes, or from a local diffusers folder.
+
+Noise levels are k-diffusion sigmas over SDXL's DDPM schedule (scaled-linear betas 0.00085..0.012, 1000
+steps): x_t = x0 + sigma * n, the UNet sees x_t / sqrt(sigma^2 + 1) (= sqrt(abar) x0 + sqrt(1 - abar) n)
+at the timestep whose sigma this is. Training draws uniform discrete timesteps; the target is eps, or
+v = sqrt(abar) n - sqrt(1 - abar) x0 for v-prediction models. Sampling is diffusers' EulerDiscreteScheduler
+with SDXL's "leading" spacing (steps_offset 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+from . import registry
+from .base import Conditioning, EpsObjective, Target, TargetMember, TrainingModel
+from .detect import guess_family
+from .files import (
+    find_weights_file,
+    is_diffusers_folder,
+    load_state_dict,
+    local_path,
+    safetensors_metadata,
+    safetensors_shapes,
+)
+from .sdxl_layout import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    NUM_TIME_IDS,
+    TIME_ID_CHANNELS,
+    UNET_PREFIXES,
+    VAE_PREFIX,
+    diffusers_to_ldm,
+    is_open_clip,
+    ldm_names,
+    ldm_to_diffusers,
+    open_clip_to_transformers,
+    transformers_to_open_clip,
+    unet_config_from_ldm,
+)
+from .text_encoders import EncoderFile, find_tokenizer, identify_text_encoder, load_clip_text_model, load_tokenizer
+from .vae import load_vae, vae_scale
+
+log = logging.getLogger("trainer")
+
+SDXL_VAE_SCALE = 0.13025
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+STEPS_OFFSET = 1  # SDXL's scheduler config ("leading" spacing)
+CLIP_MAX_LENGTH = 77
+
+
+def ddpm_sigmas() -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999, computed as diffusers' schedulers do (float32)."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    return ((1 - abar) / abar) ** 0.5
+
+
+class VObjective(EpsObjective):
+    """v-prediction in the same sigma space: v = a n - a s x0 with a = 1 / sqrt(1 + s^2)."""
+
+    name = "v"
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        a = torch.rsqrt(1 + s**2)
+        return a * noise - a * s * latents
+
+    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma for a v target: min(snr, gamma) / (snr + 1)."""
+        snr = self.snr(sigmas)
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+
+    def derivative(self, x: torch.Tensor, pred: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """dx/dsigma (= eps) for the Euler sampler, from the model's v: eps = a v + a^2 s x."""
+        a2 = 1.0 / (1.0 + sigma**2)
+        return a2**0.5 * pred + a2 * sigma * x
+
+
+class SDXLModel(TrainingModel):
+    arch = "sdxl"
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, clip_l: nn.Module | None, clip_g: nn.Module | None,
+                 tok_l, tok_g, device: torch.device, dtype: torch.dtype, v_pred: bool = False) -> None:
+        self.denoiser = unet
+        self.vae = vae
+        self.clip_l, self.clip_g = clip_l, clip_g
+        self.tok_l, self.tok_g = tok_l, tok_g
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.v_pred = v_pred
+        self.objective = VObjective() if v_pred else EpsObjective()
+        self.vae_scale = vae_scale(vae)
+        self.pixel_factor = self.vae_scale * 2
+        self.sigma_table = ddpm_sigmas()
+        self._log_sigmas = self.sigma_table.double().log()
+
+    # --- what the loop adapts ------------------------------------------------------------------
+    def targets(self) -> list[Target]:
+        """Linears of the spatial transformers (attn1/attn2 q/k/v/out, ff, proj_in/out); resnet and
+        resampler convs as conv targets. Keys are ComfyUI's LDM names (`diffusion_model.input_blocks.4.1...`)."""
+        to_ldm = ldm_names(self.denoiser.config)
+        out = []
+        for name, mod in self.denoiser.named_modules():
+            is_conv = isinstance(mod, nn.Conv2d)
+            if isinstance(mod, nn.Linear) and ".attentions." in name:
+                kind, fin, fout = "linear", mod.in_features, mod.out_features
+            elif is_conv and ".attentions." in name:  # 1x1 conv projections (SD1-style UNets)
+                kind, fin, fout = "conv", mod.in_channels, mod.out_channels
+            elif is_conv and (".resnets." in name or "samplers." in name) and mod.groups == 1:
+                kind, fin, fout = "conv", mod.in_channels, mod.out_channels
+            else:
+                continue
+            ldm = to_ldm(name)
+            if ldm is None:
+                raise RuntimeError(f"no ComfyUI name for UNet module {name}")
+            out.append(Target(f"diffusion_model.{ldm}", fin, fout, [TargetMember(mod, slice(0, fout))], kind=kind,
+                              aliases=(f"unet.{name}",)))
+        return out
+
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        return [m for m in self.denoiser.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+
+    # --- encoders ------------------------------------------------------------------------------
+    def text_encoders_loaded(self) -> bool:
+        return self.clip_l is not None and self.clip_g is not None
+
+    def release_text_encoders(self) -> None:
+        self.clip_l = None
+        self.clip_g = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _hidden(encoder: nn.Module, tokenizer, captions: list[str]):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=min(CLIP_MAX_LENGTH, tokenizer.model_max_length),
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """As StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of CLIP-L and CLIP-G side by
+        side, pooled = CLIP-G's projected text embedding."""
+        if not self.text_encoders_loaded():
+            raise RuntimeError("text encoders were released; embeddings must come from the cache")
+        out_l = self._hidden(self.clip_l, self.tok_l, captions)
+        out_g = self._hidden(self.clip_g, self.tok_g, captions)
+        embeds = torch.cat([out_l.hidden_states[-2].float(), out_g.hidden_states[-2].float()], dim=-1)
+        return {"crossattn": embeds.cpu(), "pooled": out_g.text_embeds.float().cpu()}
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        lat = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mode()
+        return (lat.float() * self.vae.config.scaling_factor).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        lat = latents.float() / self.vae.config.scaling_factor
+        img = self.vae.decode(lat.to(p.device, p.dtype), return_dict=False)[0]
+        return img.float().clamp(-1, 1).cpu()
+
+    # --- denoising -----------------------------------------------------------------------------
+    def sigma_to_t(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table."""
+        ls = sigmas.double().cpu().clamp_min(1e-10).log()
+        table = self._log_sigmas
+        hi = torch.searchsorted(table, ls).clamp(1, table.shape[0] - 1)
+        lo = hi - 1
+        w = ((ls - table[lo]) / (table[hi] - table[lo])).clamp(0, 1)
+        return (lo + w).float()
+
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        b, _, h, w = noisy.shape
+        dev, dt = self.device, self.dtype
+        s = sigmas.float().reshape(-1).expand(b) if sigmas.numel() == 1 else sigmas.float().reshape(-1)
+        t = self.sigma_to_t(s).to(dev)
+        c_in = torch.rsqrt(s.to(dev) ** 2 + 1).view(-1, 1, 1, 1)
+        x = (noisy.to(dev, torch.float32) * c_in).to(dt)
+        time_ids = cond.get("time_ids")
+        if time_ids is None:
+            # original size = target size = the bucket, no crop (what the pipeline does at sampling)
+            H, W = h * self.vae_scale, w * self.vae_scale
+            time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).expand(b, NUM_TIME_IDS)
+        out = self.denoiser(
+            x, t, encoder_hidden_states=cond["crossattn"].to(dev, dt),
+            added_cond_kwargs={"text_embeds": cond["pooled"].to(dev, dt), "time_ids": time_ids.to(dev, dt)},
+            return_dict=False,
+        )[0]
+        return out
+
+    def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform discrete timesteps, as SDXL was trained (train.timestep_type is for flow models)."""
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+        return self.sigma_table[t]
+
+    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """EulerDiscreteScheduler's sigmas for SDXL: "leading" timesteps (every 1000 // steps, + 1), then 0."""
+        import numpy as np
+
+        steps = max(1, min(int(steps), NUM_TRAIN_TIMESTEPS))
+        ratio = NUM_TRAIN_TIMESTEPS // steps
+        ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
+        return torch.cat([self.sigma_table[torch.from_numpy(ts.copy())], torch.zeros(1)])
+
+    def latent_cache_id(self) -> str:
+        from ..data.cache import module_fingerprint
+
+        return module_fingerprint(self.vae)
+
+    def save_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.prediction_type": "v" if self.v_pred else "epsilon",
+            "eridiffusion.arch": self.arch,
+        }
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _unet_prefix(shapes) -> str | None:
+    return next((p for p in UNET_PREFIXES if f"{p}input_blocks.0.0.weight" in shapes), None)
+
+
+def load_sdxl_unet(path: Path, dtype: torch.dtype, arch: str = "sdxl"):
+    """UNet2DConditionModel from an LDM-layout single file (full checkpoint or bare UNet) or a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise ModelFileError(f"{path}: not a diffusers SDXL folder (no unet/config.json)")
+        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    shapes = safetensors_shapes(path)
+    family = guess_family(shapes)
+    if family != "sdxl":
+        what = f"a {family} checkpoint" if family else "not a diffusion model checkpoint this trainer knows"
+        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
+    prefix = _unet_prefix(shapes)
+    # a bare UNet keeps every key; a full checkpoint's other parts sit under other prefixes
+    unet_shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if not prefix:
+        unet_shapes = {k: v for k, v in unet_shapes.items() if not k.startswith(("conditioner.", "first_stage_model."))
+                       and k not in ("v_pred", "ztsnr")}
+    cfg = unet_config_from_ldm(unet_shapes, str(path))
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**cfg)
+    model_keys = set(model.state_dict())
+    sd = load_state_dict(path, dtype, prefix)
+    sd = {k: v for k, v in sd.items() if k in unet_shapes}
+    sd = ldm_to_diffusers(sd, model.config, model_keys, str(path))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def _ckpt_parts(path: Path) -> set[str]:
+    """Which SDXL parts a single file holds: unet, clip_l, clip_g, vae."""
+    if path.is_dir():
+        return set()
+    shapes = safetensors_shapes(path)
+    parts = set()
+    if _unet_prefix(shapes) is not None:
+        parts.add("unet")
+    if f"{CLIP_L_PREFIX}text_model.embeddings.token_embedding.weight" in shapes:
+        parts.add("clip_l")
+    if is_open_clip(shapes, CLIP_G_PREFIX):
+        parts.add("clip_g")
+    if f"{VAE_PREFIX}encoder.conv_in.weight" in shapes:
+        parts.add("vae")
+    return parts
+
+
+def _token_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    for k, v in shapes.items():
+        if k.endswith("token_embedding.weight"):
+            return v[1]
+    return None
+
+
+def _shapes_of(path: Path) -> dict[str, tuple[int, ...]]:
+    files = find_weights_file(path) if path.is_dir() else [path]
+    out: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        out.update(safetensors_shapes(f))
+    return out
+
+
+G_PREFIXES = (CLIP_G_PREFIX, "clip_g.transformer.", "text_encoders.clip_g.transformer.", "transformer.", "model.", "")
+
+
+def _clip_g_prefix(shapes) -> str | None:
+    for p in G_PREFIXES:
+        if is_open_clip(shapes, p) or f"{p}text_projection.weight" in shapes:
+            return p
+    return None
+
+
+def _classify_encoders(paths: list[Path]) -> dict[str, tuple[Path, str]]:
+    """Which listed file is CLIP-L and which CLIP-G: the OpenCLIP layout or width 1280 is G, width 768 is L;
+    of two others, the only one with a text projection is G; else ComfyUI's DualCLIPLoader order (clip_l, clip_g)."""
+    info = []
+    for p in paths:
+        shapes = _shapes_of(p)
+        width = _token_width(shapes)
+        g_prefix = _clip_g_prefix(shapes)
+        open_clip = g_prefix is not None and is_open_clip(shapes, g_prefix)
+        kind = "clip_g" if open_clip or width == 1280 else "clip_l" if width == 768 else None
+        info.append((p, g_prefix, kind))
+    chosen: dict[str, tuple[Path, str | None]] = {}
+    for p, g_prefix, kind in info:
+        if kind is not None and kind not in chosen:
+            chosen[kind] = (p, g_prefix)
+    rest = [(p, g) for p, g, kind in info if (p, g) not in chosen.values()]
+    with_projection = [r for r in rest if r[1] is not None]
+    if "clip_g" not in chosen and len(rest) == 2 and len(with_projection) == 1:
+        chosen["clip_g"] = with_projection[0]  # of two towers, the one with a text projection
+        rest.remove(with_projection[0])
+    for kind in ("clip_l", "clip_g"):
+        if kind not in chosen and rest:
+            chosen[kind] = rest.pop(0)
+    out = {}
+    if "clip_l" in chosen:
+        ef = identify_text_encoder(chosen["clip_l"][0])
+        out["clip_l"] = (ef.path, ef.prefix)
+    if "clip_g" in chosen:
+        p, g_prefix = chosen["clip_g"]
+        if g_prefix is None:
+            raise ModelFileError(f"{p}: not a CLIP-G text encoder (no text_projection); SDXL's second encoder is CLIP-G")
+        out["clip_g"] = (p, g_prefix)
+    return out
+
+
+def load_clip_g(path: Path, prefix: str, dtype: torch.dtype, eos_token_id: int | None):
+    """CLIPTextModelWithProjection from OpenCLIP (full SDXL checkpoints) or transformers layout (ComfyUI's
+    clip_g.safetensors), or a diffusers `text_encoder_2` folder."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if path.is_dir() and (path / "config.json").exists():
+        model = CLIPTextModelWithProjection.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
+    sd: dict[str, torch.Tensor] = {}
+    for f in (find_weights_file(path) if path.is_dir() else [path]):
+        sd.update(load_state_dict(f, dtype, prefix))
+    if is_open_clip(sd):
+        sd = open_clip_to_transformers(sd)
+    sd = {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v for k, v in sd.items()
+          if not k.endswith(("position_ids", "logit_scale"))}
+    try:
+        emb = sd["text_model.embeddings.token_embedding.weight"]
+        proj = sd["text_projection.weight"]
+        layers = 0
+        while f"text_model.encoder.layers.{layers}.mlp.fc1.weight" in sd:
+            layers += 1
+        hidden = emb.shape[1]
+        cfg = CLIPTextConfig(
+            vocab_size=emb.shape[0], hidden_size=hidden,
+            intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+            max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+            hidden_act="gelu", projection_dim=proj.shape[0],
+            eos_token_id=eos_token_id if eos_token_id is not None else 2, bos_token_id=0,
+            pad_token_id=eos_token_id if eos_token_id is not None else 1,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{path}: not a complete CLIP-G text encoder (missing {e.args[0]})") from None
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ModelFileError(f"{path}: incomplete CLIP-G, missing {len(missing)} tensors (e.g. {missing[0]})")
+    for name, buf in model.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    return model.eval().requires_grad_(False)
+
+
+def _config_v_pred(mc: ModelConfig) -> bool | None:
+    return mc.is_v_pred  # `model.is_v_pred` (ai-toolkit's name; `v_pred` also accepted)
+
+
+def _file_v_pred(path: Path) -> bool | None:
+    """ComfyUI's marker (a `v_pred` key) or modelspec metadata; zero-terminal-SNR models are noted."""
+    if path.is_dir():
+        sched = path / "scheduler" / "scheduler_config.json"
+        if sched.exists():
+            import json
+
+            return json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
+        return None
+    shapes = safetensors_shapes(path)
+    if "ztsnr" in shapes:
+        log.warning("%s: a zero-terminal-SNR model; this trainer uses the standard SDXL schedule for it", path)
+    if "v_pred" in shapes:
+        return True
+    md = safetensors_metadata(path)
+    pt = md.get("modelspec.prediction_type")
+    if pt:
+        return pt.lower() in ("v", "v_prediction", "v-prediction")
+    return None
+
+
+def load_sdxl(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sdxl") -> SDXLModel:
+    root = local_path(mc.name_or_path, "model.name_or_path")
+    unet = load_sdxl_unet(root, dtype, arch)
+    folder = root if is_diffusers_folder(root) else None
+    parts = _ckpt_parts(root)
+
+    te_paths = [local_path(p, f"model.text_encoder_paths[{i}]") for i, p in enumerate(mc.text_encoder_paths)]
+    found: dict[str, tuple[Path, str]] = _classify_encoders(te_paths) if te_paths else {}
+    if "clip_l" not in found and "clip_l" in parts:
+        found["clip_l"] = (root, CLIP_L_PREFIX)
+    if "clip_g" not in found and "clip_g" in parts:
+        found["clip_g"] = (root, CLIP_G_PREFIX)
+    if folder is not None:
+        for kind, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+            if kind not in found and (folder / sub).is_dir():
+                found[kind] = (folder / sub, "")
+    missing = [k for k in ("clip_l", "clip_g") if k not in found]
+    if missing:
+        names = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)"}
+        raise ModelFileError(
+            "model.text_encoder_paths: SDXL needs " + " and ".join(names[k] for k in missing)
+            + "; use a full checkpoint (ComfyUI's models/checkpoints) or list the local files (models/text_encoders)"
+        )
+
+    tok_paths = [local_path(p, f"model.tokenizer_paths[{i}]") for i, p in enumerate(mc.tokenizer_paths)]
+    near = [root, *te_paths]
+    src_l = find_tokenizer("clip", tok_paths[0] if tok_paths else None,
+                           [folder / "tokenizer"] if folder else [], near)
+    tok_l = load_tokenizer(src_l)
+    if len(tok_paths) > 1 or (folder is not None and (folder / "tokenizer_2").is_dir()):
+        tok_g = load_tokenizer(find_tokenizer("clip", tok_paths[1] if len(tok_paths) > 1 else None,
+                                              [folder / "tokenizer_2"] if folder else [], near))
+    else:
+        # CLIP-G shares CLIP-L's vocabulary; SDXL pads its prompts with "!" (id 0) rather than end-of-text
+        tok_g = load_tokenizer(src_l)
+        if "!" in tok_g.get_vocab():
+            tok_g.pad_token = "!"
+
+    clip_l = load_clip_text_model(EncoderFile("clip", *found["clip_l"]), dtype, tok_l.eos_token_id)
+    clip_g = load_clip_g(*found["clip_g"], dtype, tok_g.eos_token_id)
+    width = clip_l.config.hidden_size + clip_g.config.hidden_size
+    if width != unet.config.cross_attention_dim:
+        raise ModelFileError(
+            f"{found['clip_l'][0]}, {found['clip_g'][0]}: CLIP-L + CLIP-G width {width} does not match the UNet's"
+            f" text input {unet.config.cross_attention_dim}"
+        )
+    adm = clip_g.config.projection_dim + NUM_TIME_IDS * unet.config.addition_time_embed_dim
+    if adm != unet.config.projection_class_embeddings_input_dim:
+        raise ModelFileError(
+            f"{found['clip_g'][0]}: CLIP-G projection {clip_g.config.projection_dim} does not match the UNet's"
+            f" pooled input {unet.config.projection_class_embeddings_input_dim - NUM_TIME_IDS * TIME_ID_CHANNELS}"
+        )
+
+    # SDXL's VAE overflows in fp16: keep it in fp32 then (latents are cached, decoding is for previews)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    if mc.vae_path:
+        vae_src = local_path(mc.vae_path, "model.vae_path")
+    elif "vae" in parts:
+        vae_src = root
+    elif folder is not None and (folder / "vae").is_dir():
+        vae_src = folder / "vae"
+    else:
+        raise ModelFileError("model.vae_path: SDXL needs its VAE (sdxl_vae.safetensors, in ComfyUI's models/vae)")
+    vae = load_vae(vae_src, vae_dtype, SDXL_VAE_SCALE, None, unet.config.in_channels)
+
+    v_pred = _config_v_pred(mc)
+    if v_pred is None:
+        v_pred = bool(_file_v_pred(root))
+    dev = torch.device(device)
+    for m in (unet, vae, clip_l, clip_g):
+        m.to(dev)
+    return SDXLModel(unet, vae, clip_l, clip_g, tok_l, tok_g, dev, dtype, v_pred=v_pred)
+
+
+# --- small random SDXL-layout files (demo, tests) ------------------------------------------------
+
+def sdxl_unet_config(widths=(32, 64, 128), layers: int = 2, depths=(0, 1, 2), context: int = 96, pooled: int = 32) -> dict:
+    """A diffusers UNet config with SDXL's structure at any width (heads of 64 channels, 6 x 256 time ids)."""
+    from .sdxl_layout import heads_for
+
+    n = len(widths)
+    return dict(
+        sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)],
+        block_out_channels=list(widths), layers_per_block=layers, cross_attention_dim=context,
+        attention_head_dim=[heads_for(w) for w in widths],
+        transformer_layers_per_block=[d or (depths[-1] if i == n - 1 else 1) for i, d in enumerate(depths)],
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_ID_CHANNELS,
+        projection_class_embeddings_input_dim=pooled + NUM_TIME_IDS * TIME_ID_CHANNELS, norm_num_groups=32,
+    )
+
+
+def random_unet_ldm(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random weights for the UNet of `cfg`, in the LDM layout: scaled matrices and kernels, norm scales near
+    1 and small nonzero biases (so that a wrongly mapped bias or norm shows in the outputs)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**cfg)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in sorted(model.state_dict().items()):
+        shape = tuple(v.shape)
+        if len(shape) >= 2:
+            fan_in = 1
+            for d in shape[1:]:
+                fan_in *= d
+            t = torch.randn(shape, generator=g) / fan_in**0.5
+        elif k.endswith(".weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.1 * torch.randn(shape, generator=g)
+        sd[k] = t.to(dtype)
+    return diffusers_to_ldm(sd, model.config)
+
+
+def _clip_state(vocab: int, hidden: int, layers: int, projection: int | None, seed: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77,
+        hidden_act="gelu" if projection else "quick_gelu", projection_dim=projection or hidden,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+    )
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def write_sdxl_files(folder: Path, widths=(32, 64, 128), layers: int = 2, depths=(0, 1, 2), clip_l_width: int = 32,
+                     clip_g_width: int = 64, pooled: int = 32, clip_layers: int = 2, vae_widths=(32, 32),
+                     full: bool = True, v_pred: bool = False, seed: int = 11, dtype: torch.dtype = torch.float32,
+                     name: str = "sdxl") -> dict:
+    """A random SDXL-structured model in the files users keep: one full checkpoint (`checkpoints/`: UNet under
+    model.diffusion_model., CLIP-L, OpenCLIP-G, VAE), or with `full=False` a bare UNet plus ComfyUI-style
+    clip_l / clip_g (transformers layout) / vae files. Returns the `model:` config."""
+    from ..fileio import save_safetensors_atomic
+    from . import tiny
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir = folder / "tokenizer"
+    tok = tiny.build_tokenizer(tok_dir, "clip")
+    vocab, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
+    unet = random_unet_ldm(sdxl_unet_config(widths, layers, depths, clip_l_width + clip_g_width, pooled), seed, dtype)
+    clip_l = _clip_state(vocab, clip_l_width, clip_layers, None, seed + 1, bos, eos)
+    clip_g = _clip_state(vocab, clip_g_width, clip_layers, pooled, seed + 2, bos, eos)
+    vae = tiny.random_state_dict(tiny.ldm_vae_shapes(list(vae_widths), 1, 4), seed + 3, dtype)
+    marker = {"v_pred": torch.zeros(0)} if v_pred else {}
+    cfg = {"arch": "sdxl", "tokenizer_paths": [str(tok_dir)]}
+    if full:
+        sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+        sd.update({f"{CLIP_L_PREFIX}{k}": v.to(dtype) for k, v in clip_l.items()})
+        sd.update({f"{CLIP_G_PREFIX}{k}": v.to(dtype) for k, v in transformers_to_open_clip(clip_g).items()})
+        sd.update({f"{VAE_PREFIX}{k}": v for k, v in vae.items()})
+        path = folder / f"{name}.safetensors"
+        save_safetensors_atomic({**sd, **marker}, path)
+        cfg["name_or_path"] = str(path)
+    else:
+        paths = {n: folder / f"{name}_{n}.safetensors" for n in ("unet", "clip_l", "clip_g", "vae")}
+        save_safetensors_atomic({**unet, **marker}, paths["unet"])
+        save_safetensors_atomic({k: v.to(dtype) for k, v in clip_l.items()}, paths["clip_l"])
+        save_safetensors_atomic({k: v.to(dtype) for k, v in clip_g.items()}, paths["clip_g"])
+        save_safetensors_atomic(vae, paths["vae"])
+        cfg.update(name_or_path=str(paths["unet"]), text_encoder_paths=[str(paths["clip_l"]), str(paths["clip_g"])],
+                   vae_path=str(paths["vae"]))
+    return cfg
+
+
+def make_sdxl_demo(folder: Path) -> dict:
+    """A small random SDXL in one ComfyUI-style checkpoint (SDXL's block structure at a fifth of its width;
+    ComfyUI itself only detects SDXL at full size). Returns the `model:` config."""
+    path = folder / "sdxl_demo.safetensors"
+    if path.exists() and (folder / "tokenizer").exists():
+        return {"arch": "sdxl", "name_or_path": str(path), "tokenizer_paths": [str(folder / "tokenizer")]}
+    return write_sdxl_files(folder, widths=(64, 128, 256), layers=2, depths=(0, 1, 2), clip_l_width=64,
+                            clip_g_width=64, pooled=64, vae_widths=(32, 32, 32, 32), name="sdxl_demo")
+
+
+registry.register(
+    registry.Family(
+        arch="sdxl",
+        description="Stable Diffusion XL (eps or v-prediction): CLIP-L + OpenCLIP-G, 4-channel VAE",
+        load=load_sdxl,
+        make_demo=make_sdxl_demo,
+    )
+)
