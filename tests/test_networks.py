@@ -223,3 +223,22 @@ def test_conv_targets_need_a_conv_rank():
     assert set(Network(targets, "lora", 2, 2.0).targets) == {"l"}
     assert set(Network(targets, "locon", 2, 2.0).targets) == {"c", "l"}  # LoCon adapts convs by default
     assert set(Network(targets, "lora", 2, 2.0, conv_rank=2).targets) == {"c", "l"}
+
+
+def test_dora_reads_quantized_and_scaled_base_weights():
+    """DoRA's norm needs the base weight; a layer that stores it scaled (ComfyUI's scaled fp8) is read right."""
+    from trainer.models.base import Target, TargetMember
+    from trainer.networks.base import read_weight
+
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8, bias=False)
+    scaled = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        scaled.weight.copy_(plain.weight / 4)
+    scaled.scale_weight = torch.tensor(4.0)
+    torch.testing.assert_close(read_weight(scaled), plain.weight.detach())
+    norms = []
+    for layer in (plain, scaled):
+        net = Network([Target("k", 16, 8, [TargetMember(layer, slice(0, 8))])], "dora", 2, 2.0)
+        norms.append(net.adapter("k").dora_scale.detach())
+    torch.testing.assert_close(norms[0], norms[1])

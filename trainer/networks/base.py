@@ -12,11 +12,19 @@ def read_weight(module: nn.Module) -> torch.Tensor:
     w = getattr(module, "weight", None)
     if w is None:
         raise TypeError(f"{type(module).__name__} has no weight to read")
-    for name in ("dequantize", "dequant"):
-        fn = getattr(w, name, None) or getattr(module, name, None)
+    # quantized storage (torch quantized tensors, tensor subclasses such as ComfyUI's QuantizedTensor)
+    if getattr(w, "is_quantized", False) or type(w) not in (torch.Tensor, nn.Parameter):
+        fn = getattr(w, "dequantize", None)
         if callable(fn):
             return fn().float()
-    return w.detach().float()
+    fn = getattr(module, "dequantize_weight", None)
+    if callable(fn):
+        return fn().float()
+    w = w.detach().float()
+    scale = getattr(module, "scale_weight", None)  # ComfyUI's scaled-fp8 layers: weight * scale_weight
+    if isinstance(scale, torch.Tensor):
+        w = w * scale.float().to(w.device)
+    return w
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
