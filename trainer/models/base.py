@@ -226,6 +226,11 @@ class TrainingModel(ABC):
 
     def latent_cache_id(self) -> str:
         """Identifies the pixel encoder, so cached latents are never reused across encoders."""
+        vae = getattr(self, "vae", None)
+        if isinstance(vae, nn.Module):
+            from ..data.cache import module_fingerprint
+
+            return module_fingerprint(vae)
         return type(self).__name__
 
     def save_metadata(self) -> dict[str, str]:

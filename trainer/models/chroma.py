@@ -39,7 +39,7 @@ from .files import is_diffusers_folder, load_state_dict, local_path, safetensors
 from .flux import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, image_ids, pack_latents, unpack_latents
 from .flux_layout import block_targets
 from .text_encoders import find_tokenizer, identify_text_encoder, load_t5_encoder, load_tokenizer
-from .vae import load_vae, vae_scale
+from .vae import load_vae, vae_scale, decode_latents, encode_latents
 
 log = logging.getLogger("trainer")
 
@@ -178,22 +178,11 @@ class ChromaModel(TrainingModel):
         keep = torch.arange(tok.attention_mask.shape[1])[None, :] <= lengths[:, None]
         return {"t5": embeds.float().cpu(), "t5_mask": keep}
 
-    @torch.no_grad()
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        vdev = next(self.vae.parameters()).device
-        vdtype = next(self.vae.parameters()).dtype
-        lat = self.vae.encode(images.to(vdev, vdtype)).latent_dist.mode()
-        cfg = self.vae.config
-        return ((lat.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).cpu()
+        return encode_latents(self.vae, images)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        vdev = next(self.vae.parameters()).device
-        vdtype = next(self.vae.parameters()).dtype
-        lat = latents.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        img = self.vae.decode(lat.to(vdev, vdtype), return_dict=False)[0]
-        return img.float().clamp(-1, 1).cpu()
+        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
@@ -235,11 +224,6 @@ class ChromaModel(TrainingModel):
         elif self.shift != 1.0:
             sig = time_shift_linear(self.shift, sig)
         return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()
-
-    def latent_cache_id(self) -> str:
-        from ..data.cache import module_fingerprint
-
-        return module_fingerprint(self.vae)
 
     def save_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": "chroma", "modelspec.architecture": "Chroma/lora", "eridiffusion.arch": self.arch}

@@ -27,7 +27,7 @@ from .text_encoders import (
     load_t5_encoder,
     load_tokenizer,
 )
-from .vae import load_vae, vae_scale
+from .vae import load_vae, vae_scale, decode_latents, encode_latents
 
 # Flex.1 is Flux's layout (8 double blocks) with a guidance embedder meant to be bypassed in training
 FAMILY_DEFAULTS = {"flex1": {"bypass_guidance_embedding": True}}
@@ -159,22 +159,11 @@ class FluxModel(TrainingModel):
         embeds = self.t5(ttok.input_ids.to(t5_device), output_hidden_states=False)[0]
         return {"t5": embeds.float().cpu(), "pooled": pooled.float().cpu()}
 
-    @torch.no_grad()
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        vdev = next(self.vae.parameters()).device
-        vdtype = next(self.vae.parameters()).dtype
-        lat = self.vae.encode(images.to(vdev, vdtype)).latent_dist.mode()
-        cfg = self.vae.config
-        return ((lat.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).cpu()
+        return encode_latents(self.vae, images)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        vdev = next(self.vae.parameters()).device
-        vdtype = next(self.vae.parameters()).dtype
-        lat = latents.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        img = self.vae.decode(lat.to(vdev, vdtype), return_dict=False)[0]
-        return img.float().clamp(-1, 1).cpu()
+        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
@@ -221,11 +210,6 @@ class FluxModel(TrainingModel):
         if training and self.bypass_guidance:
             emb = self.denoiser.time_text_embed.guidance_embedder
             self._bypass_handle = emb.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-
-    def latent_cache_id(self) -> str:
-        from ..data.cache import module_fingerprint
-
-        return module_fingerprint(self.vae)
 
     def save_metadata(self) -> dict[str, str]:
         variant = "dev" if self.guidance_embeds else "schnell"

@@ -48,7 +48,7 @@ from .sdxl_layout import (
     unet_config_from_ldm,
 )
 from .text_encoders import EncoderFile, find_tokenizer, identify_text_encoder, load_clip_text_model, load_tokenizer
-from .vae import load_vae, vae_scale
+from .vae import load_vae, vae_scale, decode_latents, encode_latents
 
 log = logging.getLogger("trainer")
 
@@ -166,18 +166,11 @@ class SDXLModel(TrainingModel):
         embeds = torch.cat([out_l.hidden_states[-2].float(), out_g.hidden_states[-2].float()], dim=-1)
         return {"crossattn": embeds.cpu(), "pooled": out_g.text_embeds.float().cpu()}
 
-    @torch.no_grad()
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        p = next(self.vae.parameters())
-        lat = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mode()
-        return (lat.float() * self.vae.config.scaling_factor).cpu()
+        return encode_latents(self.vae, images)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        p = next(self.vae.parameters())
-        lat = latents.float() / self.vae.config.scaling_factor
-        img = self.vae.decode(lat.to(p.device, p.dtype), return_dict=False)[0]
-        return img.float().clamp(-1, 1).cpu()
+        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def sigma_to_t(self, sigmas: torch.Tensor) -> torch.Tensor:
@@ -221,11 +214,6 @@ class SDXLModel(TrainingModel):
         ratio = NUM_TRAIN_TIMESTEPS // steps
         ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
         return torch.cat([self.sigma_table[torch.from_numpy(ts.copy())], torch.zeros(1)])
-
-    def latent_cache_id(self) -> str:
-        from ..data.cache import module_fingerprint
-
-        return module_fingerprint(self.vae)
 
     def save_metadata(self) -> dict[str, str]:
         return {

@@ -80,3 +80,22 @@ def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, shift_factor
 
 def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> normalized latents (posterior mean, shifted and scaled by the VAE's config)."""
+    p = next(vae.parameters())
+    lat = vae.encode(images.to(p.device, p.dtype)).latent_dist.mode()
+    cfg = vae.config
+    return ((lat.float() - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).cpu()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents -> images in [-1, 1]."""
+    p = next(vae.parameters())
+    cfg = vae.config
+    lat = latents.float() / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    img = vae.decode(lat.to(p.device, p.dtype), return_dict=False)[0]
+    return img.float().clamp(-1, 1).cpu()

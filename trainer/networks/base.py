@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return best
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, ABC):
     """A trainable update of one (possibly fused) layer.
 
     `delta(x, rows)` is the update's contribution to output rows `rows` for input x;
@@ -52,8 +54,8 @@ class Adapter(nn.Module):
     type_name = ""
     conv: dict | None = None  # stride/padding/dilation of a conv base layer
 
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def delta_weight(self) -> torch.Tensor: ...
 
     def delta(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         w = self.delta_weight()[rows].to(x.dtype)
@@ -61,11 +63,11 @@ class Adapter(nn.Module):
             return F.conv2d(x, w, **self.conv)
         return F.linear(x, w)
 
-    def export(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def export(self) -> dict[str, torch.Tensor]: ...
 
-    def import_(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def import_(self, tensors: dict[str, torch.Tensor], where: str) -> None: ...
 
     def _copy_in(self, tensors: dict[str, torch.Tensor], names: dict[str, nn.Parameter], where: str) -> None:
         for key, param in names.items():
