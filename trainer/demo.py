@@ -100,8 +100,10 @@ def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
         f"  metrics:  {run / 'metrics.jsonl'}\n"
         f"  job:      {job_path}  (run it again with: python -m trainer {job_path})\n"
         f"  model:    {model['name_or_path']}\n"
-        f"In ComfyUI: copy the model into models/diffusion_models and the LoRA into models/loras, then use\n"
-        f"Load Diffusion Model -> LoraLoaderModelOnly. The model has random weights: samples are noise.",
+        f"In ComfyUI: the model is in the layout its loaders read (a transformer or UNet file goes into\n"
+        f"models/diffusion_models, a full checkpoint into models/checkpoints) and the LoRA into models/loras;\n"
+        f"then Load Diffusion Model / Load Checkpoint -> LoraLoaderModelOnly. The model has random weights:\n"
+        f"samples are noise.",
         flush=True,
     )
     return rc
