@@ -27,17 +27,16 @@ from ..errors import ModelFileError
 from . import registry
 from .base import Conditioning, Target, TrainingModel, linear_mu, time_shift_exponential, time_shift_linear
 from .chroma_layout import (
-    ORIGINAL_PREFIXES,
     chroma_layout,
     diffusers_config_from_original,
     diffusers_to_original,
     match_original_modulation_index,
     original_to_diffusers,
 )
-from .detect import guess_family
-from .files import is_diffusers_folder, load_state_dict, local_path, safetensors_shapes
+from .files import is_diffusers_folder, local_path
 from .flux import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, image_ids, pack_latents, unpack_latents
 from .flux_layout import block_targets
+from .transformer_file import load_transformer
 from .text_encoders import find_tokenizer, identify_text_encoder, load_t5_encoder, load_tokenizer
 from .vae import load_vae, vae_scale, decode_latents, encode_latents
 
@@ -59,30 +58,8 @@ def load_chroma_transformer(path: Path, dtype: torch.dtype, arch: str = "chroma"
 def _load_chroma_transformer(path: Path, dtype: torch.dtype, arch: str):
     from diffusers import ChromaTransformer2DModel
 
-    if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelFileError(f"{path}: not a diffusers Chroma folder (no transformer/config.json)")
-        model = ChromaTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-    else:
-        shapes = safetensors_shapes(path)
-        family = guess_family(shapes)
-        if family != "chroma":
-            what = f"a {family} checkpoint" if family else "not a diffusion model checkpoint this trainer knows"
-            raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
-        prefix = next((p for p in ORIGINAL_PREFIXES if f"{p}img_in.weight" in shapes), None)
-        if prefix is None:
-            raise ModelFileError(f"{path}: a Chroma checkpoint without img_in (Chroma Radiance?) is not supported")
-        shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-        cfg = diffusers_config_from_original(shapes, str(path))
-        with torch.device("meta"):
-            model = ChromaTransformer2DModel(**cfg)
-        model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        sd = original_to_diffusers(load_state_dict(path, dtype, prefix), model_shapes, cfg, str(path))
-        missing, _ = model.load_state_dict(sd, strict=False, assign=True)
-        if missing:
-            raise ModelFileError(f"{path}: incomplete Chroma checkpoint, missing {missing[0]}")
-    return model
+    return load_transformer(path, dtype, arch, ChromaTransformer2DModel, "chroma", diffusers_config_from_original,
+                            original_to_diffusers, "Chroma")
 
 
 class ChromaModel(TrainingModel):

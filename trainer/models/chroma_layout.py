@@ -22,7 +22,6 @@ from .flux_layout import (
     split_original,
 )
 
-ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 # The original model (and ComfyUI) always computes 344 modulation vectors (Chroma's 19 double + 38 single
 # blocks: 3 * 38 + 12 * 19 + 2) and takes the final layer's from the last two, whatever the depth.
 ORIGINAL_MOD_INDEX_LENGTH = 344

@@ -11,10 +11,9 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from . import registry
 from .base import Conditioning, Target, TrainingModel, linear_mu, time_shift_exponential
-from .detect import guess_family
-from .files import is_diffusers_folder, load_state_dict, local_path, safetensors_shapes
+from .files import is_diffusers_folder, local_path
+from .transformer_file import load_transformer
 from .flux_layout import (
-    ORIGINAL_PREFIXES,
     block_targets,
     diffusers_config_from_original,
     flux_layout,
@@ -61,28 +60,8 @@ def load_flux_transformer(path: Path, dtype: torch.dtype, arch: str):
     """FluxTransformer2DModel from an original-layout single file or a diffusers folder."""
     from diffusers import FluxTransformer2DModel
 
-    if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelFileError(f"{path}: not a diffusers Flux folder (no transformer/config.json)")
-        model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-        return model
-    shapes = safetensors_shapes(path)
-    family = guess_family(shapes)
-    if family != "flux":  # Flux-layout derivatives (Flex.1, Flux.1-lite) detect as flux too
-        what = f"a {family} checkpoint" if family else "not a diffusion model checkpoint this trainer knows"
-        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
-    prefix = next(p for p in ORIGINAL_PREFIXES if f"{p}img_in.weight" in shapes)
-    shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
-    cfg = diffusers_config_from_original(shapes, str(path))
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**cfg)
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = original_to_diffusers(load_state_dict(path, dtype, prefix), model_shapes, cfg, str(path))
-    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
-    if missing:
-        raise ModelFileError(f"{path}: incomplete Flux checkpoint, missing {missing[0]}")
-    return model
+    return load_transformer(path, dtype, arch, FluxTransformer2DModel, "flux", diffusers_config_from_original,
+                            original_to_diffusers, "Flux")
 
 
 class FluxModel(TrainingModel):
