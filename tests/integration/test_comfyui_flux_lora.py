@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from integration.comfy_env import comfy_install
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -60,22 +62,7 @@ def _unit_delta_rms(ad) -> float:
 
 
 def _comfy() -> tuple[Path, Path]:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("set COMFYUI_PATH to a ComfyUI install to run the ComfyUI LoRA round-trip test")
-    comfy = Path(path).expanduser().resolve()
-    if not (comfy / "comfy" / "sd.py").is_file():
-        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI folder (no comfy/sd.py)")
-    py = os.environ.get("COMFYUI_PYTHON")
-    if py:
-        python = Path(py).expanduser()
-        if not python.exists():
-            pytest.skip(f"COMFYUI_PYTHON={py} does not exist")
-    else:
-        python = comfy.parent / "comfy-venv" / "bin" / "python"
-        if not python.exists():
-            pytest.skip(f"set COMFYUI_PYTHON to ComfyUI's python ({python} does not exist)")
-    return comfy, python
+    return comfy_install("ComfyUI LoRA round-trip test")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import pytest
 
+from integration.comfy_env import comfy_install
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 EXAMPLES = REPO / "example_workflows"
@@ -53,22 +55,7 @@ CTX = 768  # the ComfyUI-path Flux's text width: CLIP-L's
 
 
 def _comfy() -> tuple[Path, Path]:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("set COMFYUI_PATH to a ComfyUI install to run the ComfyUI node-pack test")
-    comfy = Path(path).expanduser().resolve()
-    if not (comfy / "main.py").is_file() or not (comfy / "comfy" / "sd.py").is_file():
-        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI folder (no main.py, comfy/sd.py)")
-    py = os.environ.get("COMFYUI_PYTHON")
-    if py:
-        python = Path(py).expanduser()
-        if not python.exists():
-            pytest.skip(f"COMFYUI_PYTHON={py} does not exist")
-    else:
-        python = comfy.parent / "comfy-venv" / "bin" / "python"
-        if not python.exists():
-            pytest.skip(f"set COMFYUI_PYTHON to ComfyUI's python ({python} does not exist)")
-    return comfy, python
+    return comfy_install("ComfyUI node-pack test")
 
 
 def _node_ids() -> list[str]:

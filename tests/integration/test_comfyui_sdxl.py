@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from integration.comfy_env import comfy_install
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -26,17 +28,7 @@ TOL = 1e-4  # max |a - b| / max |b|, fp32
 
 
 def _comfy() -> tuple[Path, Path]:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("set COMFYUI_PATH to a ComfyUI install to run the ComfyUI SDXL test")
-    comfy = Path(path).expanduser().resolve()
-    if not (comfy / "comfy" / "sd.py").is_file():
-        pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI folder (no comfy/sd.py)")
-    py = os.environ.get("COMFYUI_PYTHON")
-    python = Path(py).expanduser() if py else comfy.parent / "comfy-venv" / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"set COMFYUI_PYTHON to ComfyUI's python ({python} does not exist)")
-    return comfy, python
+    return comfy_install("ComfyUI SDXL test")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
