@@ -8,7 +8,7 @@ One ComfyUI process serves the whole module (`--cpu`, `--base-directory` a temp 
 custom_nodes/EriDiffusion links to this repository); it starts while the model files are written:
   * the engine's demo Flux files (`make_flux_demo`: hidden 3072, so ComfyUI would detect it too; tiny CLIP / T5 /
     VAE and tokenizers) for the by-arch path (EriModelByArch);
-  * for the ComfyUI MODEL path, files ComfyUI's own loaders load: a Flux with 768-wide text inputs in
+  * for the ComfyUI MODEL path, files ComfyUI's own loaders load (comfy_fixtures.flux_files): a Flux with 768-wide text inputs in
     models/diffusion_models (ComfyUI's T5-XXL is fixed-size, so the Flux is fed by CLIP-L alone), a CLIP-L of
     the real shape in models/text_encoders (CLIPLoader type stable_diffusion) and a Flux-shaped 16-channel VAE in
     models/vae, all with random weights;
@@ -51,7 +51,6 @@ EXAMPLES = REPO / "example_workflows"
 STARTUP_TIMEOUT = 300  # s; ComfyUI imports torch while this process writes ~2.5 GB of model files
 PROMPT_TIMEOUT = 600
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-CTX = 768  # the ComfyUI-path Flux's text width: CLIP-L's
 
 
 def _comfy() -> tuple[Path, Path]:
@@ -90,35 +89,23 @@ def _free_port() -> int:
 
 # --- the files ----------------------------------------------------------------------------------------------
 def _write_files(base: Path) -> dict:
-    import torch
-    from safetensors.torch import load_file
+    import shutil
 
+    from integration.comfy_fixtures import flux_files
     from helpers import make_images
-    from trainer.fileio import save_safetensors_atomic
-    from trainer.models import tiny
     from trainer.models.flux import make_flux_demo
 
     demo = make_flux_demo(base / "demo_models")
     models = base / "models"
-    cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=CTX, pooled_dim=CTX,
-                                     guidance=True)
-    unet = models / "diffusion_models" / "eri_flux_ctx768.safetensors"
-    unet.parent.mkdir(parents=True, exist_ok=True)
-    tiny.make_flux_file(unet, cfg, dtype=torch.bfloat16)
-    # CLIP-L exactly as comfy/sd1_clip_config.json builds it (vocab 49408, 768 wide, 12 layers of 12 heads,
-    # MLP 3072, 77 positions), plus the text projection ComfyUI's CLIPTextModel has (else "clip missing")
-    clip = models / "text_encoders" / "eri_clip_l.safetensors"
-    clip.parent.mkdir(parents=True, exist_ok=True)
-    tiny.make_clip_file(clip, vocab_size=49408, hidden=768, layers=12, dtype=torch.float16)
-    sd = load_file(str(clip))
-    sd["text_projection.weight"] = torch.eye(768, dtype=torch.float16)
-    save_safetensors_atomic(sd, clip)
-    del sd
-    vae = models / "vae" / "eri_flux_ae.safetensors"
-    vae.parent.mkdir(parents=True, exist_ok=True)
-    tiny.make_vae_file(vae, [128, 256, 512, 512], layers=2, latent=16, dtype=torch.bfloat16)
+    made = flux_files(base / "fixtures")
+    files = {}
+    for name, folder in (("unet", "diffusion_models"), ("clip", "text_encoders"), ("vae", "vae")):
+        dest = models / folder / f"eri_flux_{name}.safetensors"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(made[name], dest)
+        files[name] = dest
     data = make_images(base / "dataset", n=4, size=(64, 64))
-    return {"demo": demo, "unet": unet, "clip": clip, "vae": vae, "data": data}
+    return {"demo": demo, **files, "data": data}
 
 
 # --- the server ---------------------------------------------------------------------------------------------
