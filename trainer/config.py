@@ -73,6 +73,10 @@ class DatasetConfig:
     resolution: list[int] = spec(default_factory=lambda: [512])
     num_repeats: int = spec(1, ge=1)
     flip_x: bool = spec(False)
+    # a folder of control images (depth, lines, pose ...) named like the training images (same stem), for
+    # families whose model takes a control image (flex2); control_dropout: chance an item trains without it
+    control_path: Optional[str] = spec(None)
+    control_dropout: float = spec(0.0, ge=0, le=1)
 
 
 @dataclass
@@ -130,6 +134,8 @@ class SampleItem:
     seed: Optional[int] = spec(None, ge=0)
     neg: Optional[str] = spec(None)
     guidance_scale: Optional[float] = spec(None, ge=0)
+    # an image the model is conditioned on (families that take control images: flex2)
+    control_image: Optional[str] = spec(None, aliases=("ctrl_img",))
 
 
 @dataclass
@@ -160,6 +166,7 @@ class SampleConfig:
                     seed=seed,
                     neg=self.neg if it.neg is None else it.neg,
                     guidance_scale=self.guidance_scale if it.guidance_scale is None else it.guidance_scale,
+                    control_image=it.control_image,
                 )
             )
         return out

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .config import JobConfig, dump_job_yaml
-from .data.cache import LatentCache, TextCache
+from .data.cache import LatentCache, TextCache, sample_control_latent
 from .data.captions import apply_trigger
 from .data.dataset import Dataset, scan_dataset
 from .fileio import write_text_atomic
@@ -103,6 +103,9 @@ def prepare_samples(job: JobConfig, model: TrainingModel) -> list[PreparedSample
             neg_cond={k: v[None] for k, v in neg_conds[i].items()},
             width=it.width, height=it.height, steps=sc.sample_steps, guidance_scale=it.guidance_scale, seed=it.seed,
         )
+        if it.control_image:
+            req.cond["control"] = sample_control_latent(model, it.control_image, it.width, it.height,
+                                                        f"config.process[0].sample.samples[{i}].control_image")
         out.append(PreparedSample(i, prompts[i], req))
     return out
 

@@ -33,6 +33,8 @@ class ImageFile:
     width: int
     height: int
     digest: str  # content hash, keys the latent cache
+    control: Path | None = None  # the control image of the same stem (datasets[].control_path)
+    control_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,21 @@ def _load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def _control_images(cfg: DatasetConfig, key: str) -> dict[str, Path] | None:
+    """Control images by file stem, or None without `control_path`."""
+    if cfg.control_path is None:
+        return None
+    folder = Path(cfg.control_path).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"{key}.control_path: folder {str(folder)!r} does not exist")
+    found: dict[str, Path] = {}
+    # one stem may exist in several formats; the first of IMAGE_EXTS wins, so the choice is stable
+    for p in sorted(folder.iterdir(), key=lambda q: (q.stem, IMAGE_EXTS.index(q.suffix.lower()) if q.suffix.lower() in IMAGE_EXTS else 99)):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+            found.setdefault(p.stem, p)
+    return found
+
+
 def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: int) -> Dataset:
     key = f"config.process[0].datasets[{index}]"
     folder = Path(cfg.folder_path).expanduser()
@@ -67,9 +84,11 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise DatasetError(f"{key}.folder_path: no images (.jpg, .jpeg, .png, .webp) in {folder}")
+    controls = _control_images(cfg, key)
     images: list[ImageFile] = []
     uncaptioned: list[str] = []
     corrupt: list[str] = []
+    no_control: list[str] = []
     for p in files:
         try:
             im = _load_rgb(p)
@@ -84,12 +103,33 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
                 continue
             cap = cfg.default_caption
         digest = hashlib.sha256(p.read_bytes()).hexdigest()[:24]
-        images.append(ImageFile(p, apply_trigger(cap, trigger), im.width, im.height, digest))
+        item = ImageFile(p, apply_trigger(cap, trigger), im.width, im.height, digest)
+        if controls is not None:
+            ctrl = controls.get(p.stem)
+            if ctrl is None:
+                no_control.append(p.name)
+                continue
+            try:
+                with Image.open(ctrl) as c:
+                    c.verify()
+            except Exception as e:  # PIL raises many kinds for broken files
+                raise DatasetError(f"{key}.control_path: control image {ctrl} cannot be read ({e})") from None
+            item.control = ctrl
+            item.control_digest = hashlib.sha256(ctrl.read_bytes()).hexdigest()[:24]
+        images.append(item)
     if uncaptioned:
         shown = ", ".join(uncaptioned[:5]) + (f" and {len(uncaptioned) - 5} more" if len(uncaptioned) > 5 else "")
         raise DatasetError(
             f"{key}: {len(uncaptioned)} images have no .{cfg.caption_ext.lstrip('.')} caption ({shown});"
             f" add caption files or set {key}.default_caption"
+        )
+    if no_control:
+        # a control folder that misses images is more likely a naming mistake than a wish to train some
+        # items without control (that is control_dropout, or a second dataset without control_path)
+        shown = ", ".join(no_control[:5]) + (f" and {len(no_control) - 5} more" if len(no_control) > 5 else "")
+        raise DatasetError(
+            f"{key}.control_path: {len(no_control)} images have no control image of the same name in"
+            f" {cfg.control_path} ({shown})"
         )
     if not images:
         raise DatasetError(f"{key}: none of the {len(files)} images in {folder} could be read ({', '.join(corrupt[:5])})")
@@ -107,13 +147,25 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
     return ds
 
 
-def load_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
-    """(3, h, w) in [-1, 1]."""
-    img = resize_and_crop(_load_rgb(im.path), *bucket)
+def image_pixels(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """An image file scaled to cover `size` (width, height) and center-cropped to it: (3, h, w) in [-1, 1]."""
+    img = resize_and_crop(_load_rgb(path), *size)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
+    """(3, h, w) in [-1, 1]."""
+    return image_pixels(im.path, bucket, flip)
+
+
+def load_control_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
+    """The item's control image in the same bucket (and mirrored with it): (3, h, w) in [-1, 1]."""
+    if im.control is None:
+        raise ValueError(f"{im.path} has no control image")
+    return image_pixels(im.control, bucket, flip)
 
 
 @dataclass(frozen=True)
@@ -158,6 +210,15 @@ class BatchPlan:
             self._cached = self.epoch(e)
             self._cached_epoch = e
         return self._cached[i]
+
+
+def control_dropped(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int) -> list[bool]:
+    """Which items of the `index`-th batch train without their control image (datasets[].control_dropout)."""
+    out = []
+    for j, it in enumerate(batch):
+        rate = datasets[it.dataset].cfg.control_dropout
+        out.append(rate > 0 and step_rng(seed, 0xC7A1, index, j).random() < rate)
+    return out
 
 
 def captions_for_batch(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int) -> list[str]:

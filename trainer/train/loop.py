@@ -137,6 +137,9 @@ class Trainer:
         batch = self.plan.batch(micro)
         latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in batch]).float()
         cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
+        control = self.latents.controls_for_batch(batch, self.model, tc.seed, micro)
+        if control is not None:  # control images of the data (datasets[].control_path), for families that take them
+            cond = {**cond, "control": control}
         noise = torch.randn(latents.shape, generator=gen)
         if tc.noise_offset:
             noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
