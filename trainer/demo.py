@@ -21,9 +21,13 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "
 SHAPES = ("circle", "square", "triangle")
 
 
-def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
-    """Synthetic images of colored shapes with captions that describe them."""
+def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), seed: int = 0,
+                 controls: Path | None = None) -> Path:
+    """Synthetic images of colored shapes with captions that describe them; with `controls`, a control image
+    per image there (the shape's white silhouette on black, like a segmentation map), of the same name."""
     folder.mkdir(parents=True, exist_ok=True)
+    if controls is not None:
+        controls.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     names = list(COLORS)
     for i in range(n):
@@ -31,21 +35,33 @@ def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), s
         shape = SHAPES[i % len(SHAPES)]
         w, h = size
         img = Image.new("RGB", (w, h), COLORS[bg])
-        d = ImageDraw.Draw(img)
+        silhouette = Image.new("RGB", (w, h), COLORS["black"])
         r = rng.randint(min(w, h) // 5, min(w, h) // 3)
         cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
-        if shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[fg])
-        elif shape == "square":
-            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLORS[fg])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[fg])
+        for im, color in ((img, COLORS[fg]), (silhouette, COLORS["white"])):
+            d = ImageDraw.Draw(im)
+            if shape == "circle":
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+            elif shape == "square":
+                d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+            else:
+                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
         img.save(folder / f"shape_{i:02d}.png")
+        if controls is not None:
+            silhouette.save(controls / f"shape_{i:02d}.png")
         (folder / f"shape_{i:02d}.txt").write_text(f"a {fg} {shape} on a {bg} background")
     return folder
 
 
-def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int) -> dict:
+def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, controls: Path | None = None) -> dict:
+    data = {"folder_path": str(dataset), "caption_ext": "txt", "resolution": [128], "cache_latents_to_disk": True}
+    prompts = ["[trigger], a red circle on a blue background", "[trigger], a yellow square on a black background"]
+    sample: dict = {"prompts": prompts}
+    if controls is not None:
+        data.update(control_path=str(controls), control_dropout=0.2)
+        # the second preview follows a control image of the dataset
+        sample = {"samples": [{"prompt": prompts[0]},
+                              {"prompt": prompts[1], "control_image": str(controls / "shape_01.png")}]}
     return {
         "job": "extension",
         "config": {
@@ -57,16 +73,13 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int) -> di
                 "trigger_word": "sks",
                 "network": {"type": "lora", "linear": 4, "linear_alpha": 4},
                 "save": {"dtype": "bf16", "save_every": max(1, steps // 2), "max_step_saves_to_keep": 2},
-                "datasets": [{"folder_path": str(dataset), "caption_ext": "txt", "resolution": [128],
-                              "cache_latents_to_disk": True}],
+                "datasets": [data],
                 "train": {"batch_size": 1, "steps": steps, "lr": 1e-3, "optimizer": "adamw", "dtype": "fp32",
                           "gradient_checkpointing": False, "timestep_type": "sigmoid",
                           "cache_text_embeddings": True, "seed": 42},
                 "model": model,
                 "sample": {"sample_every": max(1, steps // 2), "width": 128, "height": 128, "sample_steps": 4,
-                           "guidance_scale": 3.5, "seed": 42, "walk_seed": True,
-                           "prompts": ["[trigger], a red circle on a blue background",
-                                       "[trigger], a yellow square on a black background"]},
+                           "guidance_scale": 3.5, "seed": 42, "walk_seed": True, **sample},
             }],
         },
         "meta": {"name": name, "version": "1.0"},
@@ -85,11 +98,13 @@ def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
     t0 = time.perf_counter()
     print(f"writing a random {arch} model, text encoders and VAE into {out / 'models'}", flush=True)
     model = family.make_demo(out / "models")
-    dataset = make_dataset(out / "dataset")
+    # a family whose model takes control images asks for them (`demo_controls`; not a model key)
+    controls = out / "dataset_control" if model.pop("demo_controls", False) else None
+    dataset = make_dataset(out / "dataset", controls=controls)
     steps = steps or 20
     name = f"demo_{arch}_lora"
     job_path = out / f"{name}.yaml"
-    write_text_atomic(job_path, yaml.safe_dump(demo_job(name, model, dataset, out, steps), sort_keys=False))
+    write_text_atomic(job_path, yaml.safe_dump(demo_job(name, model, dataset, out, steps, controls), sort_keys=False))
     print(f"job: {job_path}", flush=True)
     rc = run_job_file(str(job_path), [])
     run = out / "output" / name

@@ -64,8 +64,14 @@ def load_flux_transformer(path: Path, dtype: torch.dtype, arch: str):
                             original_to_diffusers, "Flux")
 
 
+def latent_channels_of(cfg) -> int:
+    """Channels of the latent the transformer denoises (its output; img_in may take extra inputs)."""
+    return (cfg.out_channels or cfg.in_channels) // 4
+
+
 class FluxModel(TrainingModel):
     arch = "flux"
+    default_bypass_guidance = False  # a family built on Flux that trains with the guidance embedding bypassed sets True
 
     def __init__(
         self,
@@ -105,7 +111,19 @@ class FluxModel(TrainingModel):
         return block_targets(self.denoiser, lin)
 
     def latent_channels(self) -> int:
-        return self.denoiser.config.in_channels // 4
+        return latent_channels_of(self.denoiser.config)
+
+    @classmethod
+    def check_transformer(cls, transformer: nn.Module, source: Path, arch: str) -> None:
+        """Refuse a Flux-layout checkpoint whose img_in takes inputs this family does not give it."""
+        cfg = transformer.config
+        out = cfg.out_channels or cfg.in_channels
+        if cfg.in_channels != out:
+            hint = " (Flex.2: use model.arch flex2)" if cfg.in_channels == 196 and out == 64 else ""
+            raise ModelFileError(
+                f"{source}: img_in takes {cfg.in_channels} features per token but the model outputs {out}: a Flux"
+                f" variant with extra input channels{hint}, which model.arch {arch!r} does not feed"
+            )
 
     def repeated_blocks(self) -> list[nn.Module]:
         return [*self.denoiser.transformer_blocks, *self.denoiser.single_transformer_blocks]
@@ -204,9 +222,12 @@ def _folder_component(root: Path, name: str) -> Path | None:
     return p if p.is_dir() else None
 
 
-def load_flux(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "flux") -> FluxModel:
+def load_flux(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "flux",
+              model_cls: type[FluxModel] = FluxModel) -> FluxModel:
+    """A Flux-layout family from local files; `model_cls` is the family's FluxModel (Flex.2 feeds extra inputs)."""
     root = local_path(mc.name_or_path, "model.name_or_path")
     transformer = load_flux_transformer(root, dtype, arch)
+    model_cls.check_transformer(transformer, root, arch)
     folder = root if is_diffusers_folder(root) else None
 
     # text encoders: configured files first, then the diffusers folder
@@ -255,25 +276,26 @@ def load_flux(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "flu
         vae_src = folder / "vae"
     else:
         raise ModelFileError("model.vae_path: Flux needs its VAE (ae.safetensors, in ComfyUI's models/vae)")
-    vae = load_vae(vae_src, dtype, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, transformer.config.in_channels // 4)
+    vae = load_vae(vae_src, dtype, FLUX_VAE_SCALE, FLUX_VAE_SHIFT, latent_channels_of(transformer.config))
 
     guidance = bool(transformer.config.guidance_embeds)
     t5_len = mc.t5_max_length or (512 if guidance else 256)
-    default_bypass = FAMILY_DEFAULTS.get(arch, {}).get("bypass_guidance_embedding", False)
+    default_bypass = FAMILY_DEFAULTS.get(arch, {}).get("bypass_guidance_embedding", model_cls.default_bypass_guidance)
     bypass = bool(mc.bypass_guidance_embedding) if mc.bypass_guidance_embedding is not None else default_bypass
     dev = torch.device(device)
     for m in (transformer, vae, clip, t5):
         m.to(dev)
-    return FluxModel(transformer, vae, clip, t5, clip_tok, t5_tok, t5_len, dev, dtype, bypass, arch)
+    return model_cls(transformer, vae, clip, t5, clip_tok, t5_tok, t5_len, dev, dtype, bypass, arch)
 
 
-def make_flux_demo(folder: Path) -> dict:
+def make_flux_demo(folder: Path, arch: str = "flux", config_overrides: dict | None = None) -> dict:
     """Random Flux-architecture files sized so ComfyUI detects them as Flux (hidden 3072, 24 heads of 128,
-    one double and one single block), with small text encoders and VAE. Returns the `model:` config."""
+    one double and one single block), with small text encoders and VAE. Returns the `model:` config.
+    A family in Flux's layout passes its arch and its transformer config differences (Flex.2: img_in width)."""
     from . import tiny
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {n: folder / f for n, f in (("flux", "flux_demo.safetensors"), ("clip", "clip_l_demo.safetensors"),
+    paths = {n: folder / f for n, f in (("flux", f"{arch}_demo.safetensors"), ("clip", "clip_l_demo.safetensors"),
                                          ("t5", "t5_demo.safetensors"), ("vae", "ae_demo.safetensors"))}
     tok_clip, tok_t5 = folder / "tokenizer_clip", folder / "tokenizer_t5"
     if not all(p.exists() for p in paths.values()) or not (tok_clip.exists() and tok_t5.exists()):
@@ -284,9 +306,10 @@ def make_flux_demo(folder: Path) -> dict:
         tiny.make_vae_file(paths["vae"], [32, 32, 32, 32], layers=1, latent=16)
         cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=64,
                                          pooled_dim=64, guidance=True)
+        cfg.update(config_overrides or {})
         tiny.make_flux_file(paths["flux"], cfg, dtype=torch.bfloat16)
     return {
-        "arch": "flux",
+        "arch": arch,
         "name_or_path": str(paths["flux"]),
         "text_encoder_paths": [str(paths["clip"]), str(paths["t5"])],
         "vae_path": str(paths["vae"]),

@@ -42,6 +42,7 @@ def _ensure_loaded() -> None:
     from . import flux  # noqa: F401
     from . import sdxl  # noqa: F401
     from . import chroma  # noqa: F401
+    from . import flex2  # noqa: F401
     from . import sd3  # noqa: F401
 
     if "comfy" not in _FAMILIES:

@@ -1,0 +1,292 @@
+"""Flex.2: loading from the original layout, the 49-channel input against the reference pipeline's math,
+control images through dataset, cache, batch and samples, and training end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from helpers import TINY_FLUX, job_dict, make_images, write_tiny_flux
+from trainer.config import DatasetConfig, ModelConfig, load_job_dict
+from trainer.data.cache import LatentCache, sample_control_latent
+from trainer.data.dataset import BatchItem, BatchPlan, image_pixels, scan_dataset
+from trainer.errors import ConfigError, DatasetError, ModelFileError
+from trainer.job import build_trainer, prepare_samples, run_job
+from trainer.models import registry
+from trainer.models.flex2 import Flex2Model
+from trainer.models.flux_layout import diffusers_to_original
+from trainer.models.files import load_state_dict
+from trainer.sampling import denoise, initial_noise
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_flex2(tmp_path_factory) -> dict:
+    """A tiny Flex.2 (img_in 196 features in, 64 out) beside the tiny Flux's encoders, in the files users keep."""
+    from trainer.models import tiny
+
+    folder = tmp_path_factory.mktemp("tiny_flex2")
+    cfg = write_tiny_flux(folder)
+    flex = tiny.flux_diffusers_config(guidance=True, in_channels=196, **TINY_FLUX)
+    flex.update(out_channels=64, num_layers=2)  # two double blocks: Flex.2 has fewer double blocks than Flux
+    tiny.make_flux_file(folder / "flex2.safetensors", flex, seed=11, dtype=torch.float32)
+    return dict(cfg, arch="flex2", name_or_path=str(folder / "flex2.safetensors"))
+
+
+def _load(cfg: dict, arch: str = "flex2"):
+    mc = ModelConfig(**{k: v for k, v in cfg.items() if k != "arch"})
+    return registry.get_family(arch).load(mc, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flex2(tiny_flex2) -> Flex2Model:
+    return _load(tiny_flex2)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _control_image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A line-drawing-like control image: white strokes on black."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, min(size), 4))
+        d.line([x0, y0, x1, y1], fill=(255, 255, 255), width=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _controls_for(images: Path, folder: Path, size=(48, 40), seed: int = 0) -> Path:
+    for i, p in enumerate(sorted(images.glob("*.png"))):
+        _control_image(folder / p.name, size, seed + i)
+    return folder
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def test_loads_flex2_file(flex2, tiny_flex2):
+    cfg = flex2.denoiser.config
+    assert (cfg.in_channels, cfg.out_channels, cfg.num_layers) == (196, 64, 2)
+    assert flex2.arch == "flex2" and flex2.latent_channels() == 16 and flex2.takes_control
+    assert flex2.bypass_guidance  # trained with the guidance embedding bypassed by default
+    assert flex2.vae.config.latent_channels == 16
+    # the original layout round-trips through the diffusers module
+    original = load_state_dict(Path(tiny_flex2["name_or_path"]))
+    back = diffusers_to_original(flex2.denoiser.state_dict(), dict(cfg))
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    # LoRA targets: ComfyUI's Flux keys of the blocks; img_in (the 196-wide input) is not a default target
+    keys = {t.key for t in flex2.targets()}
+    assert "diffusion_model.double_blocks.1.img_attn.qkv" in keys and "diffusion_model.single_blocks.0.linear1" in keys
+    assert not any("img_in" in k for k in keys)
+    md = flex2.save_metadata()
+    assert md["ss_base_model_version"] == "flex2" and md["eridiffusion.arch"] == "flex2"
+
+
+def test_arch_and_file_must_agree(tiny_flex2, tiny_flux):
+    with pytest.raises(ModelFileError, match="use model.arch flex2"):
+        _load(dict(tiny_flex2, arch="flux"), "flux")
+    with pytest.raises(ModelFileError, match="not a Flex.2 checkpoint .a Flux-style checkpoint"):
+        _load(dict(tiny_flux, arch="flex2"))
+
+
+# --- the model's input against the reference pipeline's math -------------------------------------
+
+def _reference_sample(model: Flex2Model, noise, cond, control, steps: int, guidance: float) -> torch.Tensor:
+    """Flex2Pipeline's loop written with diffusers' Flux parts: the noisy latent and the 33 extra channels
+    (inpaint latent 0, mask 1, control latent or 0) packed separately and concatenated on the feature axis,
+    Flux's dynamic shift, timestep / 1000, guidance through the embedding."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    b, c, h, w = noise.shape
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    latents = FluxPipeline._pack_latents(noise, b, c, h, w)
+    ctrl = torch.zeros_like(noise) if control is None else control
+    extra = torch.cat([torch.zeros_like(noise), torch.ones_like(noise[:, :1]), ctrl], dim=1)
+    packed_extra = FluxPipeline._pack_latents(extra, b, 33, h, w)
+    mu = calculate_shift(latents.shape[1], 256, 4096, 0.5, 1.15)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    txt = cond["t5"]
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = model.denoiser(
+                hidden_states=torch.cat([latents, packed_extra], dim=2), timestep=t.expand(b) / 1000,
+                guidance=torch.full((b,), guidance), pooled_projections=cond["pooled"], encoder_hidden_states=txt,
+                txt_ids=torch.zeros(txt.shape[1], 3), img_ids=img_ids, return_dict=False,
+            )[0]
+            latents = sched.step(out, t, latents, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(latents, h * 8, w * 8, 8)
+
+
+def test_sampler_matches_reference_pipeline_math(flex2, tmp_path):
+    cond = flex2.encode_text(["a red circle"])
+    noise = initial_noise(flex2, 32, 24, seed=3)
+    control = sample_control_latent(flex2, str(_control_image(tmp_path / "c.png", (40, 30), 1)), 32, 24, "k")
+    assert control.shape == noise.shape
+    steps, guidance = 4, 3.5
+    results = {}
+    for name, ctrl in (("control", control), ("none", None)):
+        c = dict(cond, control=ctrl) if ctrl is not None else cond
+        ours = denoise(flex2, noise, c, None, steps, guidance)
+        theirs = _reference_sample(flex2, noise, cond, ctrl, steps, guidance)
+        err = rel_err(ours, theirs)
+        assert err < 1e-3, (name, err)
+        results[name] = ours
+    assert rel_err(results["control"], results["none"]) > 1e-3  # the control channels reach the model
+
+
+def test_guidance_bypassed_in_training_only(flex2):
+    x, s = torch.randn(1, 16, 8, 8), torch.tensor([0.5])
+    cond = {"t5": torch.randn(1, 8, 32), "pooled": torch.randn(1, 64)}
+    with torch.no_grad():
+        sampling = [flex2.predict(x, s, cond, guidance=g) for g in (1.0, 5.0)]
+        flex2.set_train_hooks(True)
+        training = [flex2.predict(x, s, cond, guidance=g) for g in (1.0, 5.0)]
+        flex2.set_train_hooks(False)
+    assert not torch.allclose(sampling[0], sampling[1])
+    torch.testing.assert_close(training[0], training[1])
+    assert training[0].shape == x.shape
+
+
+# --- control images in the data --------------------------------------------------------------------
+
+def test_dataset_controls_cached_with_latents(flex2, tmp_path):
+    images = make_images(tmp_path / "data", n=2, size=(32, 32))
+    controls = _controls_for(images, tmp_path / "ctrl")
+    cfg = DatasetConfig(folder_path=str(images), control_path=str(controls), resolution=[32], flip_x=True,
+                        cache_latents_to_disk=True)
+    ds = scan_dataset(cfg, 0, None, flex2.pixel_factor)
+    assert [im.control.name for im in ds.images] == ["img_0.png", "img_1.png"]
+    cache = LatentCache([ds], flex2.latent_cache_id())
+    cache.prepare(flex2)
+    for e in ds.entries:
+        im = ds.images[e.image]
+        # resized / cropped to the image's bucket and mirrored with it, encoded like the latents
+        want = flex2.encode_pixels(image_pixels(im.control, e.bucket, e.flip)[None])[0]
+        got = cache.get_control(0, e, flex2)
+        assert got.shape == cache.get(0, e, flex2).shape == (16, 16, 16)  # the tiny VAE downsamples by 2
+        torch.testing.assert_close(got, want)
+        saved = load_file(str(cache._disk_path(ds, cache.key(ds, e))))
+        assert torch.equal(saved["control"], got) and torch.equal(saved["latent"], cache.mem[cache.key(ds, e)])
+    flipped = [cache.get_control(0, e, flex2) for e in ds.entries if e.image == 0]
+    assert not torch.allclose(flipped[0], flipped[1])
+    # a changed control image is a new cache entry, never the stale one
+    key = cache.key(ds, ds.entries[0])
+    _control_image(controls / "img_0.png", (48, 40), 99)
+    ds2 = scan_dataset(cfg, 0, None, flex2.pixel_factor)
+    assert LatentCache([ds2], flex2.latent_cache_id()).key(ds2, ds2.entries[0]) != key
+
+
+def test_control_errors(flex2, tiny_flux, tmp_path):
+    images = make_images(tmp_path / "data", n=3, size=(32, 32))
+    controls = _controls_for(images, tmp_path / "ctrl")
+    (controls / "img_1.png").unlink()
+    cfg = DatasetConfig(folder_path=str(images), control_path=str(controls), resolution=[32])
+    with pytest.raises(DatasetError, match=r"datasets\[0\].control_path: 1 images have no control image .*\(img_1.png\)"):
+        scan_dataset(cfg, 0, None, 16)
+    with pytest.raises(DatasetError, match="control_path: folder .* does not exist"):
+        scan_dataset(DatasetConfig(folder_path=str(images), control_path=str(tmp_path / "nope")), 0, None, 16)
+    _control_image(controls / "img_1.png", (32, 32), 5)
+    (controls / "img_2.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="control image .*img_2.png cannot be read"):
+        scan_dataset(cfg, 0, None, 16)
+    _control_image(controls / "img_2.png", (32, 32), 6)
+    ds = scan_dataset(cfg, 0, None, 16)
+    flux = _load(tiny_flux, "flux")
+    with pytest.raises(DatasetError, match="model.arch 'flux' takes no control images"):
+        LatentCache([ds], "x").prepare(flux)
+    with pytest.raises(ConfigError, match="takes no control image"):
+        sample_control_latent(flux, str(controls / "img_0.png"), 32, 32, "sample.samples[0].control_image")
+    with pytest.raises(ConfigError, match="control image .* does not exist"):
+        sample_control_latent(flex2, str(tmp_path / "missing.png"), 32, 32, "sample.samples[0].control_image")
+
+
+def test_batch_controls_dropout_and_mixed_datasets(flex2, tmp_path):
+    a = make_images(tmp_path / "a", n=2, size=(32, 32))
+    b = make_images(tmp_path / "b", n=2, size=(32, 32), seed=1)
+    ctrl = _controls_for(a, tmp_path / "ctrl")
+    ds_a = scan_dataset(DatasetConfig(folder_path=str(a), control_path=str(ctrl), resolution=[32]), 0, None, 16)
+    ds_b = scan_dataset(DatasetConfig(folder_path=str(b), resolution=[32]), 1, None, 16)
+    cache = LatentCache([ds_a, ds_b], flex2.latent_cache_id())
+    cache.prepare(flex2)
+    batch = [BatchItem(0, ds_a.entries[0]), BatchItem(1, ds_b.entries[0]), BatchItem(0, ds_a.entries[1])]
+    out = cache.controls_for_batch(batch, flex2, seed=0, index=0)
+    assert out.shape == (3, 16, 16, 16)
+    assert torch.equal(out[0], cache.get_control(0, ds_a.entries[0], flex2))
+    assert torch.equal(out[1], torch.zeros(16, 16, 16))  # no control image: Flex.2's "no control" input
+    assert cache.controls_for_batch(batch[1:2], flex2, 0, 0) is None  # no control anywhere: nothing to add
+    ds_a.cfg.control_dropout = 1.0
+    assert torch.equal(cache.controls_for_batch(batch, flex2, 0, 0), torch.zeros(3, 16, 16, 16))
+    ds_a.cfg.control_dropout = 0.5
+    plan = BatchPlan([ds_a], 1, 0)
+    kept = [bool(cache.controls_for_batch(plan.batch(i), flex2, 0, i).abs().sum() > 0) for i in range(40)]
+    assert 8 < sum(kept) < 32  # about half, and a pure function of (seed, index)
+    assert kept == [bool(cache.controls_for_batch(plan.batch(i), flex2, 0, i).abs().sum() > 0) for i in range(40)]
+
+
+# --- training and samples end to end ----------------------------------------------------------------
+
+def _job(cfg: dict, images: Path, out: Path, name: str, controls: Path | None = None, dropout: float = 0.0) -> dict:
+    d = job_dict(cfg, images, out, name=name, steps=2, cache_text_embeddings=True, disable_sampling=True)
+    if controls is not None:
+        d["config"]["process"][0]["datasets"][0].update(control_path=str(controls), control_dropout=dropout)
+    return d
+
+
+def test_training_uses_control_and_saves_comfyui_keys(tiny_flex2, tmp_path):
+    images = make_images(tmp_path / "data", n=2, size=(32, 32))
+    ctrl = _controls_for(images, tmp_path / "ctrl")
+    other = _controls_for(images, tmp_path / "ctrl2", seed=50)
+    runs = {
+        "control": _job(tiny_flex2, images, tmp_path / "out", "control", ctrl),
+        "other": _job(tiny_flex2, images, tmp_path / "out", "other", other),
+        "dropped": _job(tiny_flex2, images, tmp_path / "out", "dropped", ctrl, dropout=1.0),
+        "plain": _job(tiny_flex2, images, tmp_path / "out", "plain"),
+    }
+    weights = {}
+    for name, d in runs.items():
+        assert run_job(load_job_dict(d), report=quiet).step == 2
+        path = tmp_path / "out" / name / f"{name}.safetensors"
+        weights[name] = load_file(str(path))
+    with safe_open(str(tmp_path / "out" / "control" / "control.safetensors"), "pt") as f:
+        assert f.metadata()["eridiffusion.arch"] == "flex2"
+    keys = set(weights["control"])
+    assert "diffusion_model.double_blocks.1.img_attn.qkv.lora_down.weight" in keys
+    assert not any("img_in" in k for k in keys)
+
+    def differ(a: str, b: str) -> bool:
+        return any(not torch.equal(weights[a][k], weights[b][k]) for k in keys)
+
+    assert differ("control", "other")  # the control latents reach the model in training
+    assert not differ("dropped", "plain")  # a dropped control is exactly "no control" (zeros)
+    assert differ("control", "plain")
+
+
+def test_samples_take_a_control_image(tiny_flex2, tmp_path):
+    images = make_images(tmp_path / "data", n=1, size=(32, 32))
+    c = _control_image(tmp_path / "c.png", (64, 64), 3)
+    d = job_dict(tiny_flex2, images, tmp_path / "out", steps=1)
+    d["config"]["process"][0]["sample"] = {"width": 32, "height": 48, "sample_steps": 2, "samples": [
+        {"prompt": "a cat", "ctrl_img": str(c)}, {"prompt": "a dog"}]}
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    samples = trainer.samples
+    assert samples[0].request.cond["control"].shape == (1, 16, 24, 16)  # 48 x 32 pixels, VAE factor 2
+    assert "control" not in samples[1].request.cond
+    with_ctrl, without = trainer.sample()
+    assert with_ctrl.size == without.size == (32, 48)
+    d["config"]["process"][0]["sample"]["samples"][0]["ctrl_img"] = str(tmp_path / "nope.png")
+    with pytest.raises(ConfigError, match=r"sample.samples\[0\].control_image: control image .* does not exist"):
+        prepare_samples(load_job_dict(d), trainer.model)
