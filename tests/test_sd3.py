@@ -161,6 +161,27 @@ def test_single_file_matches_diffusers_converter(sd3_full, sd3_split):
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
 
+def test_scaled_fp8_file_loads_dequantized(sd3_split, tmp_path):
+    """ComfyUI's scaled-fp8 layout (fp8 weights, a per-tensor `scale_weight`, the `scaled_fp8` marker): the loaded
+    weights are weight * scale; a quantization that is not per-tensor is refused by name."""
+    sd = load_state_dict(Path(sd3_split["name_or_path"]))
+    key = "joint_blocks.0.x_block.attn.qkv"
+    w = sd[f"{key}.weight"]
+    scale = w.abs().max() / 448
+    q = dict(sd, **{f"{key}.weight": (w / scale).to(torch.float8_e4m3fn), f"{key}.scale_weight": scale.reshape(1),
+                    f"{key}.scale_input": torch.ones(1), "scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+    p = tmp_path / "fp8.safetensors"
+    save_safetensors_atomic(q, p)
+    got = load(dict(sd3_split, name_or_path=str(p))).denoiser.transformer_blocks[0].attn
+    expect = (w / scale).to(torch.float8_e4m3fn).float() * scale
+    assert torch.equal(torch.cat([got.to_q.weight, got.to_k.weight, got.to_v.weight]), expect)
+    assert rel_err(expect, w) < 0.07  # fp8 precision: the scale really was applied
+    q[f"{key}.scale_weight"] = torch.ones(3)
+    save_safetensors_atomic(q, p)
+    with pytest.raises(ModelFileError, match="scale_weight is a quantization this trainer cannot read"):
+        load(dict(sd3_split, name_or_path=str(p)))
+
+
 def test_diffusers_folder_loads_the_same_model(sd3_full, tmp_path):
     """A local diffusers folder written by StableDiffusion3Pipeline.save_pretrained (with diffusers' own
     transformer conversion): the same model and encodings."""

@@ -33,6 +33,7 @@ from .sd3_layout import (
     T5_PREFIX,
     VAE_PREFIX,
     diffusers_config_from_original,
+    dequantize_original,
     diffusers_to_original,
     layout_of,
     original_to_diffusers,
@@ -112,7 +113,7 @@ def load_sd3_transformer(path: Path, dtype: torch.dtype, arch: str = "sd3"):
     with torch.device("meta"):
         model = SD3Transformer2DModel(**cfg)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = {k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}
+    sd = dequantize_original({k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}, str(path))
     sd = original_to_diffusers(sd, model_shapes, cfg, str(path))
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     if missing:
