@@ -93,6 +93,16 @@ def test_loads_flex2_file(flex2, tiny_flex2):
     assert md["ss_base_model_version"] == "flex2" and md["eridiffusion.arch"] == "flex2"
 
 
+def test_loads_diffusers_folder(flex2, tiny_flex2, tmp_path):
+    folder = tmp_path / "Flex.2-local"
+    flex2.denoiser.save_pretrained(str(folder / "transformer"))
+    (folder / "model_index.json").write_text('{"_class_name": "Flex2Pipeline"}')
+    model = _load(dict(tiny_flex2, name_or_path=str(folder)))
+    assert isinstance(model, Flex2Model) and model.denoiser.config.in_channels == 196
+    for k, v in flex2.denoiser.state_dict().items():
+        assert torch.equal(model.denoiser.state_dict()[k], v), k
+
+
 def test_arch_and_file_must_agree(tiny_flex2, tiny_flux):
     with pytest.raises(ModelFileError, match="use model.arch flex2"):
         _load(dict(tiny_flex2, arch="flux"), "flux")
