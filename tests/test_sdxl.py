@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from helpers import job_dict, make_images
 from sdxl_helpers import comfy_to_kohya, euler_scheduler, load, pipeline, rel_err, write_tiny_sdxl
 from trainer.config import load_job_dict
-from trainer.errors import ModelFileError
+from trainer.errors import ConfigError, ModelFileError, UserError
 from trainer.fileio import save_safetensors_atomic
 from trainer.job import build_trainer, run_job
 from trainer.models.files import load_state_dict
@@ -383,3 +383,146 @@ def test_gradient_checkpointing_same_gradients(sdxl_full):
     model.set_gradient_checkpointing(1.0)
     checkpointed = grads()
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(plain, checkpointed))
+
+
+# --- text-encoder training (train.train_text_encoder) ------------------------------------------------------
+
+def _te_job(cfg: dict, data: Path, out: Path, **train) -> dict:
+    d = job_dict(cfg, data, out, train_text_encoder=True, **train)
+    d["config"]["process"][0]["train"]["disable_sampling"] = True
+    return d
+
+
+def test_text_encoder_targets_are_comfyui_keys(sdxl_full):
+    """Both CLIPs' q/k/v/out and fc1/fc2 of every layer, under ComfyUI's SDXL names (te1 = CLIP-L, te2 = CLIP-G)."""
+    model = load(sdxl_full)
+    targets = model.text_encoder_targets()
+    keys = [t.key for t in targets]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 6  # 2 encoders x 2 layers x 6 Linears
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in keys
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in keys
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in keys
+    assert all(t.component == "text_encoder" for t in targets)
+    fc1 = next(t for t in targets if t.key == "lora_te2_text_model_encoder_layers_0_mlp_fc1")
+    assert (fc1.in_features, fc1.out_features) == (64, 256)
+
+
+def test_text_encoder_network_reproduced_by_diffusers(sdxl_full, images, tmp_path):
+    """A run with train_text_encoder (own text_encoder_lr group): its file, read by diffusers' SDXL LoRA loader
+    (kohya's lora_te1_/lora_te2_/lora_unet_ names) into a fresh pipeline, gives our text-encoder outputs (prompt
+    embeddings, pooled) and UNet outputs."""
+    d = _te_job(sdxl_full, images, tmp_path / "out", steps=2, lr=5e-2, text_encoder_lr=1e-2)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    assert trainer.network.trains_text_encoders
+    assert sorted((g["name"], g["lr"]) for g in trainer.optimizer.param_groups) == [
+        ("denoiser", 5e-2), ("text_encoder", 1e-2)]
+    model = trainer.model
+    prompts = ["sks, a red circle", ""]
+    base_cond = model.encode_text(prompts)
+    te_before = {k: v.detach().clone() for k, v in trainer.network.state_dict().items() if "lora_te" in k}
+    trainer.train()
+    # the text encoders' adapters learned through the UNet's loss (lora_up starts at zero)
+    assert any(not torch.equal(v, trainer.network.state_dict()[k]) for k, v in te_before.items() if "lora_up" in k)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for a in trainer.network.adapters.values():
+            a.lora_up.add_(torch.randn(a.lora_up.shape, generator=g) * 0.05)
+    trainer.save(final=True)
+    tensors = load_file(str(tmp_path / "out" / "run" / "run.safetensors"))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in tensors)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in tensors)
+
+    trainer.network.eval()
+    noisy, sigmas = torch.randn(1, 4, 16, 16, generator=g) * 3, torch.tensor([2.5])
+    with torch.no_grad():
+        ours_cond = model.encode_text(prompts)
+        ours = model.predict(noisy, sigmas, {k: v[:1] for k, v in ours_cond.items()})
+    assert rel_err(ours_cond["crossattn"], base_cond["crossattn"]) > 1e-3  # the network changes the encoders
+    assert rel_err(ours_cond["pooled"], base_cond["pooled"]) > 1e-3
+
+    fresh = load(sdxl_full)
+    pipe = pipeline(fresh)
+    unet = {k: v for k, v in tensors.items() if k.startswith("diffusion_model.")}
+    te = {k: v for k, v in tensors.items() if not k.startswith("diffusion_model.")}
+    pipe.load_lora_weights({**comfy_to_kohya(unet), **te})
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        theirs = fresh.predict(noisy, sigmas, {k: v[:1] for k, v in ours_cond.items()})
+    assert rel_err(embeds, ours_cond["crossattn"]) < 1e-4
+    assert rel_err(pooled, ours_cond["pooled"]) < 1e-4
+    assert rel_err(theirs, ours) < 1e-4
+
+
+def test_text_encoder_resume_and_pretrained(sdxl_full, tmp_path):
+    """Interrupted at step 2 and resumed: the same final file (UNet and text-encoder parts) as a run never stopped;
+    the file continues as network.pretrained_lora_path; a te file without train_text_encoder is a clear error."""
+    data = make_images(tmp_path / "data", n=3)
+    d = _te_job(sdxl_full, data, tmp_path / "a", steps=4, lr=1e-2, text_encoder_lr=5e-3, lr_scheduler="cosine")
+    run_job(load_job_dict(d), report=quiet)
+
+    d["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+
+    def interrupt(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    trainer.on_step = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    assert trainer.state.step == 2
+    trainer.train()
+    a = load_file(str(tmp_path / "a" / "run" / "run.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "run.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("lora_te2_") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    final = str(tmp_path / "a" / "run" / "run.safetensors")
+    d2 = _te_job(sdxl_full, data, tmp_path / "c", steps=1)
+    d2["config"]["process"][0]["network"]["pretrained_lora_path"] = final
+    again = build_trainer(load_job_dict(d2), report=quiet)
+    exported = again.network.export()
+    assert exported.keys() == a.keys() and all(torch.equal(exported[k], a[k]) for k in a)
+    d3 = job_dict(sdxl_full, data, tmp_path / "d", steps=1)
+    d3["config"]["process"][0]["network"]["pretrained_lora_path"] = final
+    with pytest.raises(UserError, match="set train.train_text_encoder: true"):
+        build_trainer(load_job_dict(d3), report=quiet)
+
+
+def test_text_encoder_config_errors(sdxl_full, tiny_flux, images, tmp_path):
+    with pytest.raises(ConfigError, match="cache_text_embeddings: cannot be true with train.train_text_encoder"):
+        load_job_dict(job_dict(sdxl_full, images, tmp_path, train_text_encoder=True, cache_text_embeddings=True))
+    with pytest.raises(ConfigError, match="train_text_encoder: not supported for model.arch 'flux'"):
+        load_job_dict(job_dict(tiny_flux, images, tmp_path, train_text_encoder=True))
+    for arch in ("chroma", "flex1", "flex2", "sd3", "comfy"):
+        cfg = dict(sdxl_full, arch=arch)
+        with pytest.raises(ConfigError, match=f"not supported for model.arch '{arch}'"):
+            load_job_dict(job_dict(cfg, images, tmp_path, train_text_encoder=True))
+    job = load_job_dict(job_dict(sdxl_full, images, tmp_path, text_encoder_lr=1e-5))
+    assert any("text_encoder_lr: ignored without train.train_text_encoder" in w for w in job.warnings)
+
+
+def test_timestep_types_map_to_discrete_timesteps(sdxl_full):
+    """train.timestep_type on SDXL: unset / linear uniform over 0..999; sigmoid logit-normal over t / 1000
+    (dense in the middle); shift toward noise. Every sigma is one of the DDPM table's."""
+    model = load(sdxl_full)
+    n = 20000
+
+    def timesteps(kind):
+        s = model.train_sigmas(kind, n, torch.Generator().manual_seed(0), (n, 4, 8, 8))
+        t = torch.searchsorted(model.sigma_table, s)
+        assert torch.equal(model.sigma_table[t], s)
+        return t.float()
+
+    uniform, linear = timesteps(None), timesteps("linear")
+    assert torch.equal(uniform, linear)
+    assert abs(float(uniform.mean()) - 499.5) < 10 and float(uniform.min()) == 0 and float(uniform.max()) == 999
+    sig = timesteps("sigmoid")
+    assert abs(float(sig.mean()) - 499.5) < 10 and float(sig.std()) < 0.8 * float(uniform.std())
+    # logit-normal: P(t < 100) = P(z < logit(0.1)) = Phi(-2.197) = 0.014
+    assert abs(float((sig < 100).float().mean()) - 0.014) < 0.005
+    shifted = timesteps("shift")
+    assert float(shifted.mean()) > 650  # u' = 3u / (1 + 2u): mean 1.5 - 0.75 ln 3 / ... about 0.675
+    assert torch.equal(timesteps("flux_shift"), shifted)

@@ -96,13 +96,17 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, float] = spec(True)
     compile: bool = spec(False)
     noise_scheduler: str = spec("flowmatch")
-    timestep_type: str = spec("sigmoid", choices=("sigmoid", "linear", "shift", "flux_shift"))
+    # unset: the family's own default (flow families: sigmoid; SDXL: uniform discrete timesteps)
+    timestep_type: Optional[str] = spec(None, choices=("sigmoid", "linear", "shift", "flux_shift"))
     linear_timesteps: bool = spec(False)
     snr_gamma: Optional[float] = spec(None, gt=0, aliases=("min_snr_gamma",))
     noise_offset: float = spec(0.0, ge=0)
     seed: int = spec(42, ge=0)
     train_unet: bool = spec(True)
+    # LoRA on the text encoders too (families that support it: sdxl); captions are then encoded every step
     train_text_encoder: bool = spec(False)
+    # their own optimizer param group (ai-toolkit's and kohya's name); unset: train.lr
+    text_encoder_lr: Optional[float] = spec(None, gt=0)
     cache_text_embeddings: bool = spec(False)
     skip_first_sample: bool = spec(False)
     disable_sampling: bool = spec(False)
@@ -295,9 +299,24 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
         ctx.error("config.process[0].datasets", "needs at least one dataset (a `folder_path` of images)")
     if proc.save.push_to_hub:
         ctx.warnings.append("config.process[0].save.push_to_hub: this trainer never uploads; ignored")
+    tc = proc.train
+    if tc.train_text_encoder and tc.cache_text_embeddings:
+        ctx.error("config.process[0].train.cache_text_embeddings",
+                  "cannot be true with train.train_text_encoder: true (the text encoders change every step, so"
+                  " captions are encoded anew each step); set it to false")
+    if tc.text_encoder_lr is not None and not tc.train_text_encoder:
+        ctx.warnings.append("config.process[0].train.text_encoder_lr: ignored without train.train_text_encoder: true")
     ctx.raise_if_errors()
     job = JobConfig(name=name.strip(), process=proc, raw=data, warnings=ctx.warnings)
     job.arch = resolve_arch(proc.model)
+    if tc.train_text_encoder:
+        from .models import registry
+
+        if not registry.get_family(job.arch).text_encoder_training:
+            raise ConfigError(
+                f"config.process[0].train.train_text_encoder: not supported for model.arch {job.arch!r} (only the"
+                " denoiser is trained; sdxl trains its text encoders); set it to false"
+            )
     return job
 
 

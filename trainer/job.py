@@ -106,16 +106,19 @@ def prepare_samples(job: JobConfig, model: TrainingModel) -> list[PreparedSample
         if it.control_image:
             req.cond["control"] = sample_control_latent(model, it.control_image, it.width, it.height,
                                                         f"config.process[0].sample.samples[{i}].control_image")
-        out.append(PreparedSample(i, prompts[i], req))
+        out.append(PreparedSample(i, prompts[i], req, negs[i]))
     return out
 
 
 def make_network(job: JobConfig, model: TrainingModel) -> Network:
     model.denoiser.requires_grad_(False)  # only the network trains: no gradients for the base weights
+    targets = model.targets()
+    if job.process.train.train_text_encoder:
+        targets = targets + model.text_encoder_targets()
     # the initial weights are a function of train.seed, so runs are reproducible
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(job.process.train.seed)
-        net = build_network(model.targets(), job.process.network)
+        net = build_network(targets, job.process.network)
     path = job.process.network.pretrained_lora_path
     if path:
         from .models.files import local_path

@@ -61,6 +61,7 @@ class Target:
     members: list[TargetMember]
     kind: str = "linear"
     aliases: tuple[str, ...] = ()  # backend names of the members, also matched by target filters
+    component: str = "denoiser"  # or "text_encoder": its captions must then be encoded with grad every step
 
 
 class FlowObjective:
@@ -186,6 +187,19 @@ class TrainingModel(ABC):
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         """mu for resolution-dependent timestep shift, or None if the family has none."""
         return None
+
+    def text_encoder_targets(self) -> list[Target]:
+        """Trainable layers of the text encoders (`component="text_encoder"`, ComfyUI's `lora_te1_...` keys),
+        for train.train_text_encoder; families without it say so."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"config.process[0].train.train_text_encoder: not supported for model.arch {self.arch!r}"
+                          " (only the denoiser is trained); set it to false")
+
+    def encode_text_for_training(self, captions: list[str]) -> Conditioning:
+        """Conditioning for a training step: as encode_text, but where the family trains text encoders, with
+        gradients reaching their adapters (and left on the model's device)."""
+        return self.encode_text(captions)
 
     def release_text_encoders(self) -> None:
         """Text encoders leave memory once embeddings are cached."""

@@ -17,6 +17,8 @@ class Family:
     load: Callable[["ModelConfig", str, "object"], "TrainingModel"]  # (model_cfg, device, dtype)
     # writes a small random model of this family into a folder; returns model-config overrides
     make_demo: Callable[..., dict] | None = None
+    # train.train_text_encoder: the family's models give text-encoder targets (TrainingModel.text_encoder_targets)
+    text_encoder_training: bool = False
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -6,7 +6,8 @@ its config derived from the shapes, or from a local diffusers folder.
 
 Noise levels are k-diffusion sigmas over SDXL's DDPM schedule (scaled-linear betas 0.00085..0.012, 1000
 steps): x_t = x0 + sigma * n, the UNet sees x_t / sqrt(sigma^2 + 1) (= sqrt(abar) x0 + sqrt(1 - abar) n)
-at the timestep whose sigma this is. Training draws uniform discrete timesteps; the target is eps, or
+at the timestep whose sigma this is. Training draws discrete timesteps (uniform unless train.timestep_type
+says otherwise, see `train_sigmas`); the target is eps, or
 v = sqrt(abar) n - sqrt(1 - abar) x0 for v-prediction models. Sampling is diffusers' EulerDiscreteScheduler
 with SDXL's "leading" spacing (steps_offset 1).
 """
@@ -57,6 +58,11 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
 STEPS_OFFSET = 1  # SDXL's scheduler config ("leading" spacing)
 CLIP_MAX_LENGTH = 77
+# the Linears of each CLIP encoder layer that text-encoder LoRAs adapt (kohya, ComfyUI's LORA_CLIP_MAP)
+CLIP_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                      "mlp.fc2")
+# ComfyUI's key prefixes for SDXL's two encoders (comfy.lora.model_lora_keys_clip: te1 = CLIP-L, te2 = CLIP-G)
+TEXT_ENCODER_KEYS = (("clip_l", "lora_te1_"), ("clip_g", "lora_te2_"))
 
 
 def ddpm_sigmas() -> torch.Tensor:
@@ -128,6 +134,24 @@ class SDXLModel(TrainingModel):
                               aliases=(f"unet.{name}",)))
         return out
 
+    def text_encoder_targets(self) -> list[Target]:
+        """q/k/v/out projections and MLP fc1/fc2 of every layer of CLIP-L and CLIP-G, keyed as ComfyUI reads them:
+        `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` (CLIP-L), `lora_te2_...` (CLIP-G)."""
+        if not self.text_encoders_loaded():
+            raise RuntimeError("text encoders were released; they must stay loaded to be trained")
+        out = []
+        for attr, prefix in TEXT_ENCODER_KEYS:
+            encoder = getattr(self, attr)
+            encoder = getattr(encoder, "text_model", encoder)  # transformers 5 flattens CLIPTextModel
+            for i, layer in enumerate(encoder.encoder.layers):
+                for name in CLIP_LAYER_LINEARS:
+                    mod = layer.get_submodule(name)
+                    path = f"text_model.encoder.layers.{i}.{name}"
+                    out.append(Target(prefix + path.replace(".", "_"), mod.in_features, mod.out_features,
+                                      [TargetMember(mod, slice(0, mod.out_features))], aliases=(f"{attr}.{path}",),
+                                      component="text_encoder"))
+        return out
+
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels
 
@@ -155,16 +179,23 @@ class SDXLModel(TrainingModel):
         ).input_ids
         return encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> Conditioning:
+    def _encode(self, captions: list[str]) -> Conditioning:
         """As StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of CLIP-L and CLIP-G side by
-        side, pooled = CLIP-G's projected text embedding."""
+        side, pooled = CLIP-G's projected text embedding (on the encoders' device, in the caller's grad mode)."""
         if not self.text_encoders_loaded():
             raise RuntimeError("text encoders were released; embeddings must come from the cache")
         out_l = self._hidden(self.clip_l, self.tok_l, captions)
         out_g = self._hidden(self.clip_g, self.tok_g, captions)
         embeds = torch.cat([out_l.hidden_states[-2].float(), out_g.hidden_states[-2].float()], dim=-1)
-        return {"crossattn": embeds.cpu(), "pooled": out_g.text_embeds.float().cpu()}
+        return {"crossattn": embeds, "pooled": out_g.text_embeds.float()}
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        return {k: v.cpu() for k, v in self._encode(captions).items()}
+
+    def encode_text_for_training(self, captions: list[str]) -> Conditioning:
+        # with grad: adapters on the encoders (train.train_text_encoder) learn; without them nothing is recorded
+        return self._encode(captions)
 
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
         return encode_latents(self.vae, images)
@@ -201,9 +232,18 @@ class SDXLModel(TrainingModel):
         )[0]
         return out
 
-    def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """Uniform discrete timesteps, as SDXL was trained (train.timestep_type is for flow models)."""
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+    def train_sigmas(self, kind: str | None, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Sigmas of discrete DDPM timesteps. Unset or `linear`: uniform over 0..999, as SDXL was trained (kohya,
+        ai-toolkit). Otherwise the flow families' distribution of u in (0, 1] is drawn and mapped to the timestep
+        floor(u * 1000), as OneTrainer's timestep distributions do for SDXL: `sigmoid` logit-normal (dense in the
+        middle), `shift` uniform shifted by 3 toward noise, `flux_shift` the same (SDXL has no resolution shift)."""
+        if kind in (None, "linear"):
+            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
+        else:
+            from ..train.timesteps import sample_flow_sigmas
+
+            u = sample_flow_sigmas(kind, batch, gen, None)
+            t = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         return self.sigma_table[t]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
@@ -599,5 +639,6 @@ registry.register(
         description="Stable Diffusion XL (eps or v-prediction): CLIP-L + OpenCLIP-G, 4-channel VAE",
         load=load_sdxl,
         make_demo=make_sdxl_demo,
+        text_encoder_training=True,
     )
 )

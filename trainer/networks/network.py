@@ -88,6 +88,19 @@ class Network(nn.Module):
     def adapter(self, key: str) -> nn.Module:
         return self.adapters[_module_key(key)]
 
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Some targets sit in a text encoder: captions must be encoded with grad, and anew for previews."""
+        return any(t.component == "text_encoder" for t in self.targets.values())
+
+    def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: the denoiser's adapters at `lr`, the text encoders' at `text_encoder_lr` (default lr)."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for key, t in self.targets.items():
+            groups.setdefault(t.component, []).extend(p for p in self.adapter(key).parameters() if p.requires_grad)
+        lrs = {"text_encoder": lr if text_encoder_lr is None else text_encoder_lr}
+        return [{"params": ps, "lr": lrs.get(c, lr), "name": c} for c, ps in groups.items() if ps]
+
     # --- injection -----------------------------------------------------------------------------
     def attach(self) -> "Network":
         self.detach()
@@ -126,7 +139,9 @@ class Network(nn.Module):
                 continue
             grouped.setdefault(key, {})[name[len(key) + 1:]] = t
         if unknown:
-            raise UserError(f"{source}: {len(unknown)} tensors match no layer of this network (e.g. {unknown[0]})")
+            hint = (" (text-encoder weights: set train.train_text_encoder: true to load them)"
+                    if unknown[0].startswith("lora_te") and not self.trains_text_encoders else "")
+            raise UserError(f"{source}: {len(unknown)} tensors match no layer of this network (e.g. {unknown[0]}){hint}")
         missing = [k for k in self.targets if k not in grouped]
         if missing:
             raise UserError(f"{source}: no weights for {len(missing)} layers of this network (e.g. {missing[0]})")

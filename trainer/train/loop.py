@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -36,6 +36,7 @@ class PreparedSample:
     index: int
     prompt: str
     request: SampleRequest
+    neg: str = ""  # the negative prompt, re-encoded with the prompt where the text encoders train
 
 
 @dataclass
@@ -68,8 +69,9 @@ class Trainer:
         self.on_step = on_step
         tc = self.cfg.train
         self.plan = BatchPlan(datasets, tc.batch_size, tc.seed)
-        self.params = [p for p in network.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, dict(tc.optimizer_params), model.device)
+        groups = network.param_groups(tc.lr, tc.text_encoder_lr)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(tc.optimizer, groups, tc.lr, dict(tc.optimizer_params), model.device)
         self.scheduler = build_scheduler(self.optimizer, tc.lr_scheduler, tc.steps, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
         fp16 = model.dtype == torch.float16 and model.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -130,7 +132,7 @@ class Trainer:
     def _conditioning(self, captions: list[str]) -> Conditioning:
         if self.texts is not None:
             return collate_conditioning([self.texts.get(c) for c in captions])
-        return self.model.encode_text(captions)
+        return self.model.encode_text_for_training(captions)
 
     def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor:
         tc = self.cfg.train
@@ -199,7 +201,11 @@ class Trainer:
         self.model.set_train_hooks(False)
         images = []
         for s in self.samples:
-            img = to_pil(sample_image(self.model, s.request))
+            request = s.request
+            if self.network.trains_text_encoders:  # the prompts' embeddings change with the network
+                cond, neg = self.model.encode_text([s.prompt]), self.model.encode_text([s.neg])
+                request = replace(request, cond={**request.cond, **cond}, neg_cond={**(request.neg_cond or {}), **neg})
+            img = to_pil(sample_image(self.model, request))
             path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
             with atomic_path(path) as tmp:
                 img.save(tmp, format="PNG")

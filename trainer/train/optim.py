@@ -11,7 +11,9 @@ from ..errors import ConfigError
 KEY = "config.process[0].train"
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, extra: dict, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, extra: dict,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """`params`: parameters, or param groups (dicts with `params` and their own `lr`)."""
     try:
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, **extra)

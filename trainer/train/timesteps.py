@@ -10,14 +10,14 @@ SIGMA_MIN = 1e-4
 FIXED_SHIFT = 3.0
 
 
-def sample_flow_sigmas(kind: str, batch: int, gen: torch.Generator, mu: float | None) -> torch.Tensor:
+def sample_flow_sigmas(kind: str | None, batch: int, gen: torch.Generator, mu: float | None) -> torch.Tensor:
     """sigma in (0, 1] per sample.
 
-    sigmoid: sigmoid of a standard normal (logit-normal, dense in the middle);
+    sigmoid (also when train.timestep_type is unset): sigmoid of a standard normal (logit-normal, dense in the middle);
     linear: uniform; shift: uniform shifted by 3 (toward noise);
     flux_shift: uniform with the family's resolution-dependent shift (falls back to shift 3).
     """
-    if kind == "sigmoid":
+    if kind in (None, "sigmoid"):
         s = torch.sigmoid(torch.randn(batch, generator=gen))
     else:
         s = torch.rand(batch, generator=gen)
