@@ -15,6 +15,16 @@
    `base` (eps = (x - denoised) / sigma from BaseModel.apply_model with SDXL's encode_adm), one output per
    `--lora NAME=FILE` applied alone through comfy.sd.load_lora_for_models (what LoraLoaderModelOnly calls),
    `base_after`, and `vpred_base` for --vpred-model (ComfyUI decides v-prediction from the file's marker).
+3. Text encoders (--te-model, --te-lora, --te-config): at real size, ComfyUI's SDXLClipModel on the meta device
+   and its key map (comfy.lora.model_lora_keys_clip) must take every `te_targets` key of --real-shapes onto a
+   weight of the same shape. Tiny numbers: ComfyUI's SDXL clip_target over the tiny checkpoint's CLIP state
+   (converted by ComfyUI's own process_clip_state_dict, OpenCLIP-G included), built as comfy.sd.CLIP with the
+   tiny widths as ComfyUI's own per-encoder config overrides (`clip_l_model_config` / `clip_g_model_config`)
+   and the tiny tokenizer's end/pad ids (its vocabulary table padded to ComfyUI's fixed 49408 rows, CLIP-G's
+   projection square as ComfyUI builds it); the token ids come from the trainer's tokenizers (ComfyUI's tokenizer
+   is the real CLIP vocabulary). Written: `te_base_cond` / `te_base_pooled`, then with --te-lora (UNet and
+   text-encoder parts) applied to both MODEL and CLIP by comfy.sd.load_lora_for_models: `te_lora_cond`,
+   `te_lora_pooled` and the UNet's `te_lora_eps`.
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ def main() -> int:
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--te-model")
+    ap.add_argument("--te-lora")
+    ap.add_argument("--te-config")
     a = ap.parse_args()
 
     sys.path.insert(0, os.path.abspath(a.comfyui))
@@ -113,11 +126,11 @@ def main() -> int:
         m.load_model_weights(sd, prefix)
         return comfy.model_patcher.ModelPatcher(m, load_device=cpu, offload_device=cpu)
 
-    def run(patcher) -> torch.Tensor:
+    def run(patcher, pooled: str = "pooled") -> torch.Tensor:
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         m = patcher.model
         with torch.no_grad():
-            y = m.encode_adm(pooled_output=inputs["pooled"].float(), width=w, height=h)
+            y = m.encode_adm(pooled_output=inputs[pooled].float(), width=w, height=h)
             denoised = m.apply_model(x, sigma, c_crossattn=inputs["crossattn"].float(), y=y)
         comfy.model_management.unload_all_models()
         return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).contiguous()
@@ -143,6 +156,56 @@ def main() -> int:
         v = load_patcher(a.vpred_model)
         report["vpred_model_type"] = v.model.model_type.name
         outputs["vpred_base"] = run(v)
+
+    if real.get("te_targets"):
+        import comfy.sdxl_clip
+
+        clip_meta = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
+        te_map = comfy.lora.model_lora_keys_clip(clip_meta, {})
+        te_weights = {k: list(v.shape) for k, v in clip_meta.state_dict().items()}
+        report["te_real_targets"] = len(real["te_targets"])
+        report["te_real_unmapped"] = [k for k in real["te_targets"] if k not in te_map]
+        report["te_real_shape_mismatch"] = [k for k, shape in real["te_targets"].items()
+                                            if k in te_map and te_weights.get(te_map[k]) != shape]
+        report["te_real_targets_by_encoder"] = sorted({te_map[k].split(".")[0] for k in real["te_targets"] if k in te_map})
+        del clip_meta
+
+    if a.te_model:
+        te_cfg = json.load(open(a.te_config))
+        sd = comfy.utils.load_torch_file(a.te_model, safe_load=True)
+        mc = comfy.supported_models.SDXL(comfy.model_detection.detect_unet_config(sd, "model.diffusion_model."))
+        clip_sd = mc.process_clip_state_dict(sd)
+        # ComfyUI's CLIP has the real vocabulary (49408 rows, comfy.clip_model.CLIPEmbeddings): the tiny table is
+        # padded with rows no token id of the test reaches
+        for k, v in list(clip_sd.items()):
+            if k.endswith("token_embedding.weight") and v.shape[0] < 49408:
+                clip_sd[k] = torch.cat([v, v.new_zeros(49408 - v.shape[0], v.shape[1])])
+        options = {"dtype": torch.float32, "clip_l_model_config": te_cfg["clip_l"], "clip_g_model_config": te_cfg["clip_g"]}
+        clip = comfy.sd.CLIP(mc.clip_target(state_dict=clip_sd), state_dict=clip_sd, model_options=options)
+        for name in ("clip_l", "clip_g"):
+            getattr(clip.cond_stage_model, name).special_tokens = te_cfg["special_tokens"][name]
+        tokens = {"l": [[(int(t), 1.0) for t in inputs["te_ids_l"][0]]],
+                  "g": [[(int(t), 1.0) for t in inputs["te_ids_g"][0]]]}
+        te_patcher = load_patcher(a.te_model)
+
+        def encode(c) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                cond, pooled = c.encode_from_tokens(tokens, return_pooled=True)
+            return cond.float().contiguous(), pooled.float().contiguous()
+
+        outputs["te_base_cond"], outputs["te_base_pooled"] = encode(clip)
+        lora_sd = comfy.utils.load_torch_file(a.te_lora, safe_load=True)
+        mark = len(capture.messages)
+        patched_model, patched_clip = comfy.sd.load_lora_for_models(te_patcher, clip, lora_sd, 1.0, 1.0)
+        outputs["te_lora_cond"], outputs["te_lora_pooled"] = encode(patched_clip)
+        messages = capture.messages[mark:]
+        outputs["te_lora_eps"] = run(patched_model, "te_pooled")
+        report["te_lora"] = {
+            "lora_tensors": len(lora_sd),
+            "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
+            "clip_patched_keys": sorted(patched_clip.patcher.patches.keys()),
+            "model_patched_keys": sorted(patched_model.patches.keys()),
+        }
 
     try:
         from comfyui_version import __version__ as comfy_version
