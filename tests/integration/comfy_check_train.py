@@ -118,7 +118,7 @@ def main() -> int:
     lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 1, 8, 8), "flux": (1, 16, 8, 8)}[a.family]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(lat_shape, generator=g)
-    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu()
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()  # not an inference tensor
     cond = model.encode_text(["sks, a photo of a red cat"])
     net = session.trainer.network
 
@@ -133,6 +133,35 @@ def main() -> int:
     finally:
         net.detach()
     base = out(model)
+
+    # gradient checkpointing on ComfyUI's blocks gives the same LoRA gradients as none
+    w = torch.randn(lat_shape, generator=g)
+
+    def lora_grads(fraction: float) -> dict[str, torch.Tensor]:
+        model.set_gradient_checkpointing(fraction)
+        net.zero_grad(set_to_none=True)
+        net.attach()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                (model.predict(x, sigma, cond, guidance=3.5).float() * w.to(model.device)).sum().backward()
+        finally:
+            net.detach()
+            model.set_gradient_checkpointing(0.0)
+        grads = {k: p.grad.detach().clone() for k, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad(set_to_none=True)
+        return grads
+
+    # a layer inside the first block with one runs once per step without checkpointing, twice with (the recompute)
+    first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if isinstance(m, torch.nn.Linear))
+    calls: list[int] = []
+    hook = first_linear.register_forward_hook(lambda *_: calls.append(1))
+    plain = lora_grads(0.0)
+    calls_plain = len(calls)
+    ckpt = lora_grads(1.0)
+    calls_ckpt = len(calls) - calls_plain
+    hook.remove()
+    again = lora_grads(0.0)
+    n_blocks = len(model.repeated_blocks())
 
     # saved as EriSaveLoRA saves, loaded as LoraLoaderModelOnly loads
     tensors, metadata = session.export("float32")
@@ -162,6 +191,12 @@ def main() -> int:
         "rel_err": rel(result, trained),
         "lora_effect": rel(trained, base),
         "finite": bool(torch.isfinite(trained).all()),
+        "ckpt_blocks": n_blocks,
+        "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(net.targets),
+        "ckpt_grad_rel_err": max(rel(ckpt[k], plain[k]) for k in plain if k in ckpt),
+        "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
+        "block_calls_plain_ckpt": [calls_plain, calls_ckpt],
+        "grad_norm": float(sum(v.double().norm() ** 2 for v in plain.values()) ** 0.5),
         "device": str(mm.get_torch_device()),
     }
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -212,12 +212,9 @@ class TrainingModel(ABC):
 
     def set_gradient_checkpointing(self, fraction: float) -> None:
         """Checkpoint this fraction of the denoiser's repeated blocks (0: none, 1: all)."""
-        blocks = self.repeated_blocks()
-        if not blocks or fraction <= 0:
+        chosen = {id(b) for b in spread_over_depth(self.repeated_blocks(), fraction)}
+        if not chosen:
             return
-        n = len(blocks)
-        k = max(0, min(n, round(fraction * n)))
-        chosen = {id(blocks[round(i * n / k)]) for i in range(k)} if k else set()  # spread over depth
 
         def checkpoint(module, *args):
             if id(module) in chosen:
@@ -252,3 +249,40 @@ class TrainingModel(ABC):
 
 
 ModelLoader = Callable[..., TrainingModel]
+
+
+def spread_over_depth(blocks: list[nn.Module], fraction: float) -> list[nn.Module]:
+    """round(fraction * n) of the blocks, spread evenly over depth (0: none, 1: all)."""
+    n = len(blocks)
+    k = max(0, min(n, round(fraction * n))) if fraction > 0 else 0
+    return [blocks[round(i * n / k)] for i in range(k)] if k else []
+
+
+class BlockForwards:
+    """Blocks whose forward is wrapped (e.g. checkpointed), for backends whose blocks are called directly
+    rather than through a checkpointing hook of their own; `wrap` undoes the previous wrapping first."""
+
+    def __init__(self) -> None:
+        self._wrapped: list[nn.Module] = []
+
+    def wrap(self, blocks: list[nn.Module], wrapper: Callable[[Callable], Callable]) -> None:
+        self.restore()
+        for b in blocks:
+            b.forward = wrapper(b.forward)  # an instance attribute shadows the class's forward
+            self._wrapped.append(b)
+
+    def restore(self) -> None:
+        for b in self._wrapped:
+            b.__dict__.pop("forward", None)
+        self._wrapped = []
+
+
+def checkpointed(forward: Callable) -> Callable:
+    """`forward` under non-reentrant activation checkpointing while grad is enabled (keyword arguments kept)."""
+
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run

@@ -25,7 +25,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from . import registry
-from .base import Conditioning, Target, TrainingModel, linear_mu, time_shift_exponential, time_shift_linear
+from .base import (BlockForwards, Conditioning, Target, TrainingModel, checkpointed, linear_mu, spread_over_depth,
+                   time_shift_exponential, time_shift_linear)
 from .chroma_layout import (
     chroma_layout,
     diffusers_config_from_original,
@@ -88,7 +89,7 @@ class ChromaModel(TrainingModel):
         self.dynamic_shift = dynamic_shift
         self.shift = shift
         self.pixel_factor = vae_scale(vae) * 2 if vae is not None else 16
-        self._checkpointed: dict[int, object] = {}  # id(block) -> its forward before checkpointing
+        self._checkpointed = BlockForwards()
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -109,27 +110,7 @@ class ChromaModel(TrainingModel):
         batch whose captions differ in length would train on unmasked padding there; wrapping the blocks
         keeps every argument.
         """
-        blocks = self.repeated_blocks()
-        for b in blocks:  # undo an earlier call
-            if id(b) in self._checkpointed:
-                b.forward = self._checkpointed.pop(id(b))
-        if not blocks or fraction <= 0:
-            return
-        n = len(blocks)
-        k = max(0, min(n, round(fraction * n)))
-        for i in range(k):
-            b = blocks[round(i * n / k)]  # spread over depth
-            if id(b) in self._checkpointed:
-                continue
-            fwd = b.forward
-            self._checkpointed[id(b)] = fwd
-
-            def checkpointed(*args, _fwd=fwd, **kwargs):
-                if torch.is_grad_enabled():
-                    return torch.utils.checkpoint.checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
-                return _fwd(*args, **kwargs)
-
-            b.forward = checkpointed
+        self._checkpointed.wrap(spread_over_depth(self.repeated_blocks(), fraction), checkpointed)
 
     # --- encoders ------------------------------------------------------------------------------
     def text_encoders_loaded(self) -> bool:

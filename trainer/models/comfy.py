@@ -14,7 +14,8 @@ import re
 import torch
 from torch import nn
 
-from .base import Conditioning, EpsObjective, FlowObjective, Target, TargetMember, TrainingModel
+from .base import (BlockForwards, Conditioning, EpsObjective, FlowObjective, Target, TargetMember, TrainingModel,
+                   spread_over_depth)
 
 # Layers inside a model's repeated blocks (double_blocks.3, blocks.12, input_blocks.4, middle_block.1 ...)
 BLOCK_RE = re.compile(r"(^|\.)([a-z_]*blocks?|middle_block)\.\d+\.")
@@ -56,6 +57,53 @@ def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:
 
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def repeated_layers(diffusion_model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks in depth order (double_blocks, single_blocks, blocks, joint_blocks ...).
+    A UNet's input/middle/output blocks are sequences that ComfyUI iterates itself, calling each layer
+    (resnet, transformer, up/downsample) directly: their layers are the units."""
+    out: list[nn.Module] = []
+    for name, child in diffusion_model.named_children():
+        if isinstance(child, nn.ModuleList) and name.endswith("blocks"):
+            items = list(child)
+        elif name == "middle_block":
+            items = [child]
+        else:
+            continue
+        for item in items:
+            out.extend(item.children() if type(item).__name__ == "TimestepEmbedSequential" else [item])
+    return out
+
+
+def checkpointed_block(forward):
+    """Activation checkpointing that ComfyUI's blocks survive: reentrant (the first forward saves nothing,
+    so the in-place residual adds ComfyUI's models make cannot break it), the recompute under the same
+    saved-tensor copies as predict(), inputs cloned (a block that adds into its own input would otherwise
+    change what is recomputed from), and keyword arguments carried (reentrant checkpointing takes only
+    positional tensors). When no input needs a gradient (the first blocks), the inputs are made to, or the
+    LoRA weights inside would get none."""
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        names = list(kwargs)
+        flat = [*args, *kwargs.values()]
+        where = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        tensors = [flat[i] for i in where]
+        if not any(t.requires_grad for t in tensors):
+            tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+
+        def inner(*ts):
+            vals = list(flat)
+            for i, t in zip(where, ts):
+                vals[i] = t.clone() if t.is_floating_point() else t
+            with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _same):
+                return forward(*vals[:len(args)], **dict(zip(names, vals[len(args):])))
+
+        return torch.utils.checkpoint.checkpoint(inner, *tensors, use_reentrant=True)
+
+    return run
 
 
 _ROPE_AUTOGRAD = False
@@ -119,6 +167,7 @@ class ComfyModel(TrainingModel):
             self.vae_scale = 8
         # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
         self.pixel_factor = self.vae_scale * 2
+        self._checkpointed = BlockForwards()
 
     def load_to_device(self) -> None:
         import comfy.model_management as mm
@@ -132,6 +181,12 @@ class ComfyModel(TrainingModel):
 
     def latent_channels(self) -> int:
         return self._channels
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return repeated_layers(self.denoiser)
+
+    def set_gradient_checkpointing(self, fraction: float) -> None:
+        self._checkpointed.wrap(spread_over_depth(self.repeated_blocks(), fraction), checkpointed_block)
 
     # --- encoders -----------------------------------------------------------------------------
     def text_encoders_loaded(self) -> bool:
@@ -212,7 +267,11 @@ class ComfyModel(TrainingModel):
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         from .base import linear_mu
 
-        if not self.is_flow:
+        import comfy.model_sampling as ms
+
+        # Flux's resolution-dependent shift only where the model samples with it (Flux, Chroma); other flow
+        # models (SD3, Wan ...) take `flux_shift` as the fixed shift 3
+        if not isinstance(self.sampling, ms.ModelSamplingFlux):
             return None
         h, w = latent_shape[-2:]
         return linear_mu((h // 2) * (w // 2))

@@ -144,7 +144,8 @@ class Trainer:
             cond = {**cond, "control": control}
         noise = torch.randn(latents.shape, generator=gen)
         if tc.noise_offset:
-            noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+            # one offset per sample and channel, over every spatial (and frame) position
+            noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=gen)
         sigmas = self.model.train_sigmas(tc.timestep_type, latents.shape[0], gen, tuple(latents.shape))
         obj = self.model.objective
         dev = self.model.device
