@@ -349,12 +349,13 @@ def test_saved_network_reproduces_outputs_in_diffusers(conv, sdxl_full, images, 
 
 def test_demo_runs(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "trainer", "demo", "--arch", "sdxl", "--out", str(out), "--steps", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # one step: the demo UNet is the 283M one ComfyUI detects as SDXL (tests/integration/...demo_detection)
+    cmd = [sys.executable, "-m", "trainer", "demo", "--arch", "sdxl", "--out", str(out), "--steps", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     run = out / "output" / "demo_sdxl_lora"
     assert (run / "demo_sdxl_lora.safetensors").exists()
-    assert len(list((run / "samples").glob("*.png"))) == 6
+    assert len(list((run / "samples").glob("*.png"))) == 4  # before training and at step 1, two prompts
 
 
 def test_gradient_checkpointing_same_gradients(sdxl_full):

@@ -331,5 +331,6 @@ registry.register(
         arch="flex1",
         description="Flex.1 (Flux layout, 8 double blocks): trained with the guidance embedding bypassed",
         load=lambda mc, device, dtype: load_flux(mc, device, dtype, arch="flex1"),
+        make_demo=lambda folder: make_flux_demo(folder, arch="flex1"),
     )
 )

@@ -624,13 +624,16 @@ def write_sdxl_files(folder: Path, widths=(32, 64, 128), layers: int = 2, depths
 
 
 def make_sdxl_demo(folder: Path) -> dict:
-    """A small random SDXL in one ComfyUI-style checkpoint (SDXL's block structure at a fifth of its width;
-    ComfyUI itself only detects SDXL at full size). Returns the `model:` config."""
+    """A random SDXL in one ComfyUI-style checkpoint that ComfyUI detects as SDXL: it matches SDXL on
+    model_channels 320, context 2048, adm 2816 and transformer depths [0,0,2,2,10,10], but not on the channel
+    multipliers, so widths (320, 320, 320) make a 283M UNet. The text encoders are one layer each, at the
+    widths the UNet needs (768 + 1280). Returns the `model:` config."""
     path = folder / "sdxl_demo.safetensors"
     if path.exists() and (folder / "tokenizer").exists():
         return {"arch": "sdxl", "name_or_path": str(path), "tokenizer_paths": [str(folder / "tokenizer")]}
-    return write_sdxl_files(folder, widths=(64, 128, 256), layers=2, depths=(0, 1, 2), clip_l_width=64,
-                            clip_g_width=64, pooled=64, vae_widths=(32, 32, 32, 32), name="sdxl_demo")
+    return write_sdxl_files(folder, widths=(320, 320, 320), layers=2, depths=(0, 2, 10), clip_l_width=768,
+                            clip_g_width=1280, pooled=1280, clip_layers=1, vae_widths=(32, 32, 32, 32),
+                            name="sdxl_demo", dtype=torch.bfloat16)
 
 
 registry.register(
