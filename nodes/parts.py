@@ -28,13 +28,18 @@ class EriDataset(io.ComfyNode):
                 io.Int.Input("keep_tokens", default=0, min=0, max=100),
                 io.Boolean.Input("cache_latents_to_disk", default=True),
                 EriDatasets.Input("datasets", optional=True, tooltip="chain datasets: this one is added"),
+                io.String.Input("control_path", default="", optional=True,
+                                tooltip="control images with the images' file names (Flex.2); empty: none"),
+                io.Float.Input("control_dropout", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="chance an item trains without its control image"),
             ],
             outputs=[EriDatasets.Output(display_name="datasets")],
         )
 
     @classmethod
     def execute(cls, folder_path, trigger_word, caption_ext, default_caption, resolution, caption_dropout_rate,
-                num_repeats, flip_x, shuffle_tokens, keep_tokens, cache_latents_to_disk, datasets=None) -> io.NodeOutput:
+                num_repeats, flip_x, shuffle_tokens, keep_tokens, cache_latents_to_disk, datasets=None,
+                control_path="", control_dropout=0.0) -> io.NodeOutput:
         d = {"folder_path": folder_path.strip(), "caption_ext": caption_ext, "resolution": _resolutions(resolution),
              "caption_dropout_rate": caption_dropout_rate, "num_repeats": num_repeats, "flip_x": flip_x,
              "shuffle_tokens": shuffle_tokens, "keep_tokens": keep_tokens,
@@ -43,6 +48,9 @@ class EriDataset(io.ComfyNode):
             d["default_caption"] = default_caption
         if trigger_word.strip():
             d["trigger_word"] = trigger_word.strip()
+        if (control_path or "").strip():
+            d["control_path"] = control_path.strip()
+            d["control_dropout"] = control_dropout
         return io.NodeOutput(list(datasets or []) + [d])
 
 

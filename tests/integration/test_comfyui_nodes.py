@@ -496,22 +496,35 @@ def ui_to_api(workflow: dict, info: dict) -> dict:
     return prompt
 
 
-def test_example_workflow_is_the_yaml_twin(server):
-    """example_workflows/flux_demo_train.json loads on this server (every node, widget and link checks out) and
-    describes the run of flux_demo_train.yaml: EriExportJob over its parts writes the twin's job."""
+WORKFLOWS = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflow_is_the_yaml_twin(server, name):
+    """Each example workflow loads on this server (every node, widget and link checks out); a by-arch one
+    describes the run of its YAML twin (EriExportJob over its parts writes the twin's job); a ComfyUI-MODEL one
+    (no file paths to export) feeds ComfyUI's own loaders into EriComfyModel."""
     import yaml
 
-    workflow = json.loads((EXAMPLES / "flux_demo_train.json").read_text())
-    twin = yaml.safe_load((EXAMPLES / "flux_demo_train.yaml").read_text())
+    workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
     info = server.get("/object_info")
     prompt = ui_to_api(workflow, info)
     by_type = {}
     for nid, n in prompt.items():
         by_type.setdefault(n["class_type"], []).append(nid)
-    for t in ("EriModelByArch", "EriDataset", "EriNetwork", "EriTrainSettings", "EriTrain", "EriSaveLoRA", "EriSample"):
+    for t in ("EriDataset", "EriNetwork", "EriTrainSettings", "EriTrain", "EriSaveLoRA"):
         assert len(by_type.get(t, [])) == 1, f"expected one {t}: {by_type}"
     train = prompt[by_type["EriTrain"][0]]["inputs"]
-    out = server.base / "jobs" / "example_export.yaml"
+    twin_path = EXAMPLES / f"{name}.yaml"
+    if "EriComfyModel" in by_type:
+        assert not twin_path.exists(), f"{twin_path.name}: a ComfyUI-MODEL workflow has no runnable twin"
+        cm = prompt[by_type["EriComfyModel"][0]]["inputs"]
+        assert [prompt[cm[k][0]]["class_type"] for k in ("model", "clip", "vae")] == ["UNETLoader", "CLIPLoader",
+                                                                                      "VAELoader"], cm
+        assert train["training_model"][0] == by_type["EriComfyModel"][0]
+        return
+    twin = yaml.safe_load(twin_path.read_text())
+    out = server.base / "jobs" / f"{name}_export.yaml"
     parts = {k: v for k, v in prompt.items() if v["class_type"] in
              ("EriModelByArch", "EriDataset", "EriNetwork", "EriTrainSettings")}
     parts["export"] = {"class_type": "EriExportJob", "inputs": {
@@ -520,8 +533,8 @@ def test_example_workflow_is_the_yaml_twin(server):
     server.run(parts)
     exported = yaml.safe_load(out.read_text())
 
-    # paths: the workflow's are relative to ComfyUI's folder (custom_nodes/EriDiffusion/demo/...), the YAML's to
-    # the repository root (demo/...); the training folder: ComfyUI's output vs demo/output
+    # paths: the demo workflow's are relative to ComfyUI's folder (custom_nodes/EriDiffusion/demo/...), its YAML's
+    # to the repository root (demo/...); the training folder: ComfyUI's output vs demo/output
     def norm(job: dict) -> dict:
         proc = job["config"]["process"][0]
         proc.pop("training_folder", None)
@@ -529,8 +542,9 @@ def test_example_workflow_is_the_yaml_twin(server):
         return json.loads(text)
 
     assert norm(exported) == norm(twin)
-    from trainer.config import load_job_file
+    if name == "flux_demo_train":
+        from trainer.config import load_job_file
 
-    job = load_job_file(str(EXAMPLES / "flux_demo_train.yaml"), [])
-    assert job.process.model.name_or_path == "demo/models/flux_demo.safetensors"
-    assert job.process.datasets[0].folder_path == "demo/dataset"
+        job = load_job_file(str(twin_path), [])
+        assert job.process.model.name_or_path == "demo/models/flux_demo.safetensors"
+        assert job.process.datasets[0].folder_path == "demo/dataset"
