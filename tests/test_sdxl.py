@@ -528,3 +528,17 @@ def test_timestep_types_map_to_discrete_timesteps(sdxl_full):
     # u' = 3u / (1 + 2u) over uniform u has mean 1.5 - 0.75 ln 3 = 0.676
     assert abs(float(shifted.mean()) - 675.5) < 10
     assert torch.equal(timesteps("flux_shift"), shifted)
+
+
+def test_linear_timesteps_weigh_the_ddpm_position(sdxl_full):
+    """`linear_timesteps` weights by where a noise level sits on the schedule: for SDXL the DDPM timestep / 999
+    (its k-diffusion sigmas reach ~14.6, where a bell over [0, 1] would zero nearly every weight)."""
+    from trainer.models.sdxl import ddpm_sigmas
+    from trainer.train.timesteps import linear_timestep_weights
+
+    model = load(sdxl_full)
+    t = torch.tensor([0, 250, 500, 750, 999])
+    pos = model.schedule_position(ddpm_sigmas()[t])
+    assert torch.allclose(pos, t / 999, atol=1e-4), pos
+    w = linear_timestep_weights(pos)
+    assert w[2] == w.max() and w[2] > 1 and w[0] > 0.1 and w[4] > 0.1, w

@@ -184,6 +184,11 @@ class TrainingModel(ABC):
 
         return sample_flow_sigmas(kind, batch, gen, self.train_shift_mu(latent_shape))
 
+    def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Where each noise level sits on the training schedule, in [0, 1] (0: clean, 1: pure noise): what
+        `linear_timesteps` weights. Flow sigmas already are; DDPM families map theirs to t / 999."""
+        return sigmas
+
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         """mu for resolution-dependent timestep shift, or None if the family has none."""
         return None
@@ -231,8 +236,18 @@ class TrainingModel(ABC):
         return []
 
     def compile_blocks(self) -> None:
-        """Regional torch.compile of the repeated blocks (after the network's hooks are attached)."""
-        for b in self.repeated_blocks():
+        """Regional torch.compile of the repeated blocks (after the network's hooks are attached).
+
+        Blocks of one class share one code object, and dynamo counts recompiles per code object: a UNet's
+        resnets differ in width and resolution, so each needs its own graph. Allow one per block."""
+        import torch._dynamo
+
+        blocks = self.repeated_blocks()
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
+        for b in blocks:
             b.compile(fullgraph=True)
 
     def latent_cache_id(self) -> str:

@@ -264,6 +264,12 @@ class ComfyModel(TrainingModel):
         idx = torch.randint(0, table.shape[0], (batch,), generator=gen)
         return table[idx]
 
+    def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
+        if self.is_flow:
+            return sigmas
+        t = self.sampling.timestep(sigmas.to(self.sampling.sigmas.device)).float().cpu().clone()  # not an inference tensor
+        return t / (self.sampling.sigmas.shape[0] - 1)
+
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         from .base import linear_mu
 

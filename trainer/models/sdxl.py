@@ -232,6 +232,9 @@ class SDXLModel(TrainingModel):
         )[0]
         return out
 
+    def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return self.sigma_to_t(sigmas) / (NUM_TRAIN_TIMESTEPS - 1)
+
     def train_sigmas(self, kind: str | None, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Sigmas of discrete DDPM timesteps. Unset or `linear`: uniform over 0..999, as SDXL was trained (kohya,
         ai-toolkit). Otherwise the flow families' distribution of u in (0, 1] is drawn and mapped to the timestep

@@ -156,7 +156,7 @@ class Trainer:
         per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
         weights = torch.ones_like(per_sample)
         if tc.linear_timesteps:
-            weights = weights * linear_timestep_weights(sigmas)
+            weights = weights * linear_timestep_weights(self.model.schedule_position(sigmas).to(sigmas.device))
         if tc.snr_gamma:
             weights = weights * obj.min_snr_weights(sigmas, tc.snr_gamma)
         return (per_sample * weights).mean()
