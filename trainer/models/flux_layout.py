@@ -8,10 +8,14 @@ included, as several diffusers modules that each compute a slice of the fused ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ModelFileError
+
+if TYPE_CHECKING:
+    from .base import Target
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 

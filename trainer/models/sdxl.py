@@ -44,11 +44,11 @@ from .sdxl_layout import (
     is_open_clip,
     ldm_names,
     ldm_to_diffusers,
-    open_clip_to_transformers,
     transformers_to_open_clip,
     unet_config_from_ldm,
 )
-from .text_encoders import EncoderFile, find_tokenizer, identify_text_encoder, load_clip_text_model, load_tokenizer
+from .text_encoders import (EncoderFile, find_tokenizer, identify_text_encoder, load_clip_projected,
+                            load_clip_text_model, load_tokenizer)
 from .vae import load_vae, vae_scale, decode_latents, encode_latents
 
 log = logging.getLogger("trainer")
@@ -384,50 +384,9 @@ def _classify_encoders(paths: list[Path]) -> dict[str, tuple[Path, str]]:
 
 def load_clip_g(path: Path, prefix: str, dtype: torch.dtype, eos_token_id: int | None):
     """CLIPTextModelWithProjection from OpenCLIP (full SDXL checkpoints) or transformers layout (ComfyUI's
-    clip_g.safetensors), or a diffusers `text_encoder_2` folder."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    if path.is_dir() and (path / "config.json").exists():
-        model = CLIPTextModelWithProjection.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        return model.eval().requires_grad_(False)
-    sd: dict[str, torch.Tensor] = {}
-    for f in (find_weights_file(path) if path.is_dir() else [path]):
-        sd.update(load_state_dict(f, dtype, prefix))
-    if is_open_clip(sd):
-        sd = open_clip_to_transformers(sd)
-    sd = {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v for k, v in sd.items()
-          if not k.endswith(("position_ids", "logit_scale"))}
-    try:
-        emb = sd["text_model.embeddings.token_embedding.weight"]
-        proj = sd["text_projection.weight"]
-        layers = 0
-        while f"text_model.encoder.layers.{layers}.mlp.fc1.weight" in sd:
-            layers += 1
-        hidden = emb.shape[1]
-        cfg = CLIPTextConfig(
-            vocab_size=emb.shape[0], hidden_size=hidden,
-            intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-            max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-            hidden_act="gelu", projection_dim=proj.shape[0],
-            eos_token_id=eos_token_id if eos_token_id is not None else 2, bos_token_id=0,
-            pad_token_id=eos_token_id if eos_token_id is not None else 1,
-        )
-    except KeyError as e:
-        raise ModelFileError(f"{path}: not a complete CLIP-G text encoder (missing {e.args[0]})") from None
-    with torch.device("meta"):
-        model = CLIPTextModelWithProjection(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
-        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-    missing, _ = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing:
-        raise ModelFileError(f"{path}: incomplete CLIP-G, missing {len(missing)} tensors (e.g. {missing[0]})")
-    for name, buf in model.named_buffers():
-        if name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    return model.eval().requires_grad_(False)
+    clip_g.safetensors), or a diffusers `text_encoder_2` folder; its projection gives SDXL's pooled vector."""
+    return load_clip_projected(EncoderFile("clip", path, prefix), dtype, eos_token_id, "clip_g",
+                               identity_projection=False)
 
 
 def _config_v_pred(mc: ModelConfig) -> bool | None:

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 
+import logging
+
 from ..errors import ModelFileError
 from .files import comfyui_roots, find_weights_file, load_state_dict, safetensors_shapes
+
+log = logging.getLogger("trainer")
 
 CLIP_PREFIXES = ("cond_stage_model.transformer.", "transformer.", "te.", "")
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "transformer.", "")
@@ -105,6 +109,63 @@ def load_clip_text_model(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int 
     if not any(k.startswith("text_model.") for k in model.state_dict()):
         sd = {k[len("text_model."):]: v for k, v in sd.items()}
     _load_checked(model, sd, ef.path, allowed_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    return model.eval().requires_grad_(False)
+
+
+def load_clip_projected(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int | None, role: str,
+                        identity_projection: bool = True):
+    """CLIPTextModelWithProjection (SDXL pools CLIP-G, SD3 both CLIPs through their projections) from a
+    transformers-layout or OpenCLIP-layout file, or a diffusers text_encoder folder. CLIP-L uses quick_gelu,
+    CLIP-G gelu. A file without a projection gets the identity (as ComfyUI assumes) if `identity_projection`,
+    else it is an error."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .sdxl_layout import is_open_clip, open_clip_to_transformers
+
+    if ef.path.is_dir() and (ef.path / "config.json").exists():
+        model = CLIPTextModelWithProjection.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
+    sd: dict[str, torch.Tensor] = {}
+    for f in (find_weights_file(ef.path) if ef.path.is_dir() else [ef.path]):
+        sd.update(load_state_dict(f, dtype, ef.prefix))
+    if is_open_clip(sd):
+        sd = open_clip_to_transformers(sd)
+    sd = {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v for k, v in sd.items()
+          if not k.endswith(("position_ids", "logit_scale"))}
+    try:
+        emb = sd["text_model.embeddings.token_embedding.weight"]
+        hidden = emb.shape[1]
+        if "text_projection.weight" not in sd and identity_projection:
+            # what ComfyUI assumes for a CLIP file without one
+            log.warning("%s: no text_projection; using the identity for the pooled %s embedding", ef.path, role)
+            sd["text_projection.weight"] = torch.eye(hidden, dtype=emb.dtype)
+        layers = 0
+        while f"text_model.encoder.layers.{layers}.mlp.fc1.weight" in sd:
+            layers += 1
+        cfg = CLIPTextConfig(
+            vocab_size=emb.shape[0], hidden_size=hidden,
+            intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+            max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+            hidden_act="gelu" if role == "clip_g" else "quick_gelu",
+            projection_dim=sd["text_projection.weight"].shape[0],  # KeyError: no projection
+            eos_token_id=eos_token_id if eos_token_id is not None else 2, bos_token_id=0,
+            pad_token_id=eos_token_id if eos_token_id is not None else 1,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{ef.path}: not a complete CLIP text encoder (missing {e.args[0]})") from None
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the level
+        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ModelFileError(f"{ef.path}: incomplete CLIP text encoder, missing {len(missing)} tensors (e.g. {missing[0]})")
+    for name, buf in model.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
     return model.eval().requires_grad_(False)
 
 
