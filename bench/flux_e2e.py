@@ -26,7 +26,7 @@ VARIANTS = {
 }
 
 
-def build_files(folder: Path) -> dict:
+def build_files(folder: Path, t5_layers: int = 1) -> dict:
     from trainer.demo import make_dataset
     from trainer.models import tiny
 
@@ -41,13 +41,17 @@ def build_files(folder: Path) -> dict:
         tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
         # real widths where the transformer reads them (768 pooled, 4096 context), one layer each
         tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=768, layers=1, dtype=torch.bfloat16)
-        tiny.make_t5_file(folder / "t5.safetensors", len(tt), d_model=4096, layers=1, heads=64, d_kv=64, d_ff=10240,
-                          dtype=torch.bfloat16)
         tiny.make_vae_file(folder / "ae.safetensors", [128, 256, 512, 512], layers=2, latent=16, dtype=torch.bfloat16)
         make_dataset(folder / "data", n=4, size=(1024, 1024))
         print(f"# files written in {time.time() - t0:.0f}s", flush=True)
+    # T5 at real width; --t5-layers 24 is T5-XXL's full depth (9.5 GB in bf16), to see the load-time peak
+    t5 = folder / f"t5_{t5_layers}l.safetensors"
+    if not t5.exists():
+        tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
+        tiny.make_t5_file(t5, len(tt), d_model=4096, layers=t5_layers, heads=64, d_kv=64, d_ff=10240,
+                          dtype=torch.bfloat16)
     return {"arch": "flux", "name_or_path": str(flux),
-            "text_encoder_paths": [str(folder / "clip_l.safetensors"), str(folder / "t5.safetensors")],
+            "text_encoder_paths": [str(folder / "clip_l.safetensors"), str(t5)],
             "vae_path": str(folder / "ae.safetensors"),
             "tokenizer_paths": [str(folder / "tok_clip"), str(folder / "tok_t5")], "t5_max_length": 512}
 
@@ -71,11 +75,12 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--t5-layers", type=int, default=1)
     a = ap.parse_args()
     folder = Path(a.work)
-    model = build_files(folder)
+    model = build_files(folder, a.t5_layers)
     for v in a.variants:
-        name = f"e2e_{v}_{a.res}"
+        name = f"e2e_{v}_{a.res}_t5x{a.t5_layers}"
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(job(name, model, folder, a.steps, a.res, VARIANTS[v])))
         t0 = time.time()
@@ -90,6 +95,7 @@ def main() -> None:
                           "mean_s_per_step": round(statistics.mean(steady), 4),
                           "first_step_s": round(m[0]["s_per_step"], 2),
                           "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
+                          "t5_layers": a.t5_layers,
                           "device": torch.cuda.get_device_name()}), flush=True)
 
 

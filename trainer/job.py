@@ -145,6 +145,7 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     samples = prepare_samples(job, model)
     if texts is not None and not keep_text_encoders:
         model.release_text_encoders()
+    model.place_denoiser()  # after the encoders had the card to themselves
     network = make_network(job, model)
     if proc.train.compile:
         report("compiling the model's blocks (the first steps of each new size take longer)")

@@ -243,7 +243,7 @@ def load_chroma(mc: ModelConfig, device: str, dtype: torch.dtype) -> ChromaModel
 
     dynamic, shift = _scheduler_shift(folder)
     dev = torch.device(device)
-    for m in (transformer, vae, t5):
+    for m in (vae, t5):  # the transformer follows in place_denoiser(), after the encoding
         m.to(dev)
     return ChromaModel(transformer, vae, t5, t5_tok, mc.t5_max_length or T5_MAX_LENGTH, dev, dtype, dynamic, shift)
 

@@ -195,6 +195,9 @@ class ComfyModel(TrainingModel):
     def release_text_encoders(self) -> None:
         self.clip = None
 
+    def place_denoiser(self) -> None:
+        """ComfyUI's model management places the model (load_to_device)."""
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Conditioning:
         if self.clip is None:

@@ -283,7 +283,7 @@ def load_flux(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "flu
     default_bypass = FAMILY_DEFAULTS.get(arch, {}).get("bypass_guidance_embedding", model_cls.default_bypass_guidance)
     bypass = bool(mc.bypass_guidance_embedding) if mc.bypass_guidance_embedding is not None else default_bypass
     dev = torch.device(device)
-    for m in (transformer, vae, clip, t5):
+    for m in (vae, clip, t5):  # the transformer follows in place_denoiser(), after the encoding
         m.to(dev)
     return model_cls(transformer, vae, clip, t5, clip_tok, t5_tok, t5_len, dev, dtype, bypass, arch)
 

@@ -361,7 +361,7 @@ def load_sd3(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sd3"
     vae = load_vae(vae_src, dtype, SD3_VAE_SCALE, SD3_VAE_SHIFT, cfg.in_channels)
 
     dev = torch.device(device)
-    for m in (transformer, vae, clip_l, clip_g, t5):
+    for m in (vae, clip_l, clip_g, t5):  # the transformer follows in place_denoiser(), after the encoding
         if m is not None:
             m.to(dev)
     return SD3Model(transformer, vae, clip_l, clip_g, t5, tok_l, tok_g, tok_t5, mc.t5_max_length or T5_MAX_LENGTH,

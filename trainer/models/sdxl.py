@@ -483,7 +483,7 @@ def load_sdxl(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sdx
     if v_pred is None:
         v_pred = bool(_file_v_pred(root))
     dev = torch.device(device)
-    for m in (unet, vae, clip_l, clip_g):
+    for m in (vae, clip_l, clip_g):  # the UNet follows in place_denoiser(), after the encoding
         m.to(dev)
     return SDXLModel(unet, vae, clip_l, clip_g, tok_l, tok_g, dev, dtype, v_pred=v_pred)
 
