@@ -23,6 +23,11 @@ VARIANTS = {
     "ckpt0": {"gradient_checkpointing": False},
     "compile_ckpt0": {"compile": True, "gradient_checkpointing": False},
     "compile_ckpt05": {"compile": True, "gradient_checkpointing": 0.5},
+    # model.quantize: block linears in fp8 (the 24 GB recipe)
+    "fp8": {"model": {"quantize": True}},
+    "fp8_compile": {"compile": True, "model": {"quantize": True}},
+    "fp8_compile_ckpt05": {"compile": True, "gradient_checkpointing": 0.5, "model": {"quantize": True}},
+    "fp8_compile_ckpt025": {"compile": True, "gradient_checkpointing": 0.25, "model": {"quantize": True}},
 }
 
 
@@ -59,6 +64,8 @@ def build_files(folder: Path, t5_layers: int = 1) -> dict:
 def job(name: str, model: dict, folder: Path, steps: int, res: int, extra: dict) -> dict:
     train = {"steps": steps, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True,
              "cache_text_embeddings": True, "disable_sampling": True}
+    extra = dict(extra)
+    model = {**model, **extra.pop("model", {})}
     train.update(extra)
     return {"job": "extension", "config": {"name": name, "process": [{
         "training_folder": str(folder / "runs"), "device": "cuda",

@@ -40,12 +40,15 @@ class EriModelByArch(io.ComfyNode):
                 io.String.Input("tokenizer_paths", default="", multiline=True, optional=True),
                 io.Int.Input("t5_max_length", default=0, min=0, max=4096, optional=True,
                              tooltip="0: the family's default (Flux dev 512, schnell 256)"),
+                io.Boolean.Input("quantize", default=False, optional=True,
+                                 tooltip="store the block weights in fp8 (half of bf16): Flux in 24 GB"),
             ],
             outputs=[EriModel.Output(display_name="training_model")],
         )
 
     @classmethod
-    def execute(cls, arch, name_or_path, text_encoder_paths, vae_path, tokenizer_paths="", t5_max_length=0) -> io.NodeOutput:
+    def execute(cls, arch, name_or_path, text_encoder_paths, vae_path, tokenizer_paths="", t5_max_length=0,
+                quantize=False) -> io.NodeOutput:
         model = {"arch": arch, "name_or_path": name_or_path.strip()}
         tes = [p.strip() for p in text_encoder_paths.splitlines() if p.strip()]
         toks = [p.strip() for p in (tokenizer_paths or "").splitlines() if p.strip()]
@@ -57,4 +60,6 @@ class EriModelByArch(io.ComfyNode):
             model["tokenizer_paths"] = toks
         if t5_max_length:
             model["t5_max_length"] = t5_max_length
+        if quantize:
+            model["quantize"] = True
         return io.NodeOutput({"model": model})

@@ -206,7 +206,8 @@ def main() -> int:
     flux_demo_model = dict(arch="flux", name_or_path=f"{DEMO}/models/flux_demo.safetensors",
                            text_encoder_paths=f"{DEMO}/models/clip_l_demo.safetensors\n{DEMO}/models/t5_demo.safetensors",
                            vae_path=f"{DEMO}/models/ae_demo.safetensors",
-                           tokenizer_paths=f"{DEMO}/models/tokenizer_clip\n{DEMO}/models/tokenizer_t5", t5_max_length=32)
+                           tokenizer_paths=f"{DEMO}/models/tokenizer_clip\n{DEMO}/models/tokenizer_t5", t5_max_length=32,
+                           quantize=False)
     specs.append(("flux_demo_train", flux_demo_model, 10, dict(
         ds=dataset(folder_path=f"{DEMO}/dataset", resolution="128"),
         net=network(rank=4, alpha=4.0),
@@ -228,7 +229,7 @@ def main() -> int:
                  "Queue again to resume from the last save.\n\nSame run from a shell, in the ComfyUI folder: "
                  "trainer custom_nodes/EriDiffusion/example_workflows/{name}.yaml")
     specs.append(("sdxl_train", dict(arch="sdxl", name_or_path="models/checkpoints/sd_xl_base_1.0.safetensors",
-                                     text_encoder_paths="", vae_path="", tokenizer_paths="", t5_max_length=0), 2000, dict(
+                                     text_encoder_paths="", vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False), 2000, dict(
         sets=settings("sdxl_train", lr=1e-4, guidance_scale=6.0, sample_steps=25),
         net=network(type="locon", rank=16, alpha=8.0, conv_rank=8, conv_alpha=4.0),
         sample=dict(prompt="sks in a forest", negative="blurry, low quality", width=1024, height=1024, steps=25,
@@ -239,16 +240,17 @@ def main() -> int:
     specs.append(("flux_dev_train", dict(arch="flux", name_or_path="models/diffusion_models/flux1-dev.safetensors",
                                          text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                             "models/text_encoders/t5xxl_fp16.safetensors",
-                                         vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0),
+                                         vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0,
+                                         quantize=True),
                   2000, dict(
         sets=settings("flux_dev_train", lr=1e-4, timestep_type="flux_shift", guidance_scale=3.5),
         sample=dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=20, guidance=3.5, seed=42),
         note=real_note.format(what="a LoRA for FLUX.1-dev.", name="flux_dev_train",
-                              extra="bf16 Flux needs about 25 GiB at 1024 px: on a 24 GB card train at 512-768 px "
-                                    "(resolution) until quantized base weights land.")), False))
+                              extra="quantize stores Flux's weights in fp8: 14.8 GiB at 1024 px (measured on an H100); "
+                                    "turn it off on a card with 32 GB or more for bf16 weights.")), False))
     specs.append(("chroma_train", dict(arch="chroma", name_or_path="models/diffusion_models/chroma-unlocked-v50.safetensors",
                                        text_encoder_paths="models/text_encoders/t5xxl_fp16.safetensors",
-                                       vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0),
+                                       vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=False),
                   2000, dict(
         sets=settings("chroma_train", lr=1e-4, guidance_scale=4.0, sample_steps=26),
         sample=dict(prompt="sks in a forest", negative="low quality, blurry", width=1024, height=1024, steps=26,
@@ -259,7 +261,7 @@ def main() -> int:
                                            text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                               "models/text_encoders/clip_g.safetensors\n"
                                                               "models/text_encoders/t5xxl_fp16.safetensors",
-                                           vae_path="", tokenizer_paths="", t5_max_length=0), 2000, dict(
+                                           vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False), 2000, dict(
         sets=settings("sd35_large_train", lr=1e-4, timestep_type="shift", guidance_scale=4.5, sample_steps=28),
         sample=dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=28, guidance=4.5, seed=42),
         note=real_note.format(what="a LoRA for SD 3.5 Large (also Medium and Large Turbo).",
@@ -269,7 +271,7 @@ def main() -> int:
     specs.append(("flex2_train", dict(arch="flex2", name_or_path="models/diffusion_models/Flex.2-preview.safetensors",
                                       text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                          "models/text_encoders/t5xxl_fp16.safetensors",
-                                      vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0),
+                                      vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=True),
                   2000, dict(
         ds=dataset(control_path="input/my_lora_dataset_control", control_dropout=0.1),
         sets=settings("flex2_train", lr=1e-4, timestep_type="flux_shift", guidance_scale=3.5),
