@@ -159,13 +159,17 @@ class TrainingModel(ABC):
     @abstractmethod
     def encode_text(self, captions: list[str]) -> Conditioning: ...
 
-    @abstractmethod
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [-1, 1], (b, 3, h, w) -> normalized latents."""
+        """images in [-1, 1], (b, 3, h, w) -> normalized latents (the family's KL VAE in `self.vae`)."""
+        from .vae import encode_latents
 
-    @abstractmethod
+        return encode_latents(self.vae, images)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalized latents -> images in [-1, 1]."""
+        from .vae import decode_latents
+
+        return decode_latents(self.vae, latents)
 
     @abstractmethod
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:

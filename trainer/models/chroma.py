@@ -39,7 +39,7 @@ from .flux import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, image_ids, pack_latents, unpac
 from .flux_layout import block_targets
 from .transformer_file import load_transformer
 from .text_encoders import find_tokenizer, identify_text_encoder, load_t5_encoder, load_tokenizer
-from .vae import load_vae, vae_scale, decode_latents, encode_latents
+from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
 
@@ -135,12 +135,6 @@ class ChromaModel(TrainingModel):
         lengths = tok.attention_mask.sum(dim=1)
         keep = torch.arange(tok.attention_mask.shape[1])[None, :] <= lengths[:, None]
         return {"t5": embeds.float().cpu(), "t5_mask": keep}
-
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:

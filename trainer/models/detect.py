@@ -29,3 +29,14 @@ def guess_family(keys) -> str | None:
             if all(f"{p}{k}" in keys for k in needed):
                 return family
     return None
+
+
+def require_family(path, shapes: dict, family: str, arch: str) -> None:
+    """One clear error when a checkpoint is not of the family `model.arch` asks for (derivatives in the same
+    layout, Flex.1 or Flux.1-lite, detect as their base family)."""
+    from ..errors import ModelFileError
+
+    found = guess_family(shapes)
+    if found != family:
+        what = f"a {found} checkpoint" if found else "not a diffusion model checkpoint this trainer knows"
+        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")

@@ -115,3 +115,11 @@ def comfyui_roots(*near: Path) -> list[Path]:
         if (c / "comfy").is_dir() and c not in seen:
             seen.append(c)
     return seen
+
+
+def diffusers_component(path: Path, sub: str, name: str) -> Path:
+    """The folder holding a diffusers model's config: `path/sub` of a pipeline folder, or `path` itself."""
+    folder = path / sub if (path / sub / "config.json").exists() else path
+    if not (folder / "config.json").exists():
+        raise ModelFileError(f"{path}: not a diffusers {name} folder (no {sub}/config.json)")
+    return folder

@@ -26,7 +26,7 @@ from .text_encoders import (
     load_t5_encoder,
     load_tokenizer,
 )
-from .vae import load_vae, vae_scale, decode_latents, encode_latents
+from .vae import load_vae, vae_scale
 
 # Flex.1 is Flux's layout (8 double blocks) with a guidance embedder meant to be bypassed in training
 FAMILY_DEFAULTS = {"flex1": {"bypass_guidance_embedding": True}}
@@ -155,12 +155,6 @@ class FluxModel(TrainingModel):
         t5_device = next(self.t5.parameters()).device
         embeds = self.t5(ttok.input_ids.to(t5_device), output_hidden_states=False)[0]
         return {"t5": embeds.float().cpu(), "pooled": pooled.float().cpu()}
-
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:

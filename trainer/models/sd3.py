@@ -24,8 +24,9 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from . import registry
 from .base import Conditioning, FlowObjective, Target, TrainingModel, time_shift_linear
-from .detect import guess_family
-from .files import find_weights_file, is_diffusers_folder, load_state_dict, local_path, safetensors_shapes
+from .detect import require_family
+from .files import (diffusers_component, find_weights_file, is_diffusers_folder, load_state_dict, local_path,
+                    safetensors_shapes)
 from .flux_layout import block_targets
 from .sd3_layout import (
     CLIP_G_PREFIX,
@@ -42,7 +43,7 @@ from .sd3_layout import (
 )
 from .text_encoders import (EncoderFile, find_tokenizer, identify_text_encoder, load_clip_projected, load_t5_encoder,
                             load_tokenizer)
-from .vae import decode_latents, encode_latents, load_vae, vae_scale
+from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
 
@@ -98,16 +99,11 @@ def load_sd3_transformer(path: Path, dtype: torch.dtype, arch: str = "sd3"):
     from diffusers import SD3Transformer2DModel
 
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelFileError(f"{path}: not a diffusers SD3 folder (no transformer/config.json)")
+        folder = diffusers_component(path, "transformer", "SD3")
         model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
         return use_original_modulation_order(model)
     shapes = safetensors_shapes(path)
-    found = guess_family(shapes)
-    if found != "sd3":
-        what = f"a {found} checkpoint" if found else "not a diffusion model checkpoint this trainer knows"
-        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
+    require_family(path, shapes, "sd3", arch)
     prefix = transformer_prefix(shapes)
     own = transformer_shapes(shapes, prefix)
     cfg = diffusers_config_from_original(own, str(path))
@@ -199,12 +195,6 @@ class SD3Model(TrainingModel):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"context": torch.cat([clip, t5.to(clip.device)], dim=-2).cpu(),
                 "pooled": torch.cat([pl, pg], dim=-1).cpu()}
-
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:

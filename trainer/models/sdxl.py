@@ -24,8 +24,9 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from . import registry
 from .base import Conditioning, EpsObjective, Target, TargetMember, TrainingModel
-from .detect import guess_family
+from .detect import require_family
 from .files import (
+    diffusers_component,
     find_weights_file,
     is_diffusers_folder,
     load_state_dict,
@@ -49,7 +50,7 @@ from .sdxl_layout import (
 )
 from .text_encoders import (EncoderFile, find_tokenizer, identify_text_encoder, load_clip_projected,
                             load_clip_text_model, load_tokenizer)
-from .vae import load_vae, vae_scale, decode_latents, encode_latents
+from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
 
@@ -197,12 +198,6 @@ class SDXLModel(TrainingModel):
         # with grad: adapters on the encoders (train.train_text_encoder) learn; without them nothing is recorded
         return self._encode(captions)
 
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_latents(self.vae, images)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, latents)
-
     # --- denoising -----------------------------------------------------------------------------
     def sigma_to_t(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table."""
@@ -279,15 +274,10 @@ def load_sdxl_unet(path: Path, dtype: torch.dtype, arch: str = "sdxl"):
     from diffusers import UNet2DConditionModel
 
     if path.is_dir():
-        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelFileError(f"{path}: not a diffusers SDXL folder (no unet/config.json)")
+        folder = diffusers_component(path, "unet", "SDXL")
         return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     shapes = safetensors_shapes(path)
-    family = guess_family(shapes)
-    if family != "sdxl":
-        what = f"a {family} checkpoint" if family else "not a diffusion model checkpoint this trainer knows"
-        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
+    require_family(path, shapes, "sdxl", arch)
     prefix = _unet_prefix(shapes)
     # a bare UNet keeps every key; a full checkpoint's other parts sit under other prefixes
     unet_shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from ..errors import ModelFileError
-from .detect import guess_family
-from .files import load_state_dict, safetensors_shapes
+from .detect import require_family
+from .files import diffusers_component, load_state_dict, safetensors_shapes
 from .flux_layout import ORIGINAL_PREFIXES
 
 
@@ -28,15 +28,10 @@ def load_transformer(
     name: str,
 ):
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelFileError(f"{path}: not a diffusers {name} folder (no transformer/config.json)")
+        folder = diffusers_component(path, "transformer", name)
         return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     shapes = safetensors_shapes(path)
-    found = guess_family(shapes)
-    if found != family:  # derivatives in the same layout (Flex.1, Flux.1-lite) detect as their base family
-        what = f"a {found} checkpoint" if found else "not a diffusion model checkpoint this trainer knows"
-        raise ModelFileError(f"{path}: this is {what}, but model.arch is {arch!r}")
+    require_family(path, shapes, family, arch)
     prefix = next((p for p in ORIGINAL_PREFIXES if f"{p}img_in.weight" in shapes), None)
     if prefix is None:
         raise ModelFileError(f"{path}: a {name} checkpoint without img_in (a pixel-space variant?) is not supported")
