@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import sys
+
+from comfy_boot import boot
 from pathlib import Path
 
 
@@ -28,12 +30,7 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="Flux single file, original (BFL) layout")
     ap.add_argument("--report", required=True)
     a = ap.parse_args()
-    sys.path.insert(0, os.path.abspath(a.comfyui))
-    sys.path.insert(0, os.path.abspath(a.repo))
-
-    from comfy.cli_args import args
-
-    args.cpu = True  # before any other comfy import
+    boot(a.comfyui, a.repo)  # before any comfy import
 
     import torch
 

@@ -25,24 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+
+from comfy_boot import boot
 import time
-
-
-class _Capture(logging.Handler):
-    """Every record logged anywhere while ComfyUI loads and patches."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.messages.append(record.getMessage())
-        except Exception:  # a malformed record must not hide the rest
-            self.messages.append(str(record.msg))
 
 
 def _named_file(text: str) -> tuple[str, str]:
@@ -68,15 +55,7 @@ def main() -> int:
     if len(set(names)) != len(names):
         ap.error(f"--lora names must be unique: {names}")
 
-    sys.path.insert(0, os.path.abspath(a.comfyui))
-    capture = _Capture()
-    root = logging.getLogger()
-    root.addHandler(capture)
-    root.setLevel(logging.DEBUG)
-
-    from comfy.cli_args import args
-
-    args.cpu = True  # must precede any other comfy import: model_management reads it at import time
+    capture = boot(a.comfyui)  # before any comfy import
 
     import torch
     from safetensors.torch import load_file, save_file

@@ -17,21 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
-
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.messages.append(record.getMessage())
-        except Exception:  # a malformed record must not hide the rest
-            self.messages.append(str(record.msg))
+from comfy_boot import boot
 
 
 def _named_file(text: str) -> tuple[str, str]:
@@ -51,15 +40,7 @@ def main() -> int:
     ap.add_argument("--report", required=True)
     a = ap.parse_args()
 
-    sys.path.insert(0, os.path.abspath(a.comfyui))
-    capture = _Capture()
-    root = logging.getLogger()
-    root.addHandler(capture)
-    root.setLevel(logging.DEBUG)
-
-    from comfy.cli_args import args
-
-    args.cpu = True  # before any other comfy import: model_management reads it at import time
+    capture = boot(a.comfyui)  # before any comfy import
 
     import torch
     from safetensors.torch import load_file, save_file

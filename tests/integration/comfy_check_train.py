@@ -16,19 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+
+from comfy_boot import boot
 from pathlib import Path
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def _write_dataset(folder: Path, n: int = 2, size: int = 64) -> Path:
@@ -72,13 +64,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--report", required=True)
     a = ap.parse_args()
-    here = Path(__file__).resolve().parent
-    for p in (os.path.abspath(a.comfyui), os.path.abspath(a.repo), str(here)):
-        sys.path.insert(0, p)
-
-    from comfy.cli_args import args
-
-    args.cpu = True  # before any other comfy import
+    collect = boot(a.comfyui, a.repo)  # before any comfy import
 
     import torch
 
@@ -91,8 +77,6 @@ def main() -> int:
     from trainer.session import TrainingSession, job_from_parts
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    collect = _Collect()
-    logging.getLogger().addHandler(collect)
     cache, work = Path(a.cache), Path(a.work)
     files = {"sdxl": comfy_fixtures.sdxl_files, "wan": comfy_fixtures.wan_files,
              "flux": comfy_fixtures.flux_files}[a.family](cache)
@@ -167,11 +151,11 @@ def main() -> int:
     tensors, metadata = session.export("float32")
     path = work / "loras" / f"eri_{a.family}.safetensors"
     save_safetensors_atomic(tensors, path, metadata)
-    before = len(collect.lines)
+    before = len(collect.messages)
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     with torch.inference_mode():
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
-    not_loaded = [m for m in collect.lines[before:] if "lora key not loaded" in m]
+    not_loaded = [m for m in collect.messages[before:] if "lora key not loaded" in m]
     with torch.inference_mode(False):
         comfy_patched = ComfyModel(patched, None, vae)
         comfy_patched.load_to_device()
