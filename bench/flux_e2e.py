@@ -33,15 +33,16 @@ VARIANTS = {
 
 def build_files(folder: Path, t5_layers: int = 1) -> dict:
     from trainer.demo import make_dataset
-    from trainer.models import tiny
+    from trainer.demo import tiny
+    from trainer.demo import flux as demo_flux
 
     folder.mkdir(parents=True, exist_ok=True)
     flux = folder / "flux1-dev-random.safetensors"
     if not flux.exists():
         t0 = time.time()
-        cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
+        cfg = demo_flux.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
                                          pooled_dim=768, guidance=True)
-        tiny.make_flux_file(flux, cfg, dtype=torch.bfloat16)
+        demo_flux.make_flux_file(flux, cfg, dtype=torch.bfloat16)
         ct = tiny.build_tokenizer(folder / "tok_clip", "clip")
         tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
         # real widths where the transformer reads them (768 pooled, 4096 context), one layer each

@@ -45,7 +45,9 @@ from types import SimpleNamespace
 
 import torch
 
-from trainer.models import tiny
+from trainer.demo import tiny
+
+from trainer.demo import flux as demo_flux
 from trainer.networks.lora import LoRAAdapter
 from trainer.models.flux import FluxModel
 from trainer.networks.network import Network
@@ -55,9 +57,9 @@ GIB = 1024**3
 
 def build_config(is_tiny: bool) -> dict:
     if is_tiny:
-        return tiny.flux_diffusers_config(hidden=128, head_dim=32, double=2, single=2, context_dim=64,
+        return demo_flux.flux_diffusers_config(hidden=128, head_dim=32, double=2, single=2, context_dim=64,
                                           pooled_dim=32, guidance=True)
-    return tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
+    return demo_flux.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
                                       pooled_dim=768, guidance=True)
 
 

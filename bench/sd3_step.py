@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from trainer.models.base import FlowObjective
-from trainer.models.sd3 import SD3Model, sd3_diffusers_config, use_original_modulation_order
+from trainer.models.objectives import FlowObjective
+from trainer.demo.sd3 import sd3_diffusers_config
+from trainer.models.sd3 import SD3Model, use_original_modulation_order
 from trainer.networks.network import Network
 
 GIB = 1024**3

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from trainer.models.sdxl import SDXLModel, ddpm_sigmas, sdxl_unet_config
+from trainer.demo.sdxl import sdxl_unet_config
+from trainer.models.sdxl import SDXLModel, ddpm_sigmas
 from trainer.networks.network import Network
 
 GIB = 1024**3

@@ -2,8 +2,10 @@
 
 from comfy_api.latest import io
 
+from ..trainer.graph_parts import MODEL_OPTIONAL_WIDGETS, MODEL_WIDGETS, model_section
 from ..trainer.models import registry
 from .types import CATEGORY, EriModel
+from .widgets import widget_inputs
 
 
 class EriComfyModel(io.ComfyNode):
@@ -28,38 +30,17 @@ class EriComfyModel(io.ComfyNode):
 class EriModelByArch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        arches = [a for a in registry.known_arches() if a != "comfy"]
         return io.Schema(
             node_id="EriModelByArch", display_name="Training Model (by arch, from files)", category=CATEGORY,
             description="The engine's own loaders, exactly as `python -m trainer` loads `model:`.",
             inputs=[
-                io.Combo.Input("arch", options=arches, default="flux"),
-                io.String.Input("name_or_path", default="", tooltip="diffusion model .safetensors or a diffusers folder"),
-                io.String.Input("text_encoder_paths", default="", multiline=True, tooltip="one path per line"),
-                io.String.Input("vae_path", default=""),
-                io.String.Input("tokenizer_paths", default="", multiline=True, optional=True),
-                io.Int.Input("t5_max_length", default=0, min=0, max=4096, optional=True,
-                             tooltip="0: the family's default (Flux dev 512, schnell 256)"),
-                io.Boolean.Input("quantize", default=False, optional=True,
-                                 tooltip="store the block weights in fp8 (half of bf16): Flux in 24 GB"),
+                io.Combo.Input("arch", options=registry.known_arches(), default="flux"),
+                *widget_inputs(MODEL_WIDGETS),
+                *widget_inputs(MODEL_OPTIONAL_WIDGETS, optional=True),
             ],
             outputs=[EriModel.Output(display_name="training_model")],
         )
 
     @classmethod
-    def execute(cls, arch, name_or_path, text_encoder_paths, vae_path, tokenizer_paths="", t5_max_length=0,
-                quantize=False) -> io.NodeOutput:
-        model = {"arch": arch, "name_or_path": name_or_path.strip()}
-        tes = [p.strip() for p in text_encoder_paths.splitlines() if p.strip()]
-        toks = [p.strip() for p in (tokenizer_paths or "").splitlines() if p.strip()]
-        if tes:
-            model["text_encoder_paths"] = tes
-        if vae_path.strip():
-            model["vae_path"] = vae_path.strip()
-        if toks:
-            model["tokenizer_paths"] = toks
-        if t5_max_length:
-            model["t5_max_length"] = t5_max_length
-        if quantize:
-            model["quantize"] = True
-        return io.NodeOutput({"model": model})
+    def execute(cls, arch, **values) -> io.NodeOutput:
+        return io.NodeOutput({"model": model_section(arch, values)})

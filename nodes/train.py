@@ -23,9 +23,7 @@ def _comfy_model(model_part: dict):
     from ..trainer.models.comfy import ComfyModel
 
     model, clip, vae = model_part["comfy"]
-    cm = ComfyModel(model, clip, vae)
-    cm.load_to_device()
-    return cm
+    return ComfyModel(model, clip, vae)
 
 
 def _send(unique_id, step: int, total: int, loss: float) -> None:
@@ -63,12 +61,14 @@ class EriTrain(io.ComfyNode):
         import comfy.utils
 
         uid = cls.hidden.unique_id
+        notes = []
         with torch.inference_mode(False), torch.enable_grad():
             if state is None:
                 job = job_from_parts(training_model, datasets, network, settings, steps, _default_folder())
                 state = TrainingSession(job, model=_comfy_model(training_model))
-            elif hasattr(state.trainer.model, "load_to_device"):
-                state.trainer.model.load_to_device()
+                if state.resumed_from:
+                    notes.append(f"continued the earlier run in {state.trainer.run.root} from step"
+                                 f" {state.resumed_from} (a new name in Training Settings starts a new run)")
             start = state.step
             pbar = comfy.utils.ProgressBar(steps, node_id=uid)
 
@@ -79,7 +79,7 @@ class EriTrain(io.ComfyNode):
 
             state.advance(steps, on_step)
         last = state.losses[-1][1] if state.losses else float("nan")
-        summary = f"step {state.step}, loss {last:.4f}, saves in {state.trainer.run.root}"
+        summary = "\n".join(notes + [f"step {state.step}, loss {last:.4f}, saves in {state.trainer.run.root}"])
         return io.NodeOutput(state, summary, ui=ui.PreviewText(summary))
 
 
@@ -97,16 +97,18 @@ class EriSample(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=200),
                 io.Float.Input("guidance", default=4.0, min=0.0, max=30.0, step=0.1),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
+                io.Int.Input("frames", default=1, min=1, max=1025, optional=True,
+                             tooltip="video models: frames of the clip (snapped to the model's rule, e.g. 4k+1)"),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the image, or a clip's frames as a batch")],
         )
 
     @classmethod
-    def execute(cls, state, prompt, negative, width, height, steps, guidance, seed) -> io.NodeOutput:
-        if hasattr(state.trainer.model, "load_to_device"):
-            state.trainer.model.load_to_device()
-        img = state.sample(prompt, width, height, steps, guidance, seed, negative)
-        image = ((img + 1) / 2).clamp(0, 1).movedim(0, -1)[None]  # (1, h, w, 3) in [0, 1]
+    def execute(cls, state, prompt, negative, width, height, steps, guidance, seed, frames=1) -> io.NodeOutput:
+        img = state.sample(prompt, width, height, steps, guidance, seed, negative, frames=frames)
+        if img.dim() == 3:  # (3, h, w) -> one image
+            img = img[:, None]
+        image = ((img + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()  # (frames, h, w, 3) in [0, 1]
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
 
@@ -130,15 +132,10 @@ class EriSaveLoRA(io.ComfyNode):
         import folder_paths
 
         from ..trainer.fileio import save_safetensors_atomic
+        from ..trainer.paths import contained_file
 
         root = folder_paths.get_folder_paths("loras")[0]
-        name = filename.strip() or "lora"
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        folder = os.path.normpath(os.path.join(root, subfolder.strip()))
-        if not folder.startswith(os.path.normpath(root)):
-            raise ValueError(f"subfolder {subfolder!r} leaves the loras folder")
-        path = os.path.join(folder, name)
+        path = contained_file(root, subfolder, filename, (".safetensors",), "Save LoRA")
         tensors, metadata = state.export(dtype)
         save_safetensors_atomic(tensors, path, metadata)
         return io.NodeOutput(path, ui=ui.PreviewText(f"saved {path}"))

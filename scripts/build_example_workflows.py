@@ -160,8 +160,8 @@ def network(**over) -> dict:
 def by_arch_workflow(name: str, model: dict, steps: int, note: str, ds: dict | None = None,
                      net: dict | None = None, sets: dict | None = None, sample: dict | None = None):
     ds, net, sets = ds or dataset(), net or network(), sets or settings(name)
-    sample = sample or dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=20,
-                            guidance=4.0, seed=42)
+    sample = {"frames": 1, **(sample or dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=20,
+                                             guidance=4.0, seed=42))}
     nodes = [
         {"id": 1, "type": "EriModelByArch", "pos": [40, 60], "size": [400, 330], "widgets": model},
         {"id": 2, "type": "EriDataset", "pos": [40, 430], "size": [400, 460], "widgets": ds},
@@ -212,7 +212,7 @@ def main() -> int:
         ds=dataset(folder_path=f"{DEMO}/dataset", resolution="128"),
         net=network(rank=4, alpha=4.0),
         sets=settings("flux_demo_train", lr=1e-3, optimizer="adamw", dtype="fp32", gradient_checkpointing=False,
-                      save_every=5, max_step_saves_to_keep=2, sample_every=0, sample_prompts="", sample_width=128,
+                      save_every=5, max_step_saves_to_keep=2, sample_every=250, sample_prompts="", sample_width=128,
                       sample_height=128, sample_steps=4, guidance_scale=3.5),
         sample=dict(prompt="sks, a red circle on a blue background", negative="", width=128, height=128, steps=4,
                     guidance=3.5, seed=42),
@@ -290,8 +290,8 @@ def main() -> int:
                   + ("#\n#   python -m trainer demo                                   # once: writes demo/models and demo/dataset\n"
                      f"#   python -m trainer example_workflows/{name}.yaml\n#\n"
                      "# from the repository root. The LoRA lands in demo/output/flux_demo_train/; run it again to resume.\n"
-                     "# fp32 suits a CPU; on a GPU use `--set train.dtype=bf16`. train.disable_sampling: the workflow samples with\n"
-                     "# its \"Sample (training LoRA)\" node instead; to sample here, list sample.prompts and set disable_sampling false.\n"
+                     "# fp32 suits a CPU; on a GPU use `--set train.dtype=bf16`. No sample.prompts: the workflow samples with\n"
+                     "# its \"Sample (training LoRA)\" node instead; to sample here, list sample.prompts.\n"
                      if demo else
                      f"#\n#   trainer custom_nodes/EriDiffusion/example_workflows/{name}.yaml   # from the ComfyUI folder\n"
                      "#\n# Paths are relative to the ComfyUI folder: edit them to your files.\n"))
@@ -311,7 +311,7 @@ def main() -> int:
         {"id": 5, "type": "EriDataset", "pos": [440, 230], "size": [400, 460], "widgets": dataset(resolution="480, 640")},
         {"id": 6, "type": "EriNetwork", "pos": [440, 730], "size": [400, 300], "widgets": network(rank=32, alpha=32.0)},
         {"id": 7, "type": "EriTrainSettings", "pos": [880, 60], "size": [400, 760],
-         "widgets": settings(name, lr=1e-4, timestep_type="shift", sample_every=0, sample_prompts="")},
+         "widgets": settings(name, lr=1e-4, timestep_type="shift", sample_prompts="")},
         {"id": 8, "type": "EriTrain", "pos": [1320, 60], "size": [340, 200], "widgets": {"steps": 1500}},
         {"id": 9, "type": "EriSaveLoRA", "pos": [1700, 60], "size": [340, 160],
          "widgets": {"filename": name, "subfolder": "eridiffusion", "dtype": "bf16"}},
@@ -321,7 +321,7 @@ def main() -> int:
             "loaders (Load Checkpoint, DualCLIPLoader ...).\n\nThe dataset's images train as one-frame clips "
             "(video clips are not read yet). The LoRA goes to models/loras/eridiffusion; load it with "
             "LoraLoaderModelOnly.\n\nNo YAML twin: a ComfyUI MODEL has no file path to export (Export Training "
-            "Job writes arch: comfy, which only the nodes run).")}},
+            "Job refuses it; a YAML job can use model.backend: comfyui with the files instead).")}},
     ]
     edges = [(1, 0, 4, "model"), (2, 0, 4, "clip"), (3, 0, 4, "vae"), (4, 0, 8, "training_model"),
              (5, 0, 8, "datasets"), (6, 0, 8, "network"), (7, 0, 8, "settings"), (8, 0, 9, "state")]

@@ -13,7 +13,8 @@ TINY_FLUX = dict(hidden=32, head_dim=16, double=1, single=1, context_dim=32, poo
 
 def write_tiny_flux(folder: Path, guidance: bool = True, seed: int = 4) -> dict:
     """A tiny Flux (+ CLIP, T5, VAE, tokenizers) in the files users keep; returns the `model:` config."""
-    from trainer.models import tiny
+    from trainer.demo import tiny
+    from trainer.demo import flux as demo_flux
 
     folder.mkdir(parents=True, exist_ok=True)
     ct = tiny.build_tokenizer(folder / "tok_clip", "clip")
@@ -21,8 +22,8 @@ def write_tiny_flux(folder: Path, guidance: bool = True, seed: int = 4) -> dict:
     tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=TINY_FLUX["pooled_dim"])
     tiny.make_t5_file(folder / "t5.safetensors", len(tt), d_model=TINY_FLUX["context_dim"])
     tiny.make_vae_file(folder / "ae.safetensors", [32, 32])
-    cfg = tiny.flux_diffusers_config(guidance=guidance, **TINY_FLUX)
-    tiny.make_flux_file(folder / "flux.safetensors", cfg, seed=seed, dtype=torch.float32)
+    cfg = demo_flux.flux_diffusers_config(guidance=guidance, **TINY_FLUX)
+    demo_flux.make_flux_file(folder / "flux.safetensors", cfg, seed=seed, dtype=torch.float32)
     return {
         "arch": "flux",
         "name_or_path": str(folder / "flux.safetensors"),

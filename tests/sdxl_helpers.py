@@ -13,7 +13,7 @@ TINY_SDXL = dict(widths=(32, 64, 128), layers=2, depths=(0, 1, 2), clip_l_width=
 
 
 def write_tiny_sdxl(folder: Path, full: bool = True, v_pred: bool = False, seed: int = 11) -> dict:
-    from trainer.models.sdxl import write_sdxl_files
+    from trainer.demo.sdxl import write_sdxl_files
 
     return write_sdxl_files(folder, full=full, v_pred=v_pred, seed=seed, **TINY_SDXL)
 

@@ -15,9 +15,10 @@ from trainer.config import DatasetConfig, ModelConfig, load_job_dict
 from trainer.data.cache import LatentCache, sample_control_latent
 from trainer.data.dataset import BatchItem, BatchPlan, image_pixels, scan_dataset
 from trainer.errors import ConfigError, DatasetError, ModelFileError
-from trainer.job import build_trainer, prepare_samples, run_job
+from trainer.job import build_trainer, run_job
+from trainer.previews import prepare_samples
 from trainer.models import registry
-from trainer.models.flex2 import Flex2Model
+from trainer.models.flux import FluxModel
 from trainer.models.flux_layout import diffusers_to_original
 from trainer.models.files import load_state_dict
 from trainer.sampling import denoise, initial_noise
@@ -30,13 +31,14 @@ def quiet(_msg: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_flex2(tmp_path_factory) -> dict:
     """A tiny Flex.2 (img_in 196 features in, 64 out) beside the tiny Flux's encoders, in the files users keep."""
-    from trainer.models import tiny
+    from trainer.demo import tiny
+    from trainer.demo import flux as demo_flux
 
     folder = tmp_path_factory.mktemp("tiny_flex2")
     cfg = write_tiny_flux(folder)
-    flex = tiny.flux_diffusers_config(guidance=True, in_channels=196, **TINY_FLUX)
+    flex = demo_flux.flux_diffusers_config(guidance=True, in_channels=196, **TINY_FLUX)
     flex.update(out_channels=64, num_layers=2)  # two double blocks: Flex.2 has fewer double blocks than Flux
-    tiny.make_flux_file(folder / "flex2.safetensors", flex, seed=11, dtype=torch.float32)
+    demo_flux.make_flux_file(folder / "flex2.safetensors", flex, seed=11, dtype=torch.float32)
     return dict(cfg, arch="flex2", name_or_path=str(folder / "flex2.safetensors"))
 
 
@@ -46,7 +48,7 @@ def _load(cfg: dict, arch: str = "flex2"):
 
 
 @pytest.fixture(scope="module")
-def flex2(tiny_flex2) -> Flex2Model:
+def flex2(tiny_flex2) -> FluxModel:
     return _load(tiny_flex2)
 
 
@@ -98,7 +100,7 @@ def test_loads_diffusers_folder(flex2, tiny_flex2, tmp_path):
     flex2.denoiser.save_pretrained(str(folder / "transformer"))
     (folder / "model_index.json").write_text('{"_class_name": "Flex2Pipeline"}')
     model = _load(dict(tiny_flex2, name_or_path=str(folder)))
-    assert isinstance(model, Flex2Model) and model.denoiser.config.in_channels == 196
+    assert model.arch == "flex2" and model.takes_control and model.denoiser.config.in_channels == 196
     for k, v in flex2.denoiser.state_dict().items():
         assert torch.equal(model.denoiser.state_dict()[k], v), k
 
@@ -112,7 +114,7 @@ def test_arch_and_file_must_agree(tiny_flex2, tiny_flux):
 
 # --- the model's input against the reference pipeline's math -------------------------------------
 
-def _reference_sample(model: Flex2Model, noise, cond, control, steps: int, guidance: float) -> torch.Tensor:
+def _reference_sample(model: FluxModel, noise, cond, control, steps: int, guidance: float) -> torch.Tensor:
     """Flex2Pipeline's loop written with diffusers' Flux parts: the noisy latent and the 33 extra channels
     (inpaint latent 0, mask 1, control latent or 0) packed separately and concatenated on the feature axis,
     Flux's dynamic shift, timestep / 1000, guidance through the embedding."""

@@ -17,7 +17,8 @@ from trainer.config import ModelConfig, load_job_dict
 from trainer.errors import ModelFileError
 from trainer.fileio import save_safetensors_atomic
 from trainer.models.files import load_state_dict
-from trainer.models.sd3 import SD3Model, load_sd3, sd3_diffusers_config, write_sd3_files
+from trainer.models.sd3 import SD3Model, load_sd3
+from trainer.demo.sd3 import sd3_diffusers_config, write_sd3_files
 from trainer.models.sd3_layout import diffusers_config_from_original, diffusers_to_original
 from trainer.sampling import denoise, initial_noise
 
@@ -219,7 +220,9 @@ def test_registered_with_demo_and_legacy_flag():
     from trainer.models import registry
 
     fam = registry.get_family("sd3")
-    assert fam.load is load_sd3 and fam.make_demo is not None
+    from trainer.demo import DEMO_WRITERS
+
+    assert fam.load is load_sd3 and "sd3" in DEMO_WRITERS
     job = load_job_dict(job_dict({"name_or_path": "x.safetensors", "is_v3": True}, Path("."), Path(".")))
     assert job.arch == "sd3"
 

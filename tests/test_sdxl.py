@@ -201,8 +201,9 @@ def test_schedule_and_objective_match_diffusers():
     """Sigmas of EulerDiscreteScheduler; noising and v target of DDPMScheduler; min-SNR as diffusers' recipe."""
     from diffusers import DDPMScheduler
 
-    from trainer.models.base import EpsObjective
-    from trainer.models.sdxl import SDXLModel, VObjective, ddpm_sigmas
+    from trainer.models.objectives import EpsObjective
+    from trainer.models.objectives import VObjective
+    from trainer.models.sdxl import SDXLModel, ddpm_sigmas
 
     model = object.__new__(SDXLModel)
     model.sigma_table = ddpm_sigmas()
@@ -467,10 +468,8 @@ def test_text_encoder_resume_and_pretrained(sdxl_full, tmp_path):
     def interrupt(step, loss):
         if step == 2:
             raise KeyboardInterrupt
-
-    trainer.on_step = interrupt
     with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+        trainer.train(on_step=interrupt)
     trainer = build_trainer(load_job_dict(d), report=quiet)
     assert trainer.state.step == 2
     trainer.train()
@@ -497,7 +496,7 @@ def test_text_encoder_config_errors(sdxl_full, tiny_flux, images, tmp_path):
         load_job_dict(job_dict(sdxl_full, images, tmp_path, train_text_encoder=True, cache_text_embeddings=True))
     with pytest.raises(ConfigError, match="train_text_encoder: not supported for model.arch 'flux'"):
         load_job_dict(job_dict(tiny_flux, images, tmp_path, train_text_encoder=True))
-    for arch in ("chroma", "flex1", "flex2", "sd3", "comfy"):
+    for arch in ("chroma", "flex1", "flex2", "sd3"):
         cfg = dict(sdxl_full, arch=arch)
         with pytest.raises(ConfigError, match=f"not supported for model.arch '{arch}'"):
             load_job_dict(job_dict(cfg, images, tmp_path, train_text_encoder=True))
@@ -542,3 +541,16 @@ def test_linear_timesteps_weigh_the_ddpm_position(sdxl_full):
     assert torch.allclose(pos, t / 999, atol=1e-4), pos
     w = linear_timestep_weights(pos)
     assert w[2] == w.max() and w[2] > 1 and w[0] > 0.1 and w[4] > 0.1, w
+
+
+def test_train_unet_false_trains_only_the_text_encoders(sdxl_full, images, tmp_path):
+    """`train_unet: false` with `train_text_encoder: true`: the saved file holds text-encoder keys only, and the
+    UNet's output is the base model's (before: the UNet trained anyway)."""
+    d = _te_job(sdxl_full, images, tmp_path, steps=1, train_unet=False)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    assert trainer.network.targets and all(t.component == "text_encoder" for t in trainer.network.targets.values())
+    trainer.train()
+    keys = load_file(str(tmp_path / "run" / "run.safetensors")).keys()
+    assert keys and all(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)
+    with pytest.raises(ConfigError, match="train_unet: false with train.train_text_encoder false"):
+        load_job_dict(job_dict(sdxl_full, images, tmp_path, train_unet=False))

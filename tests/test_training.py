@@ -28,7 +28,7 @@ def test_end_to_end_run_folder(tiny_flux, images, tmp_path):
     assert state.step == 4
     names = sorted(p.name for p in run.iterdir())
     assert "run.safetensors" in names and "run_000000002.safetensors" in names
-    assert "config.yaml" in names and "training_state.pt" in names
+    assert "config.yaml" in names and "training_state.safetensors" in names
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(set(m) >= {"loss", "lr", "s_per_step", "peak_mem_gib"} for m in metrics)
@@ -74,10 +74,8 @@ def test_resume_matches_uninterrupted(tiny_flux, tmp_path, accum):
     def interrupt(step, loss):
         if step == 2:
             raise KeyboardInterrupt
-
-    trainer.on_step = interrupt
     with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+        trainer.train(on_step=interrupt)
     assert (tmp_path / "b" / "run" / "run_000000002.safetensors").exists()
     assert not (tmp_path / "b" / "run" / "run.safetensors").exists()
     trainer = build_trainer(load_job_dict(d), report=quiet)
@@ -90,17 +88,31 @@ def test_resume_matches_uninterrupted(tiny_flux, tmp_path, accum):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_divergence_stops_and_keeps_last_save(tiny_flux, images, tmp_path):
-    d = job_dict(tiny_flux, images, tmp_path / "out", steps=50, lr=1e12, max_grad_norm=0)
-    d["config"]["process"][0]["save"]["save_every"] = 1
-    d["config"]["process"][0]["train"]["optimizer_params"] = {"betas": [0.0, 0.0], "eps": 1e-30}
-    with pytest.raises(TrainingDiverged, match="loss became") as e:
-        run_job(load_job_dict(d), report=quiet)
+@pytest.mark.parametrize("where", ["weights", "loss"])
+def test_divergence_stops_and_keeps_last_save(tiny_flux, images, tmp_path, where):
+    """Weights blown up after the save at step 2: a non-finite network is never written (weights: blown up at step
+    4, its save is refused), and a non-finite loss stops the run before the weights change (loss: blown up at step
+    3, step 4's loss is not finite). Either way the last good save (step 2) is named, intact, and resumed from."""
+    d = job_dict(tiny_flux, images, tmp_path / "out", steps=6)
+    d["config"]["process"][0]["save"]["save_every"] = 2
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    up = next(p for n, p in trainer.network.named_parameters() if n.endswith("lora_up"))
+
+    def blow_up(step, loss):
+        if step == (4 if where == "weights" else 3):
+            with torch.no_grad():
+                up.fill_(float("inf"))
+
+    match = "non-finite" if where == "weights" else "loss became"
+    with pytest.raises(TrainingDiverged, match=match) as e:
+        trainer.train(on_step=blow_up)
     run = tmp_path / "out" / "run"
     saves = sorted(run.glob("run_*.safetensors"))
-    assert saves and str(saves[-1]) in str(e.value)
-    assert all(torch.isfinite(t).all() for t in load_file(str(saves[-1])).values())
+    assert saves and saves[-1].stem == "run_000000002" and str(saves[-1]) in str(e.value)
+    assert all(torch.isfinite(t).all() for p in saves for t in load_file(str(p)).values())
     assert not (run / "run.safetensors").exists()
+    # the state on disk is the last good one: a rerun resumes from it
+    assert build_trainer(load_job_dict(d), report=quiet).state.step == 2
 
 
 def _diffusers_prediction(flux_file: str, lora_file: Path, model, noisy, sigmas, cond) -> torch.Tensor:
@@ -151,17 +163,17 @@ def test_saved_lora_reproduces_trained_model_in_diffusers(tiny_flux, images, tmp
 
 def test_saved_lora_full_width_every_target(tmp_path):
     """At Flux's real width (3072, one double + one single block), every target incl. fused linear1."""
-    from trainer.models import tiny
+    from trainer.demo import tiny
+    from trainer.demo import flux as demo_flux
     from trainer.models.flux import FluxModel, load_flux_transformer
     from trainer.networks.network import Network
 
-    cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=64,
+    cfg = demo_flux.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=64,
                                      pooled_dim=64, guidance=True)
     flux_file = tmp_path / "flux.safetensors"
-    tiny.make_flux_file(flux_file, cfg, dtype=torch.bfloat16)
-    model = object.__new__(FluxModel)
-    model.denoiser = load_flux_transformer(flux_file, torch.float32, "flux")
-    model.device, model.dtype, model.guidance_embeds = torch.device("cpu"), torch.float32, True
+    demo_flux.make_flux_file(flux_file, cfg, dtype=torch.bfloat16)
+    model = FluxModel(load_flux_transformer(flux_file, torch.float32, "flux"), None, None, None, None, None, 8,
+                      torch.device("cpu"), torch.float32)
     net = Network(model.targets(), "lora", rank=4, alpha=8.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -15,20 +15,24 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .paths import plain_name
 from .schema import SchemaContext, build, spec
 
 DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+NETWORK_TYPES = ("lora", "locon", "lokr", "loha", "dora")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+TIMESTEP_TYPES = ("sigmoid", "linear", "shift", "flux_shift")
 
 
 @dataclass
 class NetworkConfig:
-    type: str = spec("lora", choices=("lora", "locon", "lokr", "loha", "dora"))
-    linear: int = spec(16, ge=1, aliases=("rank",))
-    linear_alpha: Optional[float] = spec(None, gt=0, aliases=("alpha",))
-    conv: Optional[int] = spec(None, ge=1, aliases=("conv_rank",))
-    conv_alpha: Optional[float] = spec(None, gt=0)
-    lokr_factor: int = spec(-1)
-    lokr_full_rank: bool = spec(False)
+    type: str = spec("lora", choices=NETWORK_TYPES, help="lora, locon (+ conv layers), lokr, loha, dora")
+    linear: int = spec(16, ge=1, le=4096, aliases=("rank",), help="rank of the update")
+    linear_alpha: Optional[float] = spec(None, gt=0, le=1e6, aliases=("alpha",), help="scale = alpha / rank")
+    conv: Optional[int] = spec(None, ge=1, le=4096, aliases=("conv_rank",), help="conv layers' rank (none: no conv)")
+    conv_alpha: Optional[float] = spec(None, gt=0, le=1e6)
+    lokr_factor: int = spec(-1, ge=-1, le=4096, help="LoKr: w1's size; -1: the most balanced split")
+    lokr_full_rank: bool = spec(False, help="LoKr: w2 full rank instead of low-rank")
     dropout: float = spec(0.0, ge=0, le=1)
     network_kwargs: dict = spec(default_factory=dict)
     pretrained_lora_path: Optional[str] = spec(None)
@@ -54,60 +58,64 @@ def _str_list(v: Any) -> list[str]:
 
 @dataclass
 class SaveConfig:
-    dtype: str = spec("float16", choices=DTYPES)
-    save_every: int = spec(250, ge=1)
-    max_step_saves_to_keep: int = spec(4, ge=0)
-    push_to_hub: bool = spec(False)
+    dtype: str = spec("float16", choices=DTYPES, help="dtype of the saved LoRA")
+    save_every: int = spec(250, ge=1, le=10**8, help="steps between saves")
+    max_step_saves_to_keep: int = spec(4, ge=0, le=10**6, help="older step saves are deleted (0: keep all)")
+    push_to_hub: bool = spec(False, ignored="this trainer never uploads")
 
 
 @dataclass
 class DatasetConfig:
-    folder_path: str = spec(required=True)
-    caption_ext: str = spec("txt")
-    default_caption: Optional[str] = spec(None)
-    caption_dropout_rate: float = spec(0.0, ge=0, le=1)
-    shuffle_tokens: bool = spec(False)
-    keep_tokens: int = spec(0, ge=0)
+    folder_path: str = spec(required=True, help="a folder of images (and videos) with same-stem caption files")
+    caption_ext: str = spec("txt", help="caption file extension")
+    default_caption: Optional[str] = spec(None, help="caption for images without a caption file")
+    caption_dropout_rate: float = spec(0.0, ge=0, le=1, help="chance a step trains with an empty caption")
+    shuffle_tokens: bool = spec(False, help="shuffle comma-separated tags")
+    keep_tokens: int = spec(0, ge=0, le=1000, help="tags kept in place when shuffling")
     cache_latents: bool = spec(True)
-    cache_latents_to_disk: bool = spec(False)
-    resolution: list[int] = spec(default_factory=lambda: [512])
-    num_repeats: int = spec(1, ge=1)
-    flip_x: bool = spec(False)
+    cache_latents_to_disk: bool = spec(False, help="keep encoded latents on disk for the next run")
+    resolution: list[int] = spec(default_factory=lambda: [512], ge=16, le=8192, help="one or several sizes")
+    num_repeats: int = spec(1, ge=1, le=10000, help="times each item is seen per epoch")
+    flip_x: bool = spec(False, help="also train mirrored copies")
     # a folder of control images (depth, lines, pose ...) named like the training images (same stem), for
     # families whose model takes a control image (flex2); control_dropout: chance an item trains without it
-    control_path: Optional[str] = spec(None)
-    control_dropout: float = spec(0.0, ge=0, le=1)
+    control_path: Optional[str] = spec(None, help="control images with the images' file names (Flex.2)")
+    control_dropout: float = spec(0.0, ge=0, le=1, help="chance an item trains without its control image")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = spec(1, ge=1)
-    steps: int = spec(1000, ge=1)
-    lr: float = spec(1e-4, gt=0)
-    optimizer: str = spec("adamw", choices=("adamw", "adamw8bit", "prodigy", "adafactor"))
+    batch_size: int = spec(1, ge=1, le=1024, help="images per step (per GPU)")
+    steps: int = spec(1000, ge=1, le=10**8, help="optimizer steps of the whole run")
+    lr: float = spec(1e-4, gt=0, le=10, help="learning rate")
+    optimizer: str = spec("adamw", choices=OPTIMIZERS, help="adamw8bit needs CUDA and bitsandbytes")
     optimizer_params: dict = spec(default_factory=dict)
-    lr_scheduler: str = spec("constant", choices=("constant", "cosine", "linear"))
+    lr_scheduler: str = spec("constant", choices=("constant", "cosine", "linear"), help="lr over the run")
     lr_scheduler_params: dict = spec(default_factory=dict)
-    lr_warmup_steps: int = spec(0, ge=0)
-    gradient_accumulation: int = spec(1, ge=1, aliases=("gradient_accumulation_steps",))
-    max_grad_norm: float = spec(1.0, ge=0)
-    dtype: str = spec("bf16", choices=DTYPES)
+    lr_warmup_steps: int = spec(0, ge=0, le=10**8, help="steps of linear warm-up")
+    gradient_accumulation: int = spec(1, ge=1, le=1024, aliases=("gradient_accumulation_steps",),
+                                      help="micro-batches per optimizer step")
+    max_grad_norm: float = spec(1.0, ge=0, le=1e6, help="gradient clipping (0: off)")
+    dtype: str = spec("bf16", choices=DTYPES, help="compute dtype of the base model")
     # true / false, or the fraction of blocks to checkpoint (memory for speed: 0.5 is about half of each)
-    gradient_checkpointing: Union[bool, float] = spec(True)
-    compile: bool = spec(False)
-    noise_scheduler: str = spec("flowmatch")
+    gradient_checkpointing: Union[bool, float] = spec(True, ge=0, le=1,
+                                                      help="recompute activations: less memory, slower steps")
+    compile: bool = spec(False, help="torch.compile the blocks (CUDA; the first steps of each size take longer)")
+    noise_scheduler: str = spec("flowmatch", ignored="each family trains with its own noise schedule")
     # unset: the family's own default (flow families: sigmoid; SDXL: uniform discrete timesteps)
-    timestep_type: Optional[str] = spec(None, choices=("sigmoid", "linear", "shift", "flux_shift"))
-    linear_timesteps: bool = spec(False)
-    snr_gamma: Optional[float] = spec(None, gt=0, aliases=("min_snr_gamma",))
-    noise_offset: float = spec(0.0, ge=0)
-    seed: int = spec(42, ge=0)
-    train_unet: bool = spec(True)
+    timestep_type: Optional[str] = spec(None, choices=TIMESTEP_TYPES,
+                                        help="noise levels drawn for training; unset: the family's default")
+    linear_timesteps: bool = spec(False, help="weight the loss toward mid noise levels")
+    snr_gamma: Optional[float] = spec(None, gt=0, le=1e6, aliases=("min_snr_gamma",))
+    noise_offset: float = spec(0.0, ge=0, le=10)
+    seed: int = spec(42, ge=0, le=2**63 - 1, help="every random choice of the run derives from it")
+    # false (with train_text_encoder: true): only the text encoders train
+    train_unet: bool = spec(True, help="train the denoiser (UNet / transformer)")
     # LoRA on the text encoders too (families that support it: sdxl); captions are then encoded every step
     train_text_encoder: bool = spec(False)
     # their own optimizer param group (ai-toolkit's and kohya's name); unset: train.lr
-    text_encoder_lr: Optional[float] = spec(None, gt=0)
-    cache_text_embeddings: bool = spec(False)
+    text_encoder_lr: Optional[float] = spec(None, gt=0, le=10)
+    cache_text_embeddings: bool = spec(False, help="encode captions once; the text encoders then leave the card")
     skip_first_sample: bool = spec(False)
     disable_sampling: bool = spec(False)
 
@@ -116,45 +124,53 @@ class TrainConfig:
 class ModelConfig:
     name_or_path: str = spec(required=True)
     arch: Optional[str] = spec(None)
+    # diffusers: the engine's own family loaders; comfyui: ComfyUI's loaders (a MODEL from the graph, or headless
+    # with model.comfyui_path / $COMFYUI_PATH)
+    backend: str = spec("diffusers", choices=("diffusers", "comfyui"))
+    comfyui_path: Optional[str] = spec(None)
+    # comfyui backend: the type of ComfyUI's CLIP loader for text_encoder_paths (default: from the detected model)
+    clip_type: Optional[str] = spec(None)
     is_flux: bool = spec(False)
     is_v3: bool = spec(False)
     is_xl: bool = spec(False)
-    text_encoder_paths: list[str] = spec(default_factory=list, aliases=("text_encoder_path",))
-    vae_path: Optional[str] = spec(None)
-    tokenizer_paths: list[str] = spec(default_factory=list, aliases=("tokenizer_path",))
-    t5_max_length: Optional[int] = spec(None, ge=1)
+    text_encoder_paths: list[str] = spec(default_factory=list, aliases=("text_encoder_path",),
+                                         help="text encoder files (ComfyUI's models/text_encoders), one per line")
+    vae_path: Optional[str] = spec(None, help="the VAE file (ComfyUI's models/vae)")
+    tokenizer_paths: list[str] = spec(default_factory=list, aliases=("tokenizer_path",),
+                                      help="tokenizer folders; empty: from the model folder or the ComfyUI install")
+    t5_max_length: Optional[int] = spec(None, ge=1, le=4096)
     # v-prediction checkpoints without a marker (SDXL); None: from the checkpoint's own markers
     is_v_pred: Optional[bool] = spec(None, aliases=("v_pred",))
     bypass_guidance_embedding: Optional[bool] = spec(None)
-    quantize: bool = spec(False)
-    low_vram: bool = spec(False)
+    quantize: bool = spec(False, help="store the block weights in fp8 (half of bf16): Flux in 24 GB")
+    low_vram: bool = spec(False, ignored="memory is set by model.quantize and train.gradient_checkpointing")
 
 
 @dataclass
 class SampleItem:
     prompt: str = spec(required=True)
-    width: Optional[int] = spec(None, ge=16)
-    height: Optional[int] = spec(None, ge=16)
-    seed: Optional[int] = spec(None, ge=0)
+    width: Optional[int] = spec(None, ge=16, le=8192)
+    height: Optional[int] = spec(None, ge=16, le=8192)
+    seed: Optional[int] = spec(None, ge=0, le=2**63 - 1)
     neg: Optional[str] = spec(None)
-    guidance_scale: Optional[float] = spec(None, ge=0)
+    guidance_scale: Optional[float] = spec(None, ge=0, le=100)
     # an image the model is conditioned on (families that take control images: flex2)
     control_image: Optional[str] = spec(None, aliases=("ctrl_img",))
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = spec("flowmatch")
-    sample_every: int = spec(250, ge=1)
-    width: int = spec(1024, ge=16)
-    height: int = spec(1024, ge=16)
-    prompts: list[str] = spec(default_factory=list)
+    sampler: str = spec("flowmatch", ignored="previews use the family's own Euler sampler")
+    sample_every: int = spec(250, ge=1, le=10**8, help="steps between previews")
+    width: int = spec(1024, ge=16, le=8192, help="preview width (rounded to the family's multiple)")
+    height: int = spec(1024, ge=16, le=8192, help="preview height (rounded to the family's multiple)")
+    prompts: list[str] = spec(default_factory=list, help="one prompt per line; [trigger] is the trigger word")
     samples: list[SampleItem] = spec(default_factory=list)
     neg: str = spec("")
-    seed: int = spec(42, ge=0)
+    seed: int = spec(42, ge=0, le=2**63 - 1)
     walk_seed: bool = spec(True)
-    guidance_scale: float = spec(4.0, ge=0)
-    sample_steps: int = spec(20, ge=1)
+    guidance_scale: float = spec(4.0, ge=0, le=100, help="guidance of the previews (distilled or CFG, per family)")
+    sample_steps: int = spec(20, ge=1, le=1000, help="sampling steps of a preview")
 
     def items(self) -> list[SampleItem]:
         """Prompts as sample items, with the defaults filled in and seeds walked when asked."""
@@ -188,8 +204,8 @@ class ProcessConfig:
     train: TrainConfig = spec(default_factory=TrainConfig)
     model: ModelConfig = spec(required=True)
     sample: SampleConfig = spec(default_factory=SampleConfig)
-    logging: dict = spec(default_factory=dict)
-    performance_log_every: Optional[int] = spec(None)
+    logging: dict = spec(default_factory=dict, ignored="metrics go to metrics.jsonl in the run folder")
+    performance_log_every: Optional[int] = spec(None, ignored="every step's time and memory are in metrics.jsonl")
 
 
 @dataclass
@@ -277,10 +293,13 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
     if not isinstance(cfg, dict):
         raise ConfigError("config: is required (a mapping with `name` and `process`)")
     name = cfg.get("name")
-    if not isinstance(name, str) or not name.strip():
+    if name is None or (isinstance(name, str) and not name.strip()):
         ctx.error("config.name", "is required (the run's name, used for its folder and files)")
-    elif any(c in name for c in "/\\") or name in (".", ".."):
-        ctx.error("config.name", f"must be a plain name without path separators, got {name!r}")
+    else:
+        try:
+            name = plain_name(name, "config.name", max_length=120)
+        except ConfigError as e:
+            ctx.errors.append(str(e))
     for key in cfg:
         if key not in ("name", "process"):
             ctx.warnings.append(f"config.{key}: unknown key, ignored")
@@ -297,8 +316,6 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
     ctx.raise_if_errors()
     if not proc.datasets:
         ctx.error("config.process[0].datasets", "needs at least one dataset (a `folder_path` of images)")
-    if proc.save.push_to_hub:
-        ctx.warnings.append("config.process[0].save.push_to_hub: this trainer never uploads; ignored")
     tc = proc.train
     if tc.train_text_encoder and tc.cache_text_embeddings:
         ctx.error("config.process[0].train.cache_text_embeddings",
@@ -306,21 +323,18 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
                   " captions are encoded anew each step); set it to false")
     if tc.text_encoder_lr is not None and not tc.train_text_encoder:
         ctx.warnings.append("config.process[0].train.text_encoder_lr: ignored without train.train_text_encoder: true")
+    if not tc.train_unet and not tc.train_text_encoder:
+        ctx.error("config.process[0].train.train_unet", "false with train.train_text_encoder false: nothing would train")
     ctx.raise_if_errors()
-    job = JobConfig(name=name.strip(), process=proc, raw=data, warnings=ctx.warnings)
+    job = JobConfig(name=name, process=proc, raw=data, warnings=ctx.warnings)
     job.arch = resolve_arch(proc.model)
-    if tc.train_text_encoder:
-        from .models import registry
-
-        if not registry.get_family(job.arch).text_encoder_training:
-            raise ConfigError(
-                f"config.process[0].train.train_text_encoder: not supported for model.arch {job.arch!r} (only the"
-                " denoiser is trained; sdxl trains its text encoders); set it to false"
-            )
+    check_family_keys(job)
     return job
 
 
 def resolve_arch(model: ModelConfig) -> str:
+    """The family `model.arch` (or a legacy is_flux / is_v3 / is_xl flag) names. On the comfyui backend the
+    family is ComfyUI's own detection of the checkpoint: arch may be left out there."""
     from .models import registry
 
     arch = model.arch
@@ -329,16 +343,46 @@ def resolve_arch(model: ModelConfig) -> str:
             if getattr(model, flag):
                 arch = name
                 break
+    if arch is None and model.backend == "comfyui":
+        return "comfyui"
     if arch is None:
         raise ConfigError(
             "config.process[0].model.arch: is required (one of: " + ", ".join(registry.known_arches()) + ")"
         )
-    arch = arch.strip().lower()
-    if arch not in registry.known_arches():
+    found = registry.canonical_arch(arch)
+    if found is None and model.backend == "comfyui":
+        return arch.strip().lower()  # a label for the run; ComfyUI's detection decides the family
+    if found is None:
         raise ConfigError(
             f"config.process[0].model.arch: unknown arch {arch!r}; known: " + ", ".join(registry.known_arches())
         )
-    return arch
+    return found
+
+
+def check_family_keys(job: JobConfig) -> None:
+    """Keys a family cannot honour are refused before anything loads (seconds, not after a 23 GB read)."""
+    if job.process.model.backend != "diffusers":
+        return
+    from .models import registry
+
+    fam = registry.get_family(job.arch)
+    tc = job.process.train
+    if tc.train_text_encoder and not fam.text_encoder_training:
+        raise ConfigError(
+            f"config.process[0].train.train_text_encoder: not supported for model.arch {job.arch!r} (only the"
+            " denoiser is trained; sdxl trains its text encoders); set it to false"
+        )
+    if not fam.takes_control:
+        for i, d in enumerate(job.process.datasets):
+            if d.control_path is not None:
+                raise ConfigError(
+                    f"config.process[0].datasets[{i}].control_path: model.arch {job.arch!r} takes no control images"
+                    " (flex2 does); remove control_path or use a family that takes them"
+                )
+        for i, it in enumerate(job.process.sample.samples):
+            if it.control_image:
+                raise ConfigError(f"config.process[0].sample.samples[{i}].control_image: model.arch {job.arch!r}"
+                                  " takes no control image (flex2 does)")
 
 
 def dump_job_yaml(job: JobConfig) -> str:

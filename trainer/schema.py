@@ -3,7 +3,9 @@
 Fields are declared as dataclass fields; constraints ride in `field(metadata=...)`:
   ge / gt / le  numeric bounds        choices   allowed strings (case-insensitive)
   aliases       other accepted names  required  must be given
-Unknown keys are collected as warnings, never silently dropped.
+  help          what the key does (the nodes' tooltips)
+  ignored       accepted for ai-toolkit compatibility but not used: the reason, said as a warning when given
+Unknown keys are collected as warnings, never silently dropped. Numbers must be finite.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ def _convert(tp: Any, value: Any, path: str, ctx: SchemaContext) -> Any:
         if f is None:
             ctx.error(path, f"expected a number, got {_describe(value)}")
             return None
+        if not math.isfinite(f):
+            ctx.error(path, f"must be a finite number, got {value!r}")
+            return None
         return f
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -120,6 +125,8 @@ def _convert(tp: Any, value: Any, path: str, ctx: SchemaContext) -> Any:
 def _check(meta: dict, value: Any, path: str, ctx: SchemaContext) -> Any:
     if value is None:
         return value
+    if isinstance(value, list):  # bounds and choices apply to each item (resolution: [512, 1024])
+        return [_check(meta, v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
     choices = meta.get("choices")
     if choices is not None and isinstance(value, str):
         low = value.lower()
@@ -151,9 +158,41 @@ def build(cls: type, data: dict, path: str, ctx: SchemaContext) -> Any:
             continue
         key = present[0]
         fpath = f"{path}.{key}" if path else key
+        if f.metadata.get("ignored"):
+            ctx.warnings.append(f"{fpath}: ignored ({f.metadata['ignored']})")
         value = _convert(hints[f.name], data[key], fpath, ctx)
         kwargs[f.name] = _check(dict(f.metadata), value, fpath, ctx)
     for key in data:
         if key not in known:
             ctx.warnings.append(f"{path}.{key}: unknown key, ignored" if path else f"{key}: unknown key, ignored")
     return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One config key as a UI shows it: its type, default, bounds, choices and help."""
+
+    name: str
+    type: Any
+    default: Any
+    choices: tuple[str, ...] | None
+    ge: float | None
+    le: float | None
+    help: str
+
+
+def describe(cls: type, name: str) -> FieldSpec:
+    """The schema of field `name` of config dataclass `cls` (the nodes build their inputs from this)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")  # a programming error
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = non_none[0] if len(non_none) == 1 else tp
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    m = f.metadata
+    ge = m.get("ge", m.get("gt"))
+    return FieldSpec(name, tp, default, tuple(m["choices"]) if "choices" in m else None, ge, m.get("le"),
+                     m.get("help", ""))

@@ -10,11 +10,16 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from .config import JobConfig, dump_job_yaml, load_job_dict
+from .config import JobConfig, SampleItem, dump_job_yaml, load_job_dict
 from .errors import ConfigError
+from .job import build_trainer
+from .previews import prepare_samples
+from .sampling import sample
+from .train.checkpoints import DTYPES
 from .train.loop import Trainer
 
-COMFY_ARCH = "comfy"  # the model comes from ComfyUI's own loaders
+# the model section of a job whose model a host (ComfyUI) loaded: no file to name
+HOST_MODEL = {"backend": "comfyui", "name_or_path": "<ComfyUI MODEL>"}
 
 
 def assemble_job(name: str, model: dict, datasets: list[dict], network: dict, settings: dict) -> dict:
@@ -47,13 +52,13 @@ def assemble_job(name: str, model: dict, datasets: list[dict], network: dict, se
 
 def job_from_parts(model_part: dict, datasets: list[dict], network: dict, settings: dict, steps: int,
                    default_folder: str) -> dict:
-    """The job dict a node graph describes. A ComfyUI MODEL becomes `arch: comfy`."""
+    """The job dict a node graph describes. A ComfyUI MODEL becomes `backend: comfyui` (no file to name)."""
     s = copy.deepcopy(settings)
     name = s.pop("name", "my_lora")
     s.setdefault("training_folder", default_folder)
     s.setdefault("train", {})["steps"] = steps
     if "comfy" in model_part:
-        model = {"arch": COMFY_ARCH, "name_or_path": "<ComfyUI MODEL>"}
+        model = dict(HOST_MODEL)
     else:
         model = model_part["model"]
     return assemble_job(name, model, datasets, network, s)
@@ -86,12 +91,11 @@ class TrainingSession:
     """One run, advanced N steps at a time; the network is attached only while it works."""
 
     def __init__(self, job_dict: dict, model=None, report: Callable[[str], None] = print) -> None:
-        from .job import build_trainer
-
         self.job: JobConfig = load_job_dict(job_dict)
-        # keep the text encoders: sample() encodes any prompt, not only the cached captions
+        # keep the text encoders (off the card): sample() encodes any prompt, not only the cached captions
         self.trainer: Trainer = build_trainer(self.job, report, model=model, keep_text_encoders=True)
         self.trainer.network.detach()
+        self.resumed_from = self.trainer.state.step  # > 0: this continues an earlier run of the same name
         self.losses: list[tuple[int, float]] = []
 
     @property
@@ -99,60 +103,42 @@ class TrainingSession:
         return self.trainer.state.step
 
     def advance(self, steps: int, on_step: Callable[[int, float], None] | None = None) -> int:
-        """Train `steps` more steps (the run's train.steps grows to fit); returns the step reached."""
+        """Train `steps` more steps (the run grows to fit); returns the step reached."""
         tr = self.trainer
         target = tr.state.step + steps
-        if target > tr.cfg.train.steps:
-            tr.cfg.train.steps = target
-            tr.scheduler = _rescheduled(tr, target)
+        tr.extend_to(target)
 
         def cb(step: int, loss: float) -> None:
             self.losses.append((step, loss))
             if on_step is not None:
                 on_step(step, loss)
 
-        tr.on_step = cb
         tr.network.attach()
         try:
-            tr.train(until=target)
+            tr.train(until=target, on_step=cb)
         finally:
             tr.network.detach()
         return tr.state.step
 
-    def sample(self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, neg: str = ""):
-        from .models.base import SampleRequest, split_conditioning
-        from .sampling import sample_image
-
-        m = self.trainer.model
-        conds = split_conditioning(m.encode_text([prompt, neg]))
-        req = SampleRequest({k: v[None] for k, v in conds[0].items()}, {k: v[None] for k, v in conds[1].items()},
-                            width, height, steps, guidance, seed)
-        self.trainer.network.attach()
-        self.trainer.network.eval()
+    def sample(self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, neg: str = "",
+               frames: int = 1):
+        """One preview from the network as trained so far: (3, h, w), or (3, f, h, w) for a clip, in [-1, 1]."""
+        item = SampleItem(prompt=prompt, width=width, height=height, seed=seed, neg=neg, guidance_scale=guidance)
+        (prepared,) = prepare_samples(self.job, self.trainer.model, [item], steps=steps, key="sample")
+        prepared.request.frames = frames
+        net = self.trainer.network
+        net.attach()
+        net.eval()
         try:
-            return sample_image(m, req)
+            return sample(self.trainer.model, prepared.request)
         finally:
-            self.trainer.network.train()
-            self.trainer.network.detach()
+            net.train()
+            net.detach()
 
     def export(self, dtype_name: str | None = None) -> tuple[dict, dict[str, str]]:
-        from .train.checkpoints import DTYPES
-
+        self.trainer.check_finite()
         tensors = self.trainer.network.export(DTYPES[dtype_name or self.job.process.save.dtype])
         return tensors, self.trainer.metadata()
 
     def yaml(self) -> str:
         return dump_job_yaml(self.job)
-
-
-def _rescheduled(tr: Trainer, total: int):
-    """The lr schedule stretched to a new total, continuing from the current step."""
-    from .train.optim import build_scheduler
-
-    tc = tr.cfg.train
-    for g in tr.optimizer.param_groups:
-        g.setdefault("initial_lr", tc.lr)
-    sched = build_scheduler(tr.optimizer, tc.lr_scheduler, total, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
-    sched.last_epoch = tr.state.step - 1
-    sched.step()
-    return sched

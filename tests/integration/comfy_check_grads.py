@@ -43,7 +43,7 @@ def main() -> int:
     with torch.inference_mode():  # as every node runs
         patcher = comfy.sd.load_diffusion_model(a.model, model_options={"dtype": torch.float32})
     comfy_model = ComfyModel(patcher)
-    comfy_model.load_to_device()
+    comfy_model.ensure_loaded()
 
     transformer = load_flux_transformer(Path(a.model), torch.float32, "flux").requires_grad_(False)
     flux = object.__new__(FluxModel)  # the transformer alone: targets() and predict() need nothing else

@@ -93,7 +93,7 @@ def main() -> int:
 
     with torch.inference_mode(False), torch.enable_grad():  # as EriTrain runs
         model = ComfyModel(patcher, clip, vae)
-        model.load_to_device()
+        model.ensure_loaded()
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         session.advance(a.steps)
     losses = [loss for _, loss in session.losses]
@@ -158,7 +158,7 @@ def main() -> int:
     not_loaded = [m for m in collect.messages[before:] if "lora key not loaded" in m]
     with torch.inference_mode(False):
         comfy_patched = ComfyModel(patched, None, vae)
-        comfy_patched.load_to_device()
+        comfy_patched.ensure_loaded()
         result = out(comfy_patched)
 
     def rel(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -75,8 +75,8 @@ def sdxl_files(cache: Path) -> dict:
     """UNet (bare, diffusion_models layout), clip_l, clip_g, vae; ComfyUI detects the UNet as SDXL."""
     import sys
 
-    from trainer.models import tiny
-    from trainer.models.sdxl import random_unet_ldm, sdxl_unet_config
+    from trainer.demo import tiny
+    from trainer.demo.sdxl import random_unet_ldm, sdxl_unet_config
 
     folder = cache / f"sdxl_v{VERSION}"
     files = {n: folder / f"{n}.safetensors" for n in ("unet", "clip_l", "clip_g", "vae")}
@@ -91,7 +91,7 @@ def sdxl_files(cache: Path) -> dict:
     _save(clip_l, files["clip_l"])
     _save(_random(_clip_shapes(1280, 32, 20, 5120, "gelu", 1280), 23, torch.float16), files["clip_g"])
     # ComfyUI builds SD VAEs at their fixed size (128 channels x [1, 2, 4, 4], two blocks per level)
-    _save(tiny.random_state_dict(tiny.ldm_vae_shapes([128, 256, 512, 512], 2, 4), 24, torch.float16), files["vae"])
+    _save(tiny.random_weights(tiny.ldm_vae_shapes([128, 256, 512, 512], 2, 4), 24, torch.float16), files["vae"])
     return {k: str(v) for k, v in files.items()}
 
 
@@ -148,16 +148,17 @@ FLUX_CTX = 768  # ComfyUI's T5-XXL is fixed-size: this Flux is fed by CLIP-L alo
 def flux_files(cache: Path) -> dict:
     """A Flux (hidden 3072: what ComfyUI detects as Flux; 1 double + 1 single block) with 768-wide text
     inputs, a CLIP-L of ComfyUI's fixed shape (CLIPLoader type stable_diffusion) and a 16-channel VAE."""
-    from trainer.models import tiny
+    from trainer.demo import flux as demo_flux
+    from trainer.demo import tiny
 
     folder = cache / f"flux_v{VERSION}"
     files = {n: folder / f"{n}.safetensors" for n in ("unet", "clip", "vae")}
     if all(p.exists() for p in files.values()):
         return {k: str(v) for k, v in files.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = tiny.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=FLUX_CTX,
+    cfg = demo_flux.flux_diffusers_config(hidden=3072, head_dim=128, double=1, single=1, context_dim=FLUX_CTX,
                                      pooled_dim=FLUX_CTX, guidance=True)
-    tiny.make_flux_file(files["unet"], cfg, dtype=torch.bfloat16)
+    demo_flux.make_flux_file(files["unet"], cfg, dtype=torch.bfloat16)
     # CLIP-L as comfy/sd1_clip_config.json builds it, plus the text projection ComfyUI's CLIPTextModel has
     clip = _random(_clip_shapes(768, 12, 12, 3072, "quick_gelu", None), 5, torch.float16)
     clip["text_projection.weight"] = torch.eye(768, dtype=torch.float16)

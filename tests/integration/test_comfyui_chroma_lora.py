@@ -31,7 +31,7 @@ from integration.test_comfyui_flux_lora import CASES, HERE, TOL, ComfyRun, _comf
 def _make_checkpoint(path: Path, cfg: dict) -> None:
     """A random Chroma in the original layout, biases and norm scales random too (so a misplaced one shows)."""
     from trainer.fileio import save_safetensors_atomic
-    from trainer.models.chroma import chroma_original_state_dict
+    from trainer.demo.chroma import chroma_original_state_dict
 
     sd = chroma_original_state_dict(cfg, 4, torch.float32)
     g = torch.Generator().manual_seed(5)
@@ -51,7 +51,8 @@ def comfy_run(tmp_path_factory) -> ComfyRun:
     from safetensors.torch import load_file
 
     from trainer.fileio import save_safetensors_atomic
-    from trainer.models.chroma import ChromaModel, chroma_diffusers_config, load_chroma_transformer
+    from trainer.models.chroma import ChromaModel, load_chroma_transformer
+    from trainer.demo.chroma import chroma_diffusers_config
     from trainer.networks.network import Network
 
     tmp_path = tmp_path_factory.mktemp("comfy_chroma")

@@ -78,7 +78,7 @@ def _make_checkpoint(path: Path, cfg: dict) -> None:
 
     from trainer.fileio import save_safetensors_atomic
     from trainer.models.flux_layout import diffusers_to_original
-    from trainer.models.tiny import random_state_dict
+    from trainer.demo.tiny import random_weights as random_state_dict
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in FluxTransformer2DModel(**cfg).state_dict().items()}
@@ -145,7 +145,7 @@ def comfy_run(tmp_path_factory) -> ComfyRun:
 
     from trainer.fileio import save_safetensors_atomic
     from trainer.models.flux import load_flux_transformer
-    from trainer.models.tiny import flux_diffusers_config
+    from trainer.demo.flux import flux_diffusers_config
     from trainer.networks.network import Network
 
     tmp_path = tmp_path_factory.mktemp("comfy_flux")

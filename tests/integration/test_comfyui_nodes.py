@@ -93,7 +93,7 @@ def _write_files(base: Path) -> dict:
 
     from integration.comfy_fixtures import flux_files
     from helpers import make_images
-    from trainer.models.flux import make_flux_demo
+    from trainer.demo.flux import write_flux_demo as make_flux_demo
 
     demo = make_flux_demo(base / "demo_models")
     models = base / "models"

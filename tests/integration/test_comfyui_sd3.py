@@ -37,7 +37,8 @@ def comfy_run(tmp_path_factory) -> ComfyRun:
     from safetensors.torch import load_file
 
     from trainer.fileio import save_safetensors_atomic
-    from trainer.models.sd3 import SD3Model, comfyui_sized_config, load_sd3_transformer, sd3_original_state_dict
+    from trainer.models.sd3 import SD3Model, load_sd3_transformer
+    from trainer.demo.sd3 import comfyui_sized_config, sd3_original_state_dict
     from trainer.networks.network import Network
 
     tmp = tmp_path_factory.mktemp("comfy_sd3")

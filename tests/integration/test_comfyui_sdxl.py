@@ -82,7 +82,7 @@ def comfy_run(tmp_path_factory):
     from safetensors.torch import load_file
 
     from sdxl_helpers import TINY_SDXL, load, write_tiny_sdxl
-    from trainer.models.sdxl import write_sdxl_files
+    from trainer.demo.sdxl import write_sdxl_files
     from trainer.fileio import save_safetensors_atomic
     from trainer.networks.network import Network
 

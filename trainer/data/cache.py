@@ -6,8 +6,6 @@ one run is reused by the next and never confused with another VAE's.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -22,25 +20,6 @@ from .dataset import BatchItem, Dataset, Entry, control_dropped, load_control_pi
 log = logging.getLogger("trainer")
 
 CACHE_DIR = "_latent_cache"
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A short id of a module's architecture and weights (samples of a few tensors, not a full hash)."""
-    h = hashlib.sha1(type(module).__name__.encode())
-    cfg = getattr(module, "config", None)
-    if cfg is not None:
-        h.update(json.dumps(dict(cfg), sort_keys=True, default=str).encode())
-    params = list(module.state_dict().items())
-    for name, t in params[:: max(1, len(params) // 8)]:
-        flat = t.detach().flatten()
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_takes_control(model: TrainingModel) -> bool:
-    """Whether the family conditions on a control latent (cond["control"], normalized like its latents)."""
-    return bool(getattr(model, "takes_control", False))
 
 
 class LatentCache:
@@ -59,7 +38,7 @@ class LatentCache:
 
     def check_model(self, model: TrainingModel) -> None:
         """Control images need a family that takes them; say so before anything is encoded."""
-        if model_takes_control(model):
+        if model.takes_control:
             return
         for ds in self.datasets:
             if ds.cfg.control_path is not None:
@@ -177,13 +156,12 @@ def sample_control_latent(model: TrainingModel, path: str, width: int, height: i
     from ..errors import ConfigError
     from .dataset import image_pixels
 
-    if not model_takes_control(model):
+    if not model.takes_control:
         raise ConfigError(f"{key}: model.arch {model.arch!r} takes no control image (flex2 does)")
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}: control image {str(p)!r} does not exist")
-    f = model.pixel_factor
-    size = (max(f, width // f * f), max(f, height // f * f))
+    size = model.snap_size(width, height)
     try:
         pixels = image_pixels(p, size)
     except Exception as e:  # PIL raises many kinds for broken files

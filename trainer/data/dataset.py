@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image, ImageOps
 
 from ..config import DatasetConfig
 from ..errors import DatasetError
+from ..seeds import step_rng
 from .buckets import bucket_for, resize_and_crop
 from .captions import apply_trigger, read_caption, training_caption
 
@@ -76,7 +76,9 @@ def _control_images(cfg: DatasetConfig, key: str) -> dict[str, Path] | None:
     return found
 
 
-def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: int) -> Dataset:
+def check_dataset_folder(cfg: DatasetConfig, index: int) -> list[Path]:
+    """The dataset's media files; a missing or empty folder (or control folder) is an error naming the key.
+    Cheap: called before any model file is opened."""
     key = f"config.process[0].datasets[{index}]"
     folder = Path(cfg.folder_path).expanduser()
     if not folder.is_dir():
@@ -84,6 +86,15 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise DatasetError(f"{key}.folder_path: no images (.jpg, .jpeg, .png, .webp) in {folder}")
+    if cfg.control_path is not None and not Path(cfg.control_path).expanduser().is_dir():
+        raise DatasetError(f"{key}.control_path: folder {cfg.control_path!r} does not exist")
+    return files
+
+
+def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: int) -> Dataset:
+    key = f"config.process[0].datasets[{index}]"
+    folder = Path(cfg.folder_path).expanduser()
+    files = check_dataset_folder(cfg, index)
     controls = _control_images(cfg, key)
     images: list[ImageFile] = []
     uncaptioned: list[str] = []
@@ -172,11 +183,6 @@ def load_control_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> t
 class BatchItem:
     dataset: int
     entry: Entry
-
-
-def step_rng(seed: int, *keys: int) -> random.Random:
-    h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return random.Random(int.from_bytes(h[:8], "little"))
 
 
 class BatchPlan:

@@ -1,20 +1,30 @@
-"""What the training loop needs from a model, whatever its family or backend.
+"""The seam: what the loop, the caches, the sampler, the session and the nodes need from a model.
 
-The loop sees a `TrainingModel`: a denoiser to adapt (with its trainable targets named by
-ComfyUI's own keys), text/pixel encoders, an objective and `predict`. Family differences live
-in the family modules, never in the loop.
+A `TrainingModel` is a denoiser to adapt (its trainable targets named by ComfyUI's own keys), text and pixel
+encoders, an objective, `predict` and the sampling schedule. Every member anything outside a family uses is
+declared here, with a default where one makes sense, so nothing reads a family's attributes by name. Family
+differences live in the family modules; backends (diffusers families, ComfyUI's MODEL) implement the same
+members. `trainer.prepare` applies the same preparation to every model, whoever loaded it.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from ..errors import ConfigError
+from .blocks import BlockForwards, checkpointed, spread_over_depth
+from .fingerprint import module_fingerprint
+from .objectives import FlowObjective
+from .quantize import quantize_blocks
+from .schedules import sample_flow_sigmas
+from .vae import decode_latents, encode_latents
 
 # Conditioning for a batch: family-defined tensors, batch dimension first.
 Conditioning = dict[str, torch.Tensor]
@@ -29,14 +39,8 @@ def collate_conditioning(items: list[Conditioning]) -> Conditioning:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def conditioning_to(cond: Conditioning, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
-    out = {}
-    for k, v in cond.items():
-        v = v.to(device)
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v
-    return out
+def batch_of_one(cond: Conditioning) -> Conditioning:
+    return {k: v[None] for k, v in cond.items()}
 
 
 @dataclass
@@ -64,72 +68,11 @@ class Target:
     component: str = "denoiser"  # or "text_encoder": its captions must then be encoded with grad every step
 
 
-class FlowObjective:
-    """Rectified flow: x_t = (1 - s) x0 + s n, the model predicts n - x0."""
-
-    name = "flow"
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-        return (1.0 - s) * latents + s * noise
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        return noise - latents
-
-    def snr(self, sigmas: torch.Tensor) -> torch.Tensor:
-        s = sigmas.clamp(1e-6, 1 - 1e-6)
-        return ((1 - s) / s) ** 2
-
-    def initial(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The starting latent for sampling from noise level `sigma` (1 for flow)."""
-        return noise * sigma
-
-    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma for a velocity target: x0 error = sigma * velocity error, and x0 losses are
-        weighted min(snr, gamma), so velocity losses get sigma^2 * min(snr, gamma)."""
-        return sigmas**2 * torch.clamp(self.snr(sigmas), max=gamma)
-
-
-class EpsObjective:
-    """Variance-exploding (k-diffusion) form of eps / v models: x_t = x0 + s n, the loss is on eps."""
-
-    name = "eps"
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-        return latents + s * noise
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        return noise
-
-    def snr(self, sigmas: torch.Tensor) -> torch.Tensor:
-        return 1.0 / sigmas.clamp_min(1e-6) ** 2
-
-    def initial(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return noise * torch.sqrt(1.0 + sigma**2)
-
-    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
-        snr = self.snr(sigmas)
-        return torch.clamp(snr, max=gamma) / snr
-
-
-def time_shift_exponential(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
-    """Resolution-dependent shift used by Flux: exp(mu) / (exp(mu) + (1/s - 1))."""
-    s = sigmas.clamp(1e-7, 1.0)
-    return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
-
-
-def time_shift_linear(shift: float, sigmas: torch.Tensor) -> torch.Tensor:
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def linear_mu(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    m = (max_shift - base_shift) / (max_seq - base_seq)
-    return seq_len * m + (base_shift - m * base_seq)
-
-
 @dataclass
 class SampleRequest:
+    """One preview: conditioning for the prompt (and the negative), size, steps, guidance and seed.
+    `frames` > 1 samples a clip (video families); `control` is a control latent for families that take one."""
+
     cond: Conditioning
     neg_cond: Conditioning | None
     width: int
@@ -137,113 +80,177 @@ class SampleRequest:
     steps: int
     guidance_scale: float
     seed: int
+    frames: int = 1
+    extra: dict = field(default_factory=dict)
 
 
 class TrainingModel(ABC):
-    """The seam between the loop and a family/backend."""
+    """The seam between the loop and a family or backend."""
 
     arch: str = ""
+    backend: str = "diffusers"
     objective = FlowObjective()
-    # image sides must be multiples of this (VAE downsampling x patch size)
-    pixel_factor: int = 16
+    # pixels per latent cell (spatial), frames per latent frame (1 for image models), latent cells per token side
+    vae_scale: int = 8
+    vae_temporal: int = 1
+    patch: int = 2
     # guidance distilled into the model (an embedding) rather than classifier-free guidance
     distilled_guidance: bool = False
+    # cond["control"]: a control latent (normalized like the training latents) the family's model takes
+    takes_control: bool = False
+    # the frame rate clips are resampled to unless a dataset says otherwise (video families)
+    native_fps: float | None = None
+    # attributes that hold the text encoders: released or moved off the card by the prepare step
+    text_encoder_attrs: tuple[str, ...] = ()
+    # "diffusers": checkpoint through the denoiser's own hook (outside a compiled block); "wrap": wrap block forwards
+    checkpointing: str = "diffusers"
     denoiser: nn.Module
+    vae: nn.Module | None = None
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
+    # --- what the loop adapts ----------------------------------------------------------------------
     @abstractmethod
     def targets(self) -> list[Target]:
         """Trainable layers of the denoiser, named by ComfyUI's keys."""
 
-    @abstractmethod
-    def encode_text(self, captions: list[str]) -> Conditioning: ...
+    def text_encoder_targets(self) -> list[Target]:
+        """Trainable layers of the text encoders (`component="text_encoder"`, ComfyUI's `lora_te1_...` keys),
+        for train.train_text_encoder; families without it say so."""
+        raise ConfigError(f"config.process[0].train.train_text_encoder: not supported for model.arch {self.arch!r}"
+                          " (only the denoiser is trained); set it to false")
 
-    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [-1, 1], (b, 3, h, w) -> normalized latents (the family's KL VAE in `self.vae`)."""
-        from .vae import encode_latents
-
-        return encode_latents(self.vae, images)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """normalized latents -> images in [-1, 1]."""
-        from .vae import decode_latents
-
-        return decode_latents(self.vae, latents)
-
-    @abstractmethod
-    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
-        """Model output in the objective's target space, for latents (b, c, h, w) at noise level sigmas (b,)."""
-
-    @abstractmethod
-    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """Descending noise levels for sampling, ending in 0."""
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The denoiser's repeated blocks, in depth order (for checkpointing, quantizing and compiling)."""
+        return []
 
     @abstractmethod
     def latent_channels(self) -> int: ...
 
-    def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """Noise levels for a training batch (`train.timestep_type`); flow families share this one."""
-        from ..train.timesteps import sample_flow_sigmas
+    # --- shapes ------------------------------------------------------------------------------------
+    @property
+    def pixel_factor(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling x patch size."""
+        return self.vae_scale * self.patch
 
-        return sample_flow_sigmas(kind, batch, gen, self.train_shift_mu(latent_shape))
+    @property
+    def is_video(self) -> bool:
+        return self.vae_temporal > 1
 
-    def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """Where each noise level sits on the training schedule, in [0, 1] (0: clean, 1: pure noise): what
-        `linear_timesteps` weights. Flow sigmas already are; DDPM families map theirs to t / 999."""
-        return sigmas
+    def snap_frames(self, frames: int) -> int:
+        """The largest frame count <= `frames` the VAE takes (vae_temporal * k + 1; 1 for image models)."""
+        if not self.is_video or frames <= 1:
+            return 1
+        t = self.vae_temporal
+        return (frames - 1) // t * t + 1
 
-    def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
-        """mu for resolution-dependent timestep shift, or None if the family has none."""
-        return None
+    def snap_size(self, width: int, height: int) -> tuple[int, int]:
+        f = self.pixel_factor
+        return max(f, width // f * f), max(f, height // f * f)
 
-    def text_encoder_targets(self) -> list[Target]:
-        """Trainable layers of the text encoders (`component="text_encoder"`, ComfyUI's `lora_te1_...` keys),
-        for train.train_text_encoder; families without it say so."""
-        from ..errors import ConfigError
+    def latent_shape(self, width: int, height: int, frames: int = 1) -> tuple[int, ...]:
+        """The latent of one image (1, c, h, w) or clip (1, c, f, h, w) at this size, rounded as buckets round."""
+        w, h = self.snap_size(width, height)
+        c, s = self.latent_channels(), self.vae_scale
+        if self.is_video:
+            return (1, c, (self.snap_frames(frames) - 1) // self.vae_temporal + 1, h // s, w // s)
+        return (1, c, h // s, w // s)
 
-        raise ConfigError(f"config.process[0].train.train_text_encoder: not supported for model.arch {self.arch!r}"
-                          " (only the denoiser is trained); set it to false")
+    # --- encoders ----------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> Conditioning: ...
 
     def encode_text_for_training(self, captions: list[str]) -> Conditioning:
         """Conditioning for a training step: as encode_text, but where the family trains text encoders, with
         gradients reaching their adapters (and left on the model's device)."""
         return self.encode_text(captions)
 
-    def release_text_encoders(self) -> None:
-        """Text encoders leave memory once embeddings are cached."""
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1] -> normalized latents (the family's KL VAE)."""
+        return encode_latents(self.vae, images)
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalized latents -> images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1]."""
+        return decode_latents(self.vae, latents)
+
+    def text_encoder_modules(self) -> list[nn.Module]:
+        return [m for m in (getattr(self, a, None) for a in self.text_encoder_attrs) if isinstance(m, nn.Module)]
+
+    def text_encoders_loaded(self) -> bool:
+        return all(getattr(self, a, None) is not None for a in self.text_encoder_attrs)
+
+    def release_text_encoders(self) -> None:
+        """Text encoders leave memory once embeddings are cached and no prompt will be encoded again."""
+        for a in self.text_encoder_attrs:
+            setattr(self, a, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def place_text_encoders(self, device: torch.device | str) -> None:
+        """Move the text encoders (a session keeps them for later prompts, on the CPU between uses)."""
+        for m in self.text_encoder_modules():
+            m.to(device)
+        if torch.device(device).type == "cpu" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the training device for the block's duration, back where they were after."""
+        mods = self.text_encoder_modules()
+        where = [next(m.parameters()).device for m in mods]
+        for m in mods:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m, d in zip(mods, where):
+                m.to(d)
+
+    # --- placement and preparation (called by trainer.prepare) ---------------------------------------
     def place_denoiser(self) -> None:
         """Move the denoiser onto the training device. Loaders leave it on the CPU so that the text encoders and
         the VAE encode the dataset without sharing the card with it: on 24 GB, T5-XXL next to an 8-12B
         transformer does not fit, either alone does."""
         self.denoiser.to(self.device)
 
-    def text_encoders_loaded(self) -> bool:
-        return True
+    def ensure_loaded(self) -> None:
+        """Before work that runs the denoiser: a backend whose host may have moved the weights (ComfyUI's model
+        management) puts them back; loaded-by-us models are where the prepare step put them."""
 
-    def set_train_hooks(self, training: bool) -> None:
-        """Family-specific switches between training and sampling (e.g. a bypassed guidance embedding)."""
+    def quantize(self) -> tuple[int, int]:
+        """`model.quantize`: the repeated blocks' linears stored in fp8. Returns (layers, bytes saved)."""
+        return quantize_blocks(self.repeated_blocks())
 
     def set_gradient_checkpointing(self, fraction: float) -> None:
         """Checkpoint this fraction of the denoiser's repeated blocks (0: none, 1: all)."""
-        chosen = {id(b) for b in spread_over_depth(self.repeated_blocks(), fraction)}
-        if not chosen:
+        chosen = spread_over_depth(self.repeated_blocks(), fraction)
+        self._checkpointed_ids = {id(b) for b in chosen}
+        if self.checkpointing == "wrap":
+            self._block_forwards().wrap(chosen, checkpointed)
             return
+        # diffusers models call their blocks through `_gradient_checkpointing_func` when checkpointing is on:
+        # the checkpoint stays outside a compiled block, which is what compile + checkpointing is fast with
+        ids = self._checkpointed_ids
 
         def checkpoint(module, *args):
-            if id(module) in chosen:
+            if id(module) in ids:
                 return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
             return module(*args)
 
-        enable = getattr(self.denoiser, "enable_gradient_checkpointing", None)
-        if enable is None:
-            raise ValueError(f"{type(self.denoiser).__name__} has no gradient checkpointing")
-        enable(gradient_checkpointing_func=checkpoint)
+        if ids:
+            self.denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+        elif getattr(self.denoiser, "gradient_checkpointing", False):
+            self.denoiser.disable_gradient_checkpointing()
 
-    def repeated_blocks(self) -> list[nn.Module]:
-        """The denoiser's repeated blocks, in depth order (for checkpointing and compiling)."""
-        return []
+    def checkpointed_blocks(self) -> list[nn.Module]:
+        """The blocks the last set_gradient_checkpointing chose (what the prepare step reports)."""
+        ids = getattr(self, "_checkpointed_ids", set())
+        return [b for b in self.repeated_blocks() if id(b) in ids]
+
+    def _block_forwards(self) -> BlockForwards:
+        if not hasattr(self, "_wrapped_forwards"):
+            self._wrapped_forwards = BlockForwards()
+        return self._wrapped_forwards
 
     def compile_blocks(self) -> None:
         """Regional torch.compile of the repeated blocks (after the network's hooks are attached).
@@ -260,54 +267,43 @@ class TrainingModel(ABC):
         for b in blocks:
             b.compile(fullgraph=True)
 
+    def set_train_hooks(self, training: bool) -> None:
+        """Family-specific switches between training and sampling (e.g. a bypassed guidance embedding)."""
+
+    # --- the objective -----------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
+        """Model output in the objective's target space, for latents (b, c, [f,] h, w) at noise levels sigmas (b,)."""
+
+    @abstractmethod
+    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Descending noise levels for sampling, ending in 0."""
+
+    def train_sigmas(self, kind: str | None, batch: int, gen: torch.Generator,
+                     latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Noise levels for a training batch (`train.timestep_type`); flow families share this one."""
+        return sample_flow_sigmas(kind, batch, gen, self.train_shift_mu(latent_shape), self.train_shift())
+
+    def train_shift(self) -> float:
+        """The fixed shift `timestep_type: shift` (and `flux_shift` without a resolution shift) applies."""
+        return 3.0
+
+    def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Where each noise level sits on the training schedule, in [0, 1] (0: clean, 1: pure noise): what
+        `linear_timesteps` weights. Flow sigmas already are; DDPM families map theirs to t / 999."""
+        return sigmas
+
+    def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
+        """mu for resolution-dependent timestep shift, or None if the family has none."""
+        return None
+
+    # --- identity ----------------------------------------------------------------------------------
     def latent_cache_id(self) -> str:
         """Identifies the pixel encoder, so cached latents are never reused across encoders."""
-        vae = getattr(self, "vae", None)
-        if isinstance(vae, nn.Module):
-            from ..data.cache import module_fingerprint
-
-            return module_fingerprint(vae)
+        if isinstance(self.vae, nn.Module):
+            return module_fingerprint(self.vae)
         return type(self).__name__
 
     def save_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": self.arch, "eridiffusion.arch": self.arch}
-
-
-ModelLoader = Callable[..., TrainingModel]
-
-
-def spread_over_depth(blocks: list[nn.Module], fraction: float) -> list[nn.Module]:
-    """round(fraction * n) of the blocks, spread evenly over depth (0: none, 1: all)."""
-    n = len(blocks)
-    k = max(0, min(n, round(fraction * n))) if fraction > 0 else 0
-    return [blocks[round(i * n / k)] for i in range(k)] if k else []
-
-
-class BlockForwards:
-    """Blocks whose forward is wrapped (e.g. checkpointed), for backends whose blocks are called directly
-    rather than through a checkpointing hook of their own; `wrap` undoes the previous wrapping first."""
-
-    def __init__(self) -> None:
-        self._wrapped: list[nn.Module] = []
-
-    def wrap(self, blocks: list[nn.Module], wrapper: Callable[[Callable], Callable]) -> None:
-        self.restore()
-        for b in blocks:
-            b.forward = wrapper(b.forward)  # an instance attribute shadows the class's forward
-            self._wrapped.append(b)
-
-    def restore(self) -> None:
-        for b in self._wrapped:
-            b.__dict__.pop("forward", None)
-        self._wrapped = []
-
-
-def checkpointed(forward: Callable) -> Callable:
-    """`forward` under non-reentrant activation checkpointing while grad is enabled (keyword arguments kept)."""
-
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return run

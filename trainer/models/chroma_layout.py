@@ -12,15 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelFileError
-from .flux_layout import (
-    LinearMap,
-    ParamMap,
-    block_layout,
-    count_blocks,
-    join_original,
-    rope_axes,
-    split_original,
-)
+from .flux_layout import block_layout, rope_axes
+from .layout import LinearMap, ParamMap, count_blocks, join_original, split_original
 
 # The original model (and ComfyUI) always computes 344 modulation vectors (Chroma's 19 double + 38 single
 # blocks: 3 * 38 + 12 * 19 + 2) and takes the final layer's from the last two, whatever the depth.

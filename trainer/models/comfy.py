@@ -8,14 +8,21 @@ ComfyUI (it imports `comfy`).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
 import torch
 from torch import nn
 
-from .base import (BlockForwards, Conditioning, EpsObjective, FlowObjective, Target, TargetMember, TrainingModel,
-                   spread_over_depth)
+from ..errors import ConfigError
+from .base import Conditioning, Target, TargetMember, TrainingModel
+from .blocks import spread_over_depth
+from .fingerprint import module_fingerprint
+from .objectives import EpsObjective, FlowObjective
+from .schedules import linear_mu
+
+log = logging.getLogger("trainer")
 
 # Layers inside a model's repeated blocks (double_blocks.3, blocks.12, input_blocks.4, middle_block.1 ...)
 BLOCK_RE = re.compile(r"(^|\.)([a-z_]*blocks?|middle_block)\.\d+\.")
@@ -142,6 +149,8 @@ def _rope_autograd() -> None:
 class ComfyModel(TrainingModel):
     """A TrainingModel over ComfyUI's ModelPatcher (+ CLIP and VAE objects)."""
 
+    backend = "comfyui"
+
     def __init__(self, patcher, clip=None, vae=None, arch: str | None = None) -> None:
         import comfy.model_management as mm
         import comfy.model_sampling as ms
@@ -162,18 +171,32 @@ class ComfyModel(TrainingModel):
         self.distilled_guidance = bool(unet_config.get("guidance_embed", False))
         fmt = self.base.latent_format
         self._channels = fmt.latent_channels
-        self.vae_scale = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
-        if not isinstance(self.vae_scale, int):
-            self.vae_scale = 8
+        video = getattr(fmt, "latent_dimensions", 2) == 3
+        # the VAE's own compression (a video VAE's downscale_ratio is (frames rule, h, w)); without a VAE, the
+        # latent format's dimensions decide
+        self.vae_scale = int(vae.spacial_compression_encode()) if vae is not None else 8
+        temporal = vae.temporal_compression_decode() if vae is not None else None
+        self.vae_temporal = int(temporal) if temporal else (4 if video else 1)
+        patch = unet_config.get("patch_size", 2)
         # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
-        self.pixel_factor = self.vae_scale * 2
-        self._checkpointed = BlockForwards()
+        self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)
 
-    def load_to_device(self) -> None:
+    def ensure_loaded(self) -> None:
+        """ComfyUI's model management places (and may later move) the weights: load them for training."""
         import comfy.model_management as mm
 
         mm.load_models_gpu([self.patcher], force_full_load=True)
         _autograd_ready(self.denoiser)
+
+    def place_denoiser(self) -> None:
+        self.ensure_loaded()
+
+    def quantize(self) -> tuple[int, int]:
+        raise ConfigError("model.quantize: not on ComfyUI's MODEL; load an fp8 checkpoint (or set the weight dtype"
+                          " to fp8 in ComfyUI's loader) instead")
+
+    def compile_blocks(self) -> None:
+        log.warning("train.compile: not used on ComfyUI's MODEL yet; training runs uncompiled")
 
     # --- targets ------------------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -186,7 +209,9 @@ class ComfyModel(TrainingModel):
         return repeated_layers(self.denoiser)
 
     def set_gradient_checkpointing(self, fraction: float) -> None:
-        self._checkpointed.wrap(spread_over_depth(self.repeated_blocks(), fraction), checkpointed_block)
+        chosen = spread_over_depth(self.repeated_blocks(), fraction)
+        self._checkpointed_ids = {id(b) for b in chosen}
+        self._block_forwards().wrap(chosen, checkpointed_block)
 
     # --- encoders -----------------------------------------------------------------------------
     def text_encoders_loaded(self) -> bool:
@@ -194,9 +219,6 @@ class ComfyModel(TrainingModel):
 
     def release_text_encoders(self) -> None:
         self.clip = None
-
-    def place_denoiser(self) -> None:
-        """ComfyUI's model management places the model (load_to_device)."""
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Conditioning:
@@ -216,19 +238,28 @@ class ComfyModel(TrainingModel):
 
     @torch.no_grad()
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1], each encoded on its own (a video VAE reads a
+        batch of pixels as the frames of one clip)."""
         if self.vae is None:
             raise RuntimeError("no VAE: connect a VAE to encode the dataset images")
-        pixels = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
-        lat = self.vae.encode(pixels)
-        return self.base.process_latent_in(lat.float()).cpu()
+        out = []
+        for item in images:
+            frames = item if item.dim() == 4 else item[:, None]  # (3, f, h, w); an image is one frame
+            pixels = ((frames.float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)  # (f, h, w, 3), ComfyUI's IMAGE
+            lat = self.vae.encode(pixels if self.is_video else pixels[:1])
+            out.append(self.base.process_latent_in(lat.float()).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(b, 3, h, w) for image latents, (b, 3, f, h, w) for video latents, in [-1, 1]."""
         if self.vae is None:
             raise RuntimeError("no VAE: connect a VAE to decode samples")
         img = self.vae.decode(self.base.process_latent_out(latents.float()))
-        if img.dim() == 5:  # video VAEs return frames
-            img = img.reshape(-1, *img.shape[-3:])
+        if latents.dim() == 5:
+            img = img.reshape(latents.shape[0], -1, *img.shape[-3:])  # (b, f, h, w, 3)
+            return (img.float().permute(0, 4, 1, 2, 3) * 2 - 1).clamp(-1, 1).cpu()
+        img = img.reshape(-1, *img.shape[-3:])
         return (img.float().movedim(-1, 1) * 2 - 1).clamp(-1, 1).cpu()
 
     # --- denoising ----------------------------------------------------------------------------
@@ -274,8 +305,6 @@ class ComfyModel(TrainingModel):
         return t / (self.sampling.sigmas.shape[0] - 1)
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
-        from .base import linear_mu
-
         import comfy.model_sampling as ms
 
         # Flux's resolution-dependent shift only where the model samples with it (Flux, Chroma); other flow
@@ -291,8 +320,6 @@ class ComfyModel(TrainingModel):
         return comfy.samplers.calculate_sigmas(self.sampling, "simple", steps).float().cpu()
 
     def latent_cache_id(self) -> str:
-        from ..data.cache import module_fingerprint
-
         fsm = getattr(self.vae, "first_stage_model", None)
         return module_fingerprint(fsm) if fsm is not None else "comfy-vae"
 

@@ -22,25 +22,22 @@ optional control image per sample. Inpainting inputs are not trained or sampled 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from torch import nn
 
-from ..config import ModelConfig
-from ..errors import ModelFileError
-from . import registry
 from .base import Conditioning
-from .flux import FluxModel, latent_channels_of, load_flux, make_flux_demo
+from .family import Family
+from .flux import FluxVariant, load_flux
+
 
 def extra_channels(latent: int) -> int:
     """Latent channels img_in reads beside the noisy latent: inpaint latent, inpaint mask, control latent."""
     return 2 * latent + 1
 
 
-def flex2_inputs(noisy: torch.Tensor, control: torch.Tensor | None) -> torch.Tensor:
-    """The 49-channel (for a 16-channel latent) img_in input: noisy, no-inpaint, control (zeros if None)."""
+def flex2_inputs(noisy: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The 49-channel (for a 16-channel latent) img_in input: noisy, no-inpaint, control (zeros if absent)."""
     b, c, h, w = noisy.shape
+    control = cond.get("control")
     if control is None:
         control = noisy.new_zeros((b, c, h, w))
     else:
@@ -53,52 +50,27 @@ def flex2_inputs(noisy: torch.Tensor, control: torch.Tensor | None) -> torch.Ten
     return torch.cat([noisy, inpaint, mask, control], dim=1)
 
 
-class Flex2Model(FluxModel):
-    arch = "flex2"
-    takes_control = True  # cond["control"]: a control latent, normalized like the training latents
-    default_bypass_guidance = True  # ai-toolkit trains Flex.2 with the guidance embedding bypassed
-
-    @classmethod
-    def check_transformer(cls, transformer: nn.Module, source: Path, arch: str) -> None:
-        cfg = transformer.config
-        latent = latent_channels_of(cfg)
-        want = (latent + extra_channels(latent)) * 4
-        if cfg.in_channels != want:
-            what = "a Flux-style checkpoint" if cfg.in_channels == latent * 4 else f"img_in of {cfg.in_channels} features"
-            raise ModelFileError(
-                f"{source}: not a Flex.2 checkpoint ({what}; Flex.2's img_in takes {want} features:"
-                f" noisy, inpaint and control latents and a mask); for Flux / Flex.1 files use model.arch flux or flex1"
-            )
-
-    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
-        return super().predict(flex2_inputs(noisy, cond.get("control")), sigmas, cond, guidance)
-
-    def save_metadata(self) -> dict[str, str]:
-        return {
-            "ss_base_model_version": "flex2",
-            "modelspec.architecture": "Flex.2/lora",
-            "eridiffusion.arch": self.arch,
-        }
+def flex2_input_check(in_features: int, latent: int) -> str | None:
+    want = (latent + extra_channels(latent)) * 4
+    if in_features == want:
+        return None
+    what = "a Flux-style checkpoint" if in_features == latent * 4 else f"img_in of {in_features} features"
+    return (f"not a Flex.2 checkpoint ({what}; Flex.2's img_in takes {want} features: noisy, inpaint and control"
+            " latents and a mask); for Flux / Flex.1 files use model.arch flux or flex1")
 
 
-def load_flex2(mc: ModelConfig, device: str, dtype: torch.dtype) -> Flex2Model:
-    model = load_flux(mc, device, dtype, arch="flex2", model_cls=Flex2Model)
-    assert isinstance(model, Flex2Model)
-    return model
-
-
-def make_flex2_demo(folder: Path) -> dict:
-    """The Flux demo's files with Flex.2's img_in (196 features in, 64 out); the demo adds control images."""
-    cfg = make_flux_demo(folder, arch="flex2", config_overrides={"in_channels": 196, "out_channels": 64})
-    return {**cfg, "demo_controls": True}
-
-
-registry.register(
-    registry.Family(
-        arch="flex2",
-        description="Flex.2 (Flux layout, img_in fed noisy + inpaint + mask + control latents): control images"
-        " from datasets[].control_path, guidance embedding bypassed in training",
-        load=load_flex2,
-        make_demo=make_flex2_demo,
-    )
+FLEX2 = FluxVariant(
+    "flex2",
+    bypass_guidance_default=True,  # ai-toolkit trains Flex.2 with the guidance embedding bypassed
+    takes_control=True,
+    compose_input=flex2_inputs,
+    check_input=flex2_input_check,
+    metadata={"ss_base_model_version": "flex2", "modelspec.architecture": "Flex.2/lora"},
 )
+
+FAMILIES = [
+    Family("flex2", "Flex.2 (Flux layout, img_in fed noisy + inpaint + mask + control latents): control images"
+           " from datasets[].control_path, guidance embedding bypassed in training",
+           lambda mc, device, dtype: load_flux(mc, device, dtype, FLEX2), takes_control=True,
+           model_defaults={"bypass_guidance_embedding": True}),
+]

@@ -1,39 +1,18 @@
-"""Flux.1 in two layouts: the original (BFL / ComfyUI `diffusion_models`) and diffusers'.
-
-One table drives everything that crosses the two: loading a single-file checkpoint into the diffusers
-module, writing one back, and naming trainable layers by ComfyUI's keys (fused `qkv` / `linear1`
-included, as several diffusers modules that each compute a slice of the fused rows).
-"""
+"""The Flux layout (Flux.1, Flex.1/2, Chroma's blocks) in two forms: the original (BFL / ComfyUI
+`diffusion_models`) and diffusers', as one layout table (see layout.py), and the loader of a Flux-layout
+transformer from either."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import ModelFileError
-
-if TYPE_CHECKING:
-    from .base import Target
-
-ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
-
-
-@dataclass(frozen=True)
-class LinearMap:
-    """Original linear `original` = row-wise concatenation of the diffusers linears `parts`."""
-
-    original: str
-    parts: tuple[str, ...]
-    block: bool = False  # inside a double/single block: a default LoRA target
-    swap_halves: bool = False  # diffusers orders (scale, shift) where the original has (shift, scale)
-
-
-@dataclass(frozen=True)
-class ParamMap:
-    original: str
-    diffusers: str
+from .detect import require_family
+from .files import diffusers_component, load_state_dict, safetensors_shapes
+from .layout import ORIGINAL_PREFIXES, LinearMap, ParamMap, count_blocks, join_original, split_original
 
 
 def flux_layout(num_double: int, num_single: int, guidance: bool) -> tuple[list[LinearMap], list[ParamMap]]:
@@ -99,16 +78,6 @@ def block_layout(num_double: int, num_single: int, modulation: bool) -> tuple[li
     return lin, par
 
 
-def _swap(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def count_blocks(keys, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
-
-
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """Flux splits each head's rotary dims over (index, y, x): 128 -> (16, 56, 56)."""
     if head_dim == 128:
@@ -153,52 +122,35 @@ def diffusers_to_original(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
     return join_original(sd, lin, par)
 
 
-def split_original(sd: dict[str, torch.Tensor], lin: list[LinearMap], par: list[ParamMap],
-                   model_shapes: dict[str, tuple[int, ...]], source: str, family: str) -> dict[str, torch.Tensor]:
-    """Original-layout tensors -> diffusers names (fused linears split by the diffusers module sizes)."""
-    out: dict[str, torch.Tensor] = {}
-    try:
-        for m in lin:
-            for suffix in ("weight", "bias"):
-                t = sd.pop(f"{m.original}.{suffix}")
-                if m.swap_halves:
-                    t = _swap(t)
-                sizes = [model_shapes[f"{p}.{suffix}"][0] for p in m.parts]
-                for p, piece in zip(m.parts, torch.split(t, sizes, dim=0)):
-                    out[f"{p}.{suffix}"] = piece.contiguous()
-        for m in par:
-            out[m.diffusers] = sd.pop(m.original)
-    except KeyError as e:
-        raise ModelFileError(f"{source}: not a complete {family} checkpoint (missing {e.args[0]})") from None
-    return out
 
 
-def join_original(sd: dict[str, torch.Tensor], lin: list[LinearMap], par: list[ParamMap]) -> dict[str, torch.Tensor]:
-    """Diffusers-named tensors -> the original layout (fused linears concatenated)."""
-    out: dict[str, torch.Tensor] = {}
-    for m in lin:
-        for suffix in ("weight", "bias"):
-            t = torch.cat([sd[f"{p}.{suffix}"] for p in m.parts], dim=0)
-            out[f"{m.original}.{suffix}"] = _swap(t) if m.swap_halves else t
-    for m in par:
-        out[m.original] = sd[m.diffusers]
-    return out
-
-
-def block_targets(denoiser: torch.nn.Module, lin: list[LinearMap]) -> list["Target"]:
-    """Trainable targets named by ComfyUI's keys: every block linear of `lin`, a fused one as several members."""
-    from .base import Target, TargetMember
-
-    modules = dict(denoiser.named_modules())
-    out = []
-    for m in lin:
-        if not m.block:
-            continue
-        members, row = [], 0
-        parts = [modules[p] for p in m.parts]
-        for mod in parts:
-            members.append(TargetMember(mod, slice(row, row + mod.out_features)))
-            row += mod.out_features
-        out.append(Target(key=f"diffusion_model.{m.original}", in_features=parts[0].in_features, out_features=row,
-                          members=members, aliases=tuple(f"transformer.{p}" for p in m.parts)))
-    return out
+def load_flux_layout_transformer(
+    path: Path,
+    dtype: torch.dtype,
+    arch: str,
+    cls,
+    family: str,
+    config_from_shapes: Callable[[dict, str], dict],
+    to_diffusers: Callable[[dict, dict, dict, str], dict],
+    name: str,
+):
+    """A diffusers transformer of a Flux-layout family (`cls`) from an original-layout single file (config from
+    its shapes) or a local diffusers folder; a checkpoint of another family is refused by name."""
+    if path.is_dir():
+        folder = diffusers_component(path, "transformer", name)
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    shapes = safetensors_shapes(path)
+    require_family(path, shapes, family, arch)
+    prefix = next((p for p in ORIGINAL_PREFIXES if f"{p}img_in.weight" in shapes), None)
+    if prefix is None:
+        raise ModelFileError(f"{path}: a {name} checkpoint without img_in (a pixel-space variant?) is not supported")
+    shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    cfg = config_from_shapes(shapes, str(path))
+    with torch.device("meta"):
+        model = cls(**cfg)
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd = to_diffusers(load_state_dict(path, dtype, prefix), model_shapes, cfg, str(path))
+    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+    if missing:
+        raise ModelFileError(f"{path}: incomplete {name} checkpoint, missing {missing[0]}")
+    return model

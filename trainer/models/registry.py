@@ -1,66 +1,47 @@
-"""The registry of families, keyed by `model.arch`: the one piece of global state."""
+"""The families, keyed by `model.arch`: one line each, naming the module that defines it.
+
+The registry imports a family's module only when that family is asked for, so naming the arches (config
+validation, --help, the nodes' arch list) costs nothing and family modules never import the registry.
+A family module defines `FAMILIES`, a list of `Family` (one module may define several arches: Flux, Flex.1).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+import importlib
 
-if TYPE_CHECKING:
-    from ..config import ModelConfig
-    from .base import TrainingModel
+from ..errors import ConfigError
+from .family import Family
 
+# arch -> module of trainer.models that defines it
+FAMILY_MODULES: dict[str, str] = {
+    "flux": "flux",
+    "flex1": "flux",
+    "flex2": "flex2",
+    "chroma": "chroma",
+    "sd3": "sd3",
+    "sdxl": "sdxl",
+}
 
-@dataclass(frozen=True)
-class Family:
-    arch: str
-    description: str
-    load: Callable[["ModelConfig", str, "object"], "TrainingModel"]  # (model_cfg, device, dtype)
-    # writes a small random model of this family into a folder; returns model-config overrides
-    make_demo: Callable[..., dict] | None = None
-    # train.train_text_encoder: the family's models give text-encoder targets (TrainingModel.text_encoder_targets)
-    text_encoder_training: bool = False
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family, aliases: tuple[str, ...] = ()) -> Family:
-    for name in (family.arch, *aliases):
-        _FAMILIES[name] = family
-    return family
-
-
-def _from_comfyui(*_args, **_kwargs):
-    from ..errors import ConfigError
-
-    raise ConfigError(
-        "model.arch comfy: this model comes from ComfyUI's own loaders; train it with the EriDiffusion nodes,"
-        " or give the family (e.g. flux) and the model files to train it headless"
-    )
-
-
-def _ensure_loaded() -> None:
-    # importing the family modules registers them
-    from . import flux  # noqa: F401
-    from . import sdxl  # noqa: F401
-    from . import chroma  # noqa: F401
-    from . import flex2  # noqa: F401
-    from . import sd3  # noqa: F401
-
-    if "comfy" not in _FAMILIES:
-        register(Family("comfy", "any model loaded by ComfyUI's loaders (nodes only)", _from_comfyui))
+# old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)
+ALIASES: dict[str, str] = {"sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux", "flex.2": "flex2"}
 
 
 def known_arches() -> list[str]:
-    _ensure_loaded()
-    return sorted(_FAMILIES)
+    return sorted(FAMILY_MODULES)
+
+
+def canonical_arch(name: str) -> str | None:
+    low = name.strip().lower()
+    low = ALIASES.get(low, low)
+    return low if low in FAMILY_MODULES else None
 
 
 def get_family(arch: str) -> Family:
-    _ensure_loaded()
-    try:
-        return _FAMILIES[arch]
-    except KeyError:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(known_arches())}") from None
+    name = canonical_arch(arch)
+    if name is None:
+        raise ConfigError(f"unknown arch {arch!r}; known: {', '.join(known_arches())}")
+    module = importlib.import_module(f"{__package__}.{FAMILY_MODULES[name]}")
+    for fam in module.FAMILIES:
+        if fam.arch == name:
+            return fam
+    raise RuntimeError(f"trainer.models.{FAMILY_MODULES[name]} defines no family {name!r}")  # a registry typo

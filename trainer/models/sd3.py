@@ -22,12 +22,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from . import registry
-from .base import Conditioning, FlowObjective, Target, TrainingModel, time_shift_linear
+from .base import Conditioning, Target, TrainingModel
 from .detect import require_family
-from .files import (diffusers_component, find_weights_file, is_diffusers_folder, load_state_dict, local_path,
-                    safetensors_shapes)
-from .flux_layout import block_targets
+from .family import Family
+from .files import diffusers_component, find_weights_file, load_state_dict, safetensors_shapes
+from .layout import block_targets
+from .objectives import FlowObjective
+from .schedules import time_shift_linear
+from .sources import ModelSources
 from .sd3_layout import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
@@ -41,8 +43,7 @@ from .sd3_layout import (
     transformer_prefix,
     transformer_shapes,
 )
-from .text_encoders import (EncoderFile, find_tokenizer, identify_text_encoder, load_clip_projected, load_t5_encoder,
-                            load_tokenizer)
+from .text_encoders import EncoderFile, identify_text_encoder, load_clip_projected, load_t5_encoder
 from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
@@ -140,11 +141,12 @@ class SD3Model(TrainingModel):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tok_l, self.tok_g, self.tok_t5 = tok_l, tok_g, tok_t5
         self.has_t5 = t5 is not None  # without a T5 file its tokens are zeros, also after release
+        self.text_encoder_attrs = ("clip_l", "clip_g", "t5") if self.has_t5 else ("clip_l", "clip_g")
         self.t5_max_length = t5_max_length
         self.device = torch.device(device)
         self.dtype = dtype
-        patch = transformer.config.patch_size
-        self.pixel_factor = (vae_scale(vae) if vae is not None else 8) * patch
+        self.patch = transformer.config.patch_size
+        self.vae_scale = vae_scale(vae) if vae is not None else 8
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -160,14 +162,6 @@ class SD3Model(TrainingModel):
         return list(self.denoiser.transformer_blocks)
 
     # --- encoders ------------------------------------------------------------------------------
-    def text_encoders_loaded(self) -> bool:
-        return self.clip_l is not None and self.clip_g is not None and (self.t5 is not None or not self.has_t5)
-
-    def release_text_encoders(self) -> None:
-        self.clip_l = self.clip_g = self.t5 = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     @staticmethod
     def _clip(encoder: nn.Module, tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenizer(
@@ -281,40 +275,30 @@ def _checkpoint_parts(path: Path) -> dict[str, EncoderFile]:
     return out
 
 
-def load_sd3(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sd3") -> SD3Model:
-    root = local_path(mc.name_or_path, "model.name_or_path")
-    transformer = load_sd3_transformer(root, dtype, arch)
-    folder = root if is_diffusers_folder(root) else None
+def load_sd3(mc: ModelConfig, device: torch.device, dtype: torch.dtype, arch: str = "sd3") -> SD3Model:
+    src = ModelSources(mc, "SD3")
+    transformer = load_sd3_transformer(src.root, dtype, arch)
     cfg = transformer.config
 
-    te_paths = [local_path(p, f"model.text_encoder_paths[{i}]") for i, p in enumerate(mc.text_encoder_paths)]
-    found = _classify_encoders(te_paths)
-    for role, ef in _checkpoint_parts(root).items():
+    found = _classify_encoders(src.text_encoder_paths)
+    for role, ef in _checkpoint_parts(src.root).items():
         found.setdefault(role, ef)
-    if folder is not None:
-        for role, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
-            if role not in found and (folder / sub).is_dir():
-                found[role] = EncoderFile("t5" if role == "t5" else "clip", folder / sub, "")
-    missing = [k for k in ("clip_l", "clip_g") if k not in found]
-    if missing:
-        names = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)"}
-        raise ModelFileError(
-            "model.text_encoder_paths: SD3 needs " + " and ".join(names[k] for k in missing)
-            + " (T5-XXL is optional); use a checkpoint that includes them or list the local files"
-            " (ComfyUI keeps them in models/text_encoders)"
-        )
+    for role, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
+        folder = src.component(sub)
+        if role not in found and folder is not None:
+            found[role] = EncoderFile("t5" if role == "t5" else "clip", folder, "")
+    src.require(found, {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)"},
+                "T5-XXL is optional; use a checkpoint that includes them or list the local files (ComfyUI keeps"
+                " them in models/text_encoders)")
 
     # tokenizer_paths: [CLIP] or [CLIP, T5] or [CLIP-L, CLIP-G, T5]
-    tok_paths = [local_path(p, f"model.tokenizer_paths[{i}]") for i, p in enumerate(mc.tokenizer_paths)]
-    near = [root, *te_paths]
-    tok_l = load_tokenizer(find_tokenizer("clip", tok_paths[0] if tok_paths else None,
-                                          [folder / "tokenizer"] if folder else [], near))
-    g_explicit = tok_paths[1] if len(tok_paths) == 3 else None
-    if g_explicit is not None or (folder is not None and (folder / "tokenizer_2").is_dir()):
-        tok_g = load_tokenizer(find_tokenizer("clip", g_explicit, [folder / "tokenizer_2"] if folder else [], near))
+    tok_l = src.tokenizer("clip", src.tokenizer_path(0), "tokenizer")
+    g_explicit = src.tokenizer_path(1) if len(src.tokenizer_paths) == 3 else None
+    if g_explicit is not None or src.component("tokenizer_2") is not None:
+        tok_g = src.tokenizer("clip", g_explicit, "tokenizer_2")
     else:
         # CLIP-G shares CLIP-L's vocabulary; SD3 (like SDXL) pads its prompts with "!" rather than end-of-text
-        tok_g = load_tokenizer(find_tokenizer("clip", tok_paths[0] if tok_paths else None, [], near))
+        tok_g = src.tokenizer("clip", src.tokenizer_path(0), None)
         if "!" in tok_g.get_vocab():
             tok_g.pad_token = "!"
 
@@ -322,8 +306,8 @@ def load_sd3(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sd3"
     clip_g = load_clip_projected(found["clip_g"], dtype, tok_g.eos_token_id, "clip_g")
     t5 = tok_t5 = None
     if "t5" in found:
-        t5_explicit = tok_paths[-1] if len(tok_paths) >= 2 else None
-        tok_t5 = load_tokenizer(find_tokenizer("t5", t5_explicit, [folder / "tokenizer_3"] if folder else [], near))
+        t5_explicit = src.tokenizer_path(-1) if len(src.tokenizer_paths) >= 2 else None
+        tok_t5 = src.tokenizer("t5", t5_explicit, "tokenizer_3")
         t5 = load_t5_encoder(found["t5"], dtype)
         if t5.config.d_model != cfg.joint_attention_dim:
             raise ModelFileError(f"{found['t5'].path}: T5 width {t5.config.d_model} does not match the model's"
@@ -340,147 +324,13 @@ def load_sd3(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sd3"
         raise ModelFileError(f"{found['clip_l'].path}, {found['clip_g'].path}: pooled CLIP-L + CLIP-G width {pooled}"
                              f" does not match the model's pooled input {cfg.pooled_projection_dim}")
 
-    if mc.vae_path:
-        vae_src = local_path(mc.vae_path, "model.vae_path")
-    elif not root.is_dir() and f"{VAE_PREFIX}encoder.conv_in.weight" in safetensors_shapes(root):
-        vae_src = root
-    elif folder is not None and (folder / "vae").is_dir():
-        vae_src = folder / "vae"
-    else:
-        raise ModelFileError("model.vae_path: SD3 needs its VAE (the 16-channel SD3 VAE, in ComfyUI's models/vae)")
-    vae = load_vae(vae_src, dtype, SD3_VAE_SCALE, SD3_VAE_SHIFT, cfg.in_channels)
-
-    dev = torch.device(device)
-    for m in (vae, clip_l, clip_g, t5):  # the transformer follows in place_denoiser(), after the encoding
-        if m is not None:
-            m.to(dev)
+    vae = load_vae(src.vae("the 16-channel SD3 VAE", f"{VAE_PREFIX}encoder.conv_in.weight"), dtype, SD3_VAE_SCALE,
+                   SD3_VAE_SHIFT, cfg.in_channels)
     return SD3Model(transformer, vae, clip_l, clip_g, t5, tok_l, tok_g, tok_t5, mc.t5_max_length or T5_MAX_LENGTH,
-                    dev, dtype, arch)
+                    torch.device(device), dtype, arch)
 
 
-# --- small random SD3-layout files (demo, tests) -------------------------------------------------
-
-def sd3_diffusers_config(hidden: int = 32, head_dim: int = 8, layers: int = 2, joint_dim: int = 32, pooled: int = 32,
-                         dual=(0,), qk_norm: bool = True, pos_max: int = 16, patch: int = 2, in_channels: int = 16) -> dict:
-    return dict(
-        sample_size=min(128, pos_max * patch), patch_size=patch, in_channels=in_channels, num_layers=layers,
-        attention_head_dim=head_dim, num_attention_heads=hidden // head_dim, joint_attention_dim=joint_dim,
-        caption_projection_dim=hidden, pooled_projection_dim=pooled, out_channels=in_channels,
-        pos_embed_max_size=pos_max, dual_attention_layers=tuple(dual), qk_norm="rms_norm" if qk_norm else None,
-    )
-
-
-def sd3_original_state_dict(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random weights for `cfg` in the original layout: scaled matrices, norm scales near 1, small nonzero biases
-    and a visible position table (so a misplaced bias, scale, swap or crop shows in the outputs)."""
-    from diffusers import SD3Transformer2DModel
-
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**cfg)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in sorted(model.state_dict().items()):
-        shape = tuple(v.shape)
-        if k == "pos_embed.pos_embed":
-            t = 0.5 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2:
-            fan_in = 1
-            for d in shape[1:]:
-                fan_in *= d
-            t = torch.randn(shape, generator=g) / fan_in**0.5
-        elif "norm" in k:
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.05 * torch.randn(shape, generator=g)
-        sd[k] = t.to(dtype)
-    return diffusers_to_original(sd, cfg)
-
-
-def _clip_state(vocab: int, hidden: int, layers: int, seed: int, bos: int, eos: int) -> dict[str, torch.Tensor]:
-    """A random CLIP text tower with a text projection, in ComfyUI's clip_l / clip_g key layout."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, projection_dim=hidden,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    model = CLIPTextModelWithProjection(cfg)
-    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
-            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-
-
-def write_sd3_files(folder: Path, cfg: dict, clip_l_width: int = 16, clip_g_width: int = 16, clip_layers: int = 2,
-                    t5_layers: int = 1, vae_widths=(32, 32), full: bool = True, seed: int = 21,
-                    dtype: torch.dtype = torch.float32, name: str = "sd3") -> dict:
-    """A random SD3 in the files users keep: one full checkpoint (transformer under model.diffusion_model.,
-    CLIP-L, CLIP-G, T5 under text_encoders., VAE under first_stage_model.) or, with `full=False`, a bare
-    transformer plus clip_l / clip_g / t5 / vae files. CLIP widths must sum to at most cfg's joint_attention_dim
-    and to its pooled_projection_dim. Returns the `model:` config."""
-    from ..fileio import save_safetensors_atomic
-    from . import tiny
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok_clip, tok_t5 = folder / "tokenizer", folder / "tokenizer_t5"
-    ct = tiny.build_tokenizer(tok_clip, "clip")
-    tt = tiny.build_tokenizer(tok_t5, "t5")
-    transformer = sd3_original_state_dict(cfg, seed, dtype)
-    clip_l = {k: v.to(dtype) for k, v in _clip_state(len(ct), clip_l_width, clip_layers, seed + 1, ct.bos_token_id,
-                                                     ct.eos_token_id).items()}
-    clip_g = {k: v.to(dtype) for k, v in _clip_state(len(ct), clip_g_width, clip_layers, seed + 2, ct.bos_token_id,
-                                                     ct.eos_token_id).items()}
-    t5_file = folder / f"{name}_t5.safetensors"
-    tiny.make_t5_file(t5_file, len(tt), d_model=cfg["joint_attention_dim"], layers=t5_layers, seed=seed + 3, dtype=dtype)
-    vae = tiny.random_state_dict(tiny.ldm_vae_shapes(list(vae_widths), 1, cfg["in_channels"]), seed + 4, dtype)
-    out = {"arch": "sd3", "tokenizer_paths": [str(tok_clip), str(tok_t5)], "t5_max_length": 16}
-    if full:
-        sd = {f"model.diffusion_model.{k}": v for k, v in transformer.items()}
-        sd.update({f"{CLIP_L_PREFIX}{k}": v for k, v in clip_l.items()})
-        sd.update({f"{CLIP_G_PREFIX}{k}": v for k, v in clip_g.items()})
-        sd.update({f"{T5_PREFIX}{k}": v for k, v in load_state_dict(t5_file).items()})
-        sd.update({f"{VAE_PREFIX}{k}": v for k, v in vae.items()})
-        t5_file.unlink()
-        path = folder / f"{name}.safetensors"
-        save_safetensors_atomic(sd, path)
-        out["name_or_path"] = str(path)
-    else:
-        paths = {n: folder / f"{name}_{n}.safetensors" for n in ("transformer", "clip_l", "clip_g", "vae")}
-        save_safetensors_atomic(transformer, paths["transformer"])
-        save_safetensors_atomic(clip_l, paths["clip_l"])
-        save_safetensors_atomic(clip_g, paths["clip_g"])
-        save_safetensors_atomic(vae, paths["vae"])
-        out.update(name_or_path=str(paths["transformer"]), vae_path=str(paths["vae"]),
-                   text_encoder_paths=[str(paths["clip_l"]), str(paths["clip_g"]), str(t5_file)])
-    return out
-
-
-def comfyui_sized_config(layers: int = 2, joint_dim: int = 64, pooled: int = 64, pos_max: int = 32) -> dict:
-    """The smallest SD3.5-style MMDiT real ComfyUI detects as SD3: ComfyUI derives depth (= blocks = heads) from
-    width / 64, so `layers` blocks of width 64 x layers in heads of 64; qk-norm, block 0 with dual attention."""
-    return sd3_diffusers_config(hidden=64 * layers, head_dim=64, layers=layers, joint_dim=joint_dim, pooled=pooled,
-                                dual=(0,), qk_norm=True, pos_max=pos_max)
-
-
-def make_sd3_demo(folder: Path) -> dict:
-    """A random SD 3.5 Medium-style MMDiT (2 blocks of width 128, qk-norm, dual attention in block 0) that
-    ComfyUI detects as SD3, as a bare diffusion_models file, with small CLIP-L, CLIP-G, T5 and VAE files.
-    Returns the `model:` config."""
-    transformer = folder / "sd3_demo_transformer.safetensors"
-    if transformer.exists() and (folder / "tokenizer").exists() and (folder / "tokenizer_t5").exists():
-        return {
-            "arch": "sd3", "name_or_path": str(transformer), "vae_path": str(folder / "sd3_demo_vae.safetensors"),
-            "text_encoder_paths": [str(folder / f"sd3_demo_{n}.safetensors") for n in ("clip_l", "clip_g", "t5")],
-            "tokenizer_paths": [str(folder / "tokenizer"), str(folder / "tokenizer_t5")], "t5_max_length": 16,
-        }
-    return write_sd3_files(folder, comfyui_sized_config(), clip_l_width=32, clip_g_width=32,
-                           vae_widths=(32, 32, 32, 32), full=False, name="sd3_demo")
-
-
-registry.register(
-    registry.Family(
-        arch="sd3",
-        description="Stable Diffusion 3 / 3.5 (Medium, Large, Large-Turbo): CLIP-L + CLIP-G (+ optional T5-XXL),"
-                    " 16-channel VAE",
-        load=load_sd3,
-        make_demo=make_sd3_demo,
-    )
-)
+FAMILIES = [
+    Family("sd3", "Stable Diffusion 3 / 3.5 (Medium, Large, Large-Turbo): CLIP-L + CLIP-G (+ optional T5-XXL),"
+           " 16-channel VAE", load_sd3),
+]

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..errors import ModelFileError
-from .flux_layout import LinearMap, ParamMap, count_blocks, join_original, split_original
+from .layout import LinearMap, ParamMap, count_blocks, join_original, split_original
 
 # where the transformer sits: a full checkpoint (`checkpoints/`), a bare ComfyUI file, or a prefix-less one
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")

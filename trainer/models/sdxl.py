@@ -22,18 +22,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from . import registry
-from .base import Conditioning, EpsObjective, Target, TargetMember, TrainingModel
+from .base import Conditioning, Target, TargetMember, TrainingModel
 from .detect import require_family
-from .files import (
-    diffusers_component,
-    find_weights_file,
-    is_diffusers_folder,
-    load_state_dict,
-    local_path,
-    safetensors_metadata,
-    safetensors_shapes,
-)
+from .family import Family
+from .files import diffusers_component, find_weights_file, load_state_dict, safetensors_metadata, safetensors_shapes
+from .objectives import EpsObjective, VObjective
+from .schedules import sample_flow_sigmas
+from .sources import ModelSources
 from .sdxl_layout import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
@@ -48,8 +43,7 @@ from .sdxl_layout import (
     transformers_to_open_clip,
     unet_config_from_ldm,
 )
-from .text_encoders import (EncoderFile, find_tokenizer, identify_text_encoder, load_clip_projected,
-                            load_clip_text_model, load_tokenizer)
+from .text_encoders import EncoderFile, identify_text_encoder, load_clip_projected, load_clip_text_model
 from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
@@ -73,29 +67,9 @@ def ddpm_sigmas() -> torch.Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
-class VObjective(EpsObjective):
-    """v-prediction in the same sigma space: v = a n - a s x0 with a = 1 / sqrt(1 + s^2)."""
-
-    name = "v"
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
-        a = torch.rsqrt(1 + s**2)
-        return a * noise - a * s * latents
-
-    def min_snr_weights(self, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma for a v target: min(snr, gamma) / (snr + 1)."""
-        snr = self.snr(sigmas)
-        return torch.clamp(snr, max=gamma) / (snr + 1)
-
-    def derivative(self, x: torch.Tensor, pred: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """dx/dsigma (= eps) for the Euler sampler, from the model's v: eps = a v + a^2 s x."""
-        a2 = 1.0 / (1.0 + sigma**2)
-        return a2**0.5 * pred + a2 * sigma * x
-
-
 class SDXLModel(TrainingModel):
     arch = "sdxl"
+    text_encoder_attrs = ("clip_l", "clip_g")
 
     def __init__(self, unet: nn.Module, vae: nn.Module, clip_l: nn.Module | None, clip_g: nn.Module | None,
                  tok_l, tok_g, device: torch.device, dtype: torch.dtype, v_pred: bool = False) -> None:
@@ -108,7 +82,6 @@ class SDXLModel(TrainingModel):
         self.v_pred = v_pred
         self.objective = VObjective() if v_pred else EpsObjective()
         self.vae_scale = vae_scale(vae)
-        self.pixel_factor = self.vae_scale * 2
         self.sigma_table = ddpm_sigmas()
         self._log_sigmas = self.sigma_table.double().log()
 
@@ -163,15 +136,6 @@ class SDXLModel(TrainingModel):
         return [m for m in self.denoiser.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
 
     # --- encoders ------------------------------------------------------------------------------
-    def text_encoders_loaded(self) -> bool:
-        return self.clip_l is not None and self.clip_g is not None
-
-    def release_text_encoders(self) -> None:
-        self.clip_l = None
-        self.clip_g = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     @staticmethod
     def _hidden(encoder: nn.Module, tokenizer, captions: list[str]):
         ids = tokenizer(
@@ -238,8 +202,6 @@ class SDXLModel(TrainingModel):
         if kind in (None, "linear"):
             t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
         else:
-            from ..train.timesteps import sample_flow_sigmas
-
             u = sample_flow_sigmas(kind, batch, gen, None)
             t = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         return self.sigma_table[t]
@@ -404,41 +366,29 @@ def _file_v_pred(path: Path) -> bool | None:
     return None
 
 
-def load_sdxl(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sdxl") -> SDXLModel:
-    root = local_path(mc.name_or_path, "model.name_or_path")
-    unet = load_sdxl_unet(root, dtype, arch)
-    folder = root if is_diffusers_folder(root) else None
-    parts = _ckpt_parts(root)
+def load_sdxl(mc: ModelConfig, device: torch.device, dtype: torch.dtype, arch: str = "sdxl") -> SDXLModel:
+    src = ModelSources(mc, "SDXL")
+    unet = load_sdxl_unet(src.root, dtype, arch)
+    parts = _ckpt_parts(src.root)
 
-    te_paths = [local_path(p, f"model.text_encoder_paths[{i}]") for i, p in enumerate(mc.text_encoder_paths)]
-    found: dict[str, tuple[Path, str]] = _classify_encoders(te_paths) if te_paths else {}
+    found: dict[str, tuple[Path, str]] = _classify_encoders(src.text_encoder_paths) if src.text_encoder_paths else {}
     if "clip_l" not in found and "clip_l" in parts:
-        found["clip_l"] = (root, CLIP_L_PREFIX)
+        found["clip_l"] = (src.root, CLIP_L_PREFIX)
     if "clip_g" not in found and "clip_g" in parts:
-        found["clip_g"] = (root, CLIP_G_PREFIX)
-    if folder is not None:
-        for kind, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
-            if kind not in found and (folder / sub).is_dir():
-                found[kind] = (folder / sub, "")
-    missing = [k for k in ("clip_l", "clip_g") if k not in found]
-    if missing:
-        names = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)"}
-        raise ModelFileError(
-            "model.text_encoder_paths: SDXL needs " + " and ".join(names[k] for k in missing)
-            + "; use a full checkpoint (ComfyUI's models/checkpoints) or list the local files (models/text_encoders)"
-        )
+        found["clip_g"] = (src.root, CLIP_G_PREFIX)
+    for kind, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        folder = src.component(sub)
+        if kind not in found and folder is not None:
+            found[kind] = (folder, "")
+    src.require(found, {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g.safetensors)"},
+                "use a full checkpoint (ComfyUI's models/checkpoints) or list the local files (models/text_encoders)")
 
-    tok_paths = [local_path(p, f"model.tokenizer_paths[{i}]") for i, p in enumerate(mc.tokenizer_paths)]
-    near = [root, *te_paths]
-    src_l = find_tokenizer("clip", tok_paths[0] if tok_paths else None,
-                           [folder / "tokenizer"] if folder else [], near)
-    tok_l = load_tokenizer(src_l)
-    if len(tok_paths) > 1 or (folder is not None and (folder / "tokenizer_2").is_dir()):
-        tok_g = load_tokenizer(find_tokenizer("clip", tok_paths[1] if len(tok_paths) > 1 else None,
-                                              [folder / "tokenizer_2"] if folder else [], near))
+    tok_l = src.tokenizer("clip", src.tokenizer_path(0), "tokenizer")
+    if len(src.tokenizer_paths) > 1 or src.component("tokenizer_2") is not None:
+        tok_g = src.tokenizer("clip", src.tokenizer_path(1), "tokenizer_2")
     else:
         # CLIP-G shares CLIP-L's vocabulary; SDXL pads its prompts with "!" (id 0) rather than end-of-text
-        tok_g = load_tokenizer(src_l)
+        tok_g = src.tokenizer("clip", src.tokenizer_path(0), "tokenizer")
         if "!" in tok_g.get_vocab():
             tok_g.pad_token = "!"
 
@@ -459,141 +409,16 @@ def load_sdxl(mc: ModelConfig, device: str, dtype: torch.dtype, arch: str = "sdx
 
     # SDXL's VAE overflows in fp16: keep it in fp32 then (latents are cached, decoding is for previews)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-    if mc.vae_path:
-        vae_src = local_path(mc.vae_path, "model.vae_path")
-    elif "vae" in parts:
-        vae_src = root
-    elif folder is not None and (folder / "vae").is_dir():
-        vae_src = folder / "vae"
-    else:
-        raise ModelFileError("model.vae_path: SDXL needs its VAE (sdxl_vae.safetensors, in ComfyUI's models/vae)")
+    vae_src = src.vae("sdxl_vae.safetensors", f"{VAE_PREFIX}encoder.conv_in.weight")
     vae = load_vae(vae_src, vae_dtype, SDXL_VAE_SCALE, None, unet.config.in_channels)
 
     v_pred = _config_v_pred(mc)
     if v_pred is None:
-        v_pred = bool(_file_v_pred(root))
-    dev = torch.device(device)
-    for m in (vae, clip_l, clip_g):  # the UNet follows in place_denoiser(), after the encoding
-        m.to(dev)
-    return SDXLModel(unet, vae, clip_l, clip_g, tok_l, tok_g, dev, dtype, v_pred=v_pred)
+        v_pred = bool(_file_v_pred(src.root))
+    return SDXLModel(unet, vae, clip_l, clip_g, tok_l, tok_g, torch.device(device), dtype, v_pred=v_pred)
 
 
-# --- small random SDXL-layout files (demo, tests) ------------------------------------------------
-
-def sdxl_unet_config(widths=(32, 64, 128), layers: int = 2, depths=(0, 1, 2), context: int = 96, pooled: int = 32) -> dict:
-    """A diffusers UNet config with SDXL's structure at any width (heads of 64 channels, 6 x 256 time ids)."""
-    from .sdxl_layout import heads_for
-
-    n = len(widths)
-    return dict(
-        sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)],
-        block_out_channels=list(widths), layers_per_block=layers, cross_attention_dim=context,
-        attention_head_dim=[heads_for(w) for w in widths],
-        transformer_layers_per_block=[d or (depths[-1] if i == n - 1 else 1) for i, d in enumerate(depths)],
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_ID_CHANNELS,
-        projection_class_embeddings_input_dim=pooled + NUM_TIME_IDS * TIME_ID_CHANNELS, norm_num_groups=32,
-    )
-
-
-def random_unet_ldm(cfg: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random weights for the UNet of `cfg`, in the LDM layout: scaled matrices and kernels, norm scales near
-    1 and small nonzero biases (so that a wrongly mapped bias or norm shows in the outputs)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**cfg)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in sorted(model.state_dict().items()):
-        shape = tuple(v.shape)
-        if len(shape) >= 2:
-            fan_in = 1
-            for d in shape[1:]:
-                fan_in *= d
-            t = torch.randn(shape, generator=g) / fan_in**0.5
-        elif k.endswith(".weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.1 * torch.randn(shape, generator=g)
-        sd[k] = t.to(dtype)
-    return diffusers_to_ldm(sd, model.config)
-
-
-def _clip_state(vocab: int, hidden: int, layers: int, projection: int | None, seed: int, bos: int, eos: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77,
-        hidden_act="gelu" if projection else "quick_gelu", projection_dim=projection or hidden,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-    )
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
-    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
-            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-
-
-def write_sdxl_files(folder: Path, widths=(32, 64, 128), layers: int = 2, depths=(0, 1, 2), clip_l_width: int = 32,
-                     clip_g_width: int = 64, pooled: int = 32, clip_layers: int = 2, vae_widths=(32, 32),
-                     full: bool = True, v_pred: bool = False, seed: int = 11, dtype: torch.dtype = torch.float32,
-                     name: str = "sdxl") -> dict:
-    """A random SDXL-structured model in the files users keep: one full checkpoint (`checkpoints/`: UNet under
-    model.diffusion_model., CLIP-L, OpenCLIP-G, VAE), or with `full=False` a bare UNet plus ComfyUI-style
-    clip_l / clip_g (transformers layout) / vae files. Returns the `model:` config."""
-    from ..fileio import save_safetensors_atomic
-    from . import tiny
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok_dir = folder / "tokenizer"
-    tok = tiny.build_tokenizer(tok_dir, "clip")
-    vocab, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
-    unet = random_unet_ldm(sdxl_unet_config(widths, layers, depths, clip_l_width + clip_g_width, pooled), seed, dtype)
-    clip_l = _clip_state(vocab, clip_l_width, clip_layers, None, seed + 1, bos, eos)
-    clip_g = _clip_state(vocab, clip_g_width, clip_layers, pooled, seed + 2, bos, eos)
-    vae = tiny.random_state_dict(tiny.ldm_vae_shapes(list(vae_widths), 1, 4), seed + 3, dtype)
-    marker = {"v_pred": torch.zeros(0)} if v_pred else {}
-    cfg = {"arch": "sdxl", "tokenizer_paths": [str(tok_dir)]}
-    if full:
-        sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
-        sd.update({f"{CLIP_L_PREFIX}{k}": v.to(dtype) for k, v in clip_l.items()})
-        sd.update({f"{CLIP_G_PREFIX}{k}": v.to(dtype) for k, v in transformers_to_open_clip(clip_g).items()})
-        sd.update({f"{VAE_PREFIX}{k}": v for k, v in vae.items()})
-        path = folder / f"{name}.safetensors"
-        save_safetensors_atomic({**sd, **marker}, path)
-        cfg["name_or_path"] = str(path)
-    else:
-        paths = {n: folder / f"{name}_{n}.safetensors" for n in ("unet", "clip_l", "clip_g", "vae")}
-        save_safetensors_atomic({**unet, **marker}, paths["unet"])
-        save_safetensors_atomic({k: v.to(dtype) for k, v in clip_l.items()}, paths["clip_l"])
-        save_safetensors_atomic({k: v.to(dtype) for k, v in clip_g.items()}, paths["clip_g"])
-        save_safetensors_atomic(vae, paths["vae"])
-        cfg.update(name_or_path=str(paths["unet"]), text_encoder_paths=[str(paths["clip_l"]), str(paths["clip_g"])],
-                   vae_path=str(paths["vae"]))
-    return cfg
-
-
-def make_sdxl_demo(folder: Path) -> dict:
-    """A random SDXL in one ComfyUI-style checkpoint that ComfyUI detects as SDXL: it matches SDXL on
-    model_channels 320, context 2048, adm 2816 and transformer depths [0,0,2,2,10,10], but not on the channel
-    multipliers, so widths (320, 320, 320) make a 283M UNet. The text encoders are one layer each, at the
-    widths the UNet needs (768 + 1280). Returns the `model:` config."""
-    path = folder / "sdxl_demo.safetensors"
-    if path.exists() and (folder / "tokenizer").exists():
-        return {"arch": "sdxl", "name_or_path": str(path), "tokenizer_paths": [str(folder / "tokenizer")]}
-    return write_sdxl_files(folder, widths=(320, 320, 320), layers=2, depths=(0, 2, 10), clip_l_width=768,
-                            clip_g_width=1280, pooled=1280, clip_layers=1, vae_widths=(32, 32, 32, 32),
-                            name="sdxl_demo", dtype=torch.bfloat16)
-
-
-registry.register(
-    registry.Family(
-        arch="sdxl",
-        description="Stable Diffusion XL (eps or v-prediction): CLIP-L + OpenCLIP-G, 4-channel VAE",
-        load=load_sdxl,
-        make_demo=make_sdxl_demo,
-        text_encoder_training=True,
-    )
-)
+FAMILIES = [
+    Family("sdxl", "Stable Diffusion XL (eps or v-prediction): CLIP-L + OpenCLIP-G, 4-channel VAE", load_sdxl,
+           text_encoder_training=True),
+]

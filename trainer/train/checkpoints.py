@@ -1,7 +1,8 @@
 """The run folder: step saves, the final save, and the state a resumed run starts from.
 
-`{name}_{step:09d}.safetensors` is what users load; `training_state.pt` (full-precision network,
-optimizer, scheduler, step) is what resume reads. Every write is atomic.
+`{name}_{step:09d}.safetensors` is what users load; `training_state.safetensors` (full-precision network,
+optimizer, scheduler, step; data only, checksummed: see state_file.py) is what resume reads. Every write is
+atomic. A `training_state.pt` of an earlier version is read with torch's weights-only loader, never unpickled.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..fileio import save_safetensors_atomic, torch_save_atomic
+from ..fileio import save_safetensors_atomic
+from .state_file import StateFileError, encode_state, read_state
 
 log = logging.getLogger("trainer")
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.safetensors"
+LEGACY_STATE_FILE = "training_state.pt"
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16,
@@ -65,24 +68,59 @@ class RunFolder:
             p.unlink(missing_ok=True)
 
     def save_state(self, state: dict) -> None:
-        torch_save_atomic(state, self.state_path)
+        tensors, metadata = encode_state(state)
+        save_safetensors_atomic(tensors, self.state_path, metadata)
+        (self.root / LEGACY_STATE_FILE).unlink(missing_ok=True)  # superseded
 
     def load_state(self) -> dict | None:
+        legacy = self.root / LEGACY_STATE_FILE
+        if not self.state_path.exists() and legacy.exists():
+            return self._load_legacy(legacy)
         if not self.state_path.exists():
             return None
         try:
-            return torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a state we cannot read must not be silently replaced
-            raise UserError(
-                f"{self.state_path}: cannot read the saved training state ({e}). Move it away to start over;"
-                " the saved LoRA files are untouched."
-            ) from None
+            return read_state(self.state_path)
+        except StateFileError as e:
+            raise UserError(self._unusable(self.state_path, str(e))) from None
+
+    def _load_legacy(self, path: Path) -> dict:
+        try:  # torch's restricted unpickler: tensors and plain containers only, never code
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many kinds here
+            raise UserError(self._unusable(path, f"not a plain-data state ({type(e).__name__})")) from None
+
+    def _unusable(self, path: Path, why: str) -> str:
+        saves = [p for _, p in self.step_saves()] + ([self.final_path] if self.final_path.exists() else [])
+        last = f" The last LoRA save is {saves[-1]}." if saves else ""
+        return (f"{path}: cannot resume from this training state: {why}. Nothing was changed; the saved LoRA files"
+                f" are untouched.{last} To start over, move {path.name} away (or use a new config.name); to continue"
+                f" from a LoRA save, start a new run with network.pretrained_lora_path set to it.")
 
 
-def check_resumable(state: dict, network_shapes: dict[str, tuple[int, ...]], arch: str, path: Path) -> None:
-    saved = state.get("network_shapes")
-    if state.get("arch") != arch or saved != network_shapes:
+STATE_FIELDS = {"step": int, "arch": str, "network": dict, "network_shapes": dict, "optimizer": dict,
+                "scheduler": dict}
+
+
+def check_resumable(state: dict, network_shapes: dict[str, tuple[int, ...]], arch: str, total_steps: int,
+                    path: Path) -> None:
+    """A state is used only if it is whole and of this run's model and network; else one message that says why."""
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state.get(key), bool)):
+            raise UserError(f"{path}: damaged training state ({key!r} is missing or not a {kind.__name__}); the"
+                            " saved LoRA files are untouched. Move the state away to start over.")
+    if not 0 <= state["step"] <= total_steps:
+        raise UserError(f"{path}: the state is at step {state['step']}, outside this run's 0..{total_steps}")
+    saved = {k: tuple(v) for k, v in state["network_shapes"].items()}
+    if state["arch"] != arch or saved != network_shapes:
+        changed = [k for k in sorted(set(saved) | set(network_shapes)) if saved.get(k) != network_shapes.get(k)]
+        what = (f"arch {state['arch']!r} -> {arch!r}" if state["arch"] != arch else
+                f"{len(changed)} network tensors differ (e.g. {changed[0]}: {saved.get(changed[0])} ->"
+                f" {network_shapes.get(changed[0])})")
         raise UserError(
-            f"{path}: this run folder holds a run of another model or network (arch {state.get('arch')!r},"
-            f" {len(saved or {})} tensors); use a new config.name, or move the folder away to start over"
+            f"{path}: this run folder holds a run of another model or network ({what}); use a new config.name,"
+            " or move the folder away to start over"
         )
+    for k, t in state["network"].items():
+        if not isinstance(t, torch.Tensor) or not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: the saved network tensor {k} is not finite; the state is unusable (the step"
+                            " saves are untouched)")

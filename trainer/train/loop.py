@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from ..config import JobConfig
+from ..config import JobConfig, dump_job_yaml
 from ..data.cache import LatentCache, TextCache
 from ..data.dataset import BatchPlan, Dataset, captions_for_batch
 from ..errors import TrainingDiverged
 from ..fileio import append_jsonl, atomic_path
-from ..models.base import Conditioning, SampleRequest, TrainingModel, collate_conditioning
+from ..models.base import Conditioning, TrainingModel, collate_conditioning
 from ..networks.network import Network
-from ..sampling import sample_image, to_pil
+from ..previews import PreparedSample
+from ..sampling import sample, to_pil
+from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
 from .timesteps import linear_timestep_weights
 
 log = logging.getLogger("trainer")
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    h = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class PreparedSample:
-    index: int
-    prompt: str
-    request: SampleRequest
-    neg: str = ""  # the negative prompt, re-encoded with the prompt where the text encoders train
 
 
 @dataclass
@@ -59,29 +48,42 @@ class Trainer:
         texts: TextCache | None,
         samples: list[PreparedSample],
         run: RunFolder,
-        on_step: Callable[[int, float], None] | None = None,
     ) -> None:
         self.job, self.cfg = job, job.process
         self.model, self.network = model, network
         self.datasets, self.latents, self.texts = datasets, latents, texts
         self.samples = samples
         self.run = run
-        self.on_step = on_step
         tc = self.cfg.train
         self.plan = BatchPlan(datasets, tc.batch_size, tc.seed)
         groups = network.param_groups(tc.lr, tc.text_encoder_lr)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(tc.optimizer, groups, tc.lr, dict(tc.optimizer_params), model.device)
-        self.scheduler = build_scheduler(self.optimizer, tc.lr_scheduler, tc.steps, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
+        self.scheduler = self._schedule(tc.steps)
         fp16 = model.dtype == torch.float16 and model.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.state = TrainState()
         self.network_shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
 
+    def _schedule(self, total: int):
+        tc = self.cfg.train
+        return build_scheduler(self.optimizer, tc.lr_scheduler, total, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
+
+    def extend_to(self, total: int) -> None:
+        """Grow the run to `total` steps (a session that trains on): the schedule is stretched to the new total
+        from the current step, and the job (written into saves' metadata) records the new step count."""
+        if total <= self.cfg.train.steps:
+            return
+        self.cfg.train.steps = total
+        self.job.raw["config"]["process"][0].setdefault("train", {})["steps"] = total
+        for g in self.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.scheduler = self._schedule(total)
+        self.scheduler.last_epoch = self.state.step - 1
+        self.scheduler.step()
+
     # --- persistence ---------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        from ..config import dump_job_yaml
-
         nc = self.cfg.network
         md = {
             **self.model.save_metadata(),
@@ -96,7 +98,18 @@ class Trainer:
             md["ss_trigger_word"] = self.cfg.trigger_word
         return md
 
+    def check_finite(self) -> None:
+        """A network with a non-finite weight is never written: the run stops with the last good save named."""
+        for name, t in self.network.state_dict().items():
+            if not bool(torch.isfinite(t).all()):
+                saved = self.state.last_save or "nothing was saved yet"
+                raise TrainingDiverged(
+                    f"the network's {name} became non-finite at step {self.state.step}; nothing was written."
+                    f" Last good save: {saved}. Try a lower train.lr or a smaller train.max_grad_norm."
+                )
+
     def save(self, final: bool = False) -> None:
+        self.check_finite()
         tensors = self.network.export(DTYPES[self.cfg.save.dtype])
         path = self.run.final_path if final else self.run.step_path(self.state.step)
         self.run.save_network(path, tensors, self.metadata())
@@ -104,7 +117,7 @@ class Trainer:
             "step": self.state.step,
             "arch": self.model.arch,
             "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
-            "network_shapes": self.network_shapes,
+            "network_shapes": {k: list(v) for k, v in self.network_shapes.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -118,15 +131,18 @@ class Trainer:
         st = self.run.load_state()
         if st is None:
             return False
-        check_resumable(st, self.network_shapes, self.model.arch, self.run.state_path)
+        check_resumable(st, self.network_shapes, self.model.arch, self.cfg.train.steps, self.run.state_path)
         self.network.load_state_dict(st["network"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        self.state.step = int(st["step"])
+        self.state.step = st["step"]
         self.state.last_save = st.get("last_save")
         return True
+
+    def finished(self) -> bool:
+        return self.state.step >= self.cfg.train.steps and self.run.final_path.exists()
 
     # --- one step ------------------------------------------------------------------------------
     def _conditioning(self, captions: list[str]) -> Conditioning:
@@ -195,42 +211,53 @@ class Trainer:
         return total
 
     # --- sampling ------------------------------------------------------------------------------
-    def sample(self) -> list:
+    def sample(self, report: Callable[[str], None] | None = None) -> list:
         if not self.samples:
             return []
+        if report is not None:
+            report(f"sampling {len(self.samples)} previews at step {self.state.step}")
         self.network.eval()
         self.model.set_train_hooks(False)
         images = []
-        for s in self.samples:
-            request = s.request
-            if self.network.trains_text_encoders:  # the prompts' embeddings change with the network
-                cond, neg = self.model.encode_text([s.prompt]), self.model.encode_text([s.neg])
-                request = replace(request, cond={**request.cond, **cond}, neg_cond={**(request.neg_cond or {}), **neg})
-            img = to_pil(sample_image(self.model, request))
-            path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
-            with atomic_path(path) as tmp:
-                img.save(tmp, format="PNG")
-            append_jsonl(self.run.samples / "index.jsonl", {
-                "step": self.state.step, "index": s.index, "prompt": s.prompt, "seed": s.request.seed,
-                "file": path.name,
-            })
-            images.append(img)
-        self.model.set_train_hooks(True)
-        self.network.train()
+        try:
+            for s in self.samples:
+                images.append(self._sample_one(s))
+        finally:
+            self.model.set_train_hooks(True)
+            self.network.train()
         return images
 
+    def _sample_one(self, s: PreparedSample):
+        request = s.request
+        if self.network.trains_text_encoders:  # the prompts' embeddings change with the network
+            with self.model.text_encoders_on_device():
+                cond, neg = self.model.encode_text([s.prompt]), self.model.encode_text([s.neg])
+            request = replace(request, cond={**request.cond, **cond}, neg_cond={**(request.neg_cond or {}), **neg})
+        img = to_pil(sample(self.model, request))
+        path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+        append_jsonl(self.run.samples / "index.jsonl", {
+            "step": self.state.step, "index": s.index, "prompt": s.prompt, "neg": s.neg, "seed": request.seed,
+            "width": img.width, "height": img.height, "steps": request.steps, "guidance_scale": request.guidance_scale,
+            "control_image": s.control_image, "file": path.name,
+        })
+        return img
+
     # --- the run -------------------------------------------------------------------------------
-    def train(self, progress=None, until: int | None = None) -> TrainState:
+    def train(self, progress=None, until: int | None = None, on_step: Callable[[int, float], None] | None = None,
+              report: Callable[[str], None] | None = None) -> TrainState:
         """Step to `until` (default: train.steps); at train.steps the final file is written."""
         tc, sc = self.cfg.train, self.cfg.sample
         until = tc.steps if until is None else min(until, tc.steps)
         sampling = not tc.disable_sampling and bool(self.samples)
+        self.model.ensure_loaded()
         self.network.train()
         self.model.set_train_hooks(True)
-        if self.state.step == 0 and sampling and not tc.skip_first_sample:
-            self.sample()
-        t_last = time.perf_counter()
         try:
+            if self.state.step == 0 and sampling and not tc.skip_first_sample:
+                self.sample(report)
+            t_last = time.perf_counter()
             while self.state.step < until:
                 loss = self.step()
                 now = time.perf_counter()
@@ -242,18 +269,15 @@ class Trainer:
                 append_jsonl(self.run.metrics_path, rec)
                 if progress is not None:
                     progress(rec)
-                if self.on_step is not None:
-                    self.on_step(step, loss)
+                if on_step is not None:
+                    on_step(step, loss)
                 if step < tc.steps and step % self.cfg.save.save_every == 0:
                     self.save()
                 if sampling and step < tc.steps and step % sc.sample_every == 0:
-                    self.sample()
-                    t_last = time.perf_counter()  # sampling time is not step time
-        except (KeyboardInterrupt, TrainingDiverged):
-            self._save_on_stop()
-            raise
-        except Exception:
-            # a cancel from the host (ComfyUI's interrupt) or a crash: keep what was trained
+                    self.sample(report)
+                t_last = time.perf_counter()  # saving and sampling time are not step time
+        except BaseException:
+            # Ctrl-C, a cancel from the host (ComfyUI's interrupt) or a crash: keep what was trained
             self._save_on_stop()
             raise
         finally:
@@ -261,19 +285,20 @@ class Trainer:
         if self.state.step >= tc.steps:
             self.save(final=True)
             if sampling:
-                self.sample()
+                self.sample(report)
         elif self.state.step > 0 and self.state.last_save != str(self.run.step_path(self.state.step)):
             self.save()
         return self.state
 
     def _save_on_stop(self) -> None:
-        import sys
-
         exc = sys.exc_info()[1]
         if isinstance(exc, TrainingDiverged) or self.state.step == 0:
             return
         if self.state.last_save != str(self.run.step_path(self.state.step)):
-            self.save()
+            try:
+                self.save()
+            except TrainingDiverged:
+                log.warning("the network is not finite at step %d: not saved", self.state.step)
 
 
 def _peak_gib(device: torch.device) -> float:

@@ -1,33 +1,8 @@
-"""Noise levels for training steps, and per-sample loss weights that depend on them."""
+"""Per-sample loss weights that depend on the noise level (the levels themselves: models/schedules.py)."""
 
 from __future__ import annotations
 
 import torch
-
-from ..models.base import time_shift_exponential, time_shift_linear
-
-SIGMA_MIN = 1e-4
-FIXED_SHIFT = 3.0
-
-
-def sample_flow_sigmas(kind: str | None, batch: int, gen: torch.Generator, mu: float | None) -> torch.Tensor:
-    """sigma in (0, 1] per sample.
-
-    sigmoid (also when train.timestep_type is unset): sigmoid of a standard normal (logit-normal, dense in the middle);
-    linear: uniform; shift: uniform shifted by 3 (toward noise);
-    flux_shift: uniform with the family's resolution-dependent shift (falls back to shift 3).
-    """
-    if kind in (None, "sigmoid"):
-        s = torch.sigmoid(torch.randn(batch, generator=gen))
-    else:
-        s = torch.rand(batch, generator=gen)
-        if kind == "shift":
-            s = time_shift_linear(FIXED_SHIFT, s)
-        elif kind == "flux_shift":
-            s = time_shift_exponential(mu, s) if mu is not None else time_shift_linear(FIXED_SHIFT, s)
-        elif kind != "linear":
-            raise ValueError(kind)
-    return s.clamp(SIGMA_MIN, 1.0)
 
 
 def _bell(s: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,23 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageDraw
 
-from .fileio import write_text_atomic
-from .models import registry
+from ..errors import ConfigError
+from ..fileio import write_text_atomic
+from ..models import registry
+from .chroma import write_chroma_demo
+from .flux import write_flex2_demo, write_flux_demo
+from .sd3 import write_sd3_demo
+from .sdxl import write_sdxl_demo
+
+# arch -> writer of its demo files (returns the `model:` config); and the arches whose demo adds control images
+DEMO_WRITERS = {
+    "flux": write_flux_demo,
+    "flex1": lambda folder: write_flux_demo(folder, arch="flex1"),
+    "flex2": write_flex2_demo,
+    "chroma": write_chroma_demo,
+    "sd3": write_sd3_demo,
+    "sdxl": write_sdxl_demo,
+}
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -87,19 +102,18 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, contr
 
 
 def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
-    from .cli import run_job_file
+    from ..run import run_job_file
 
+    name = registry.canonical_arch(arch)
+    if name is None or name not in DEMO_WRITERS:
+        raise ConfigError(f"--arch {arch}: no demo for this arch; demos: {', '.join(sorted(DEMO_WRITERS))}")
+    arch = name
     family = registry.get_family(arch)
-    if family.make_demo is None:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--arch {arch}: this family has no demo yet")
     out = Path(out_dir).resolve()
     t0 = time.perf_counter()
     print(f"writing a random {arch} model, text encoders and VAE into {out / 'models'}", flush=True)
-    model = family.make_demo(out / "models")
-    # a family whose model takes control images asks for them (`demo_controls`; not a model key)
-    controls = out / "dataset_control" if model.pop("demo_controls", False) else None
+    model = DEMO_WRITERS[arch](out / "models")
+    controls = out / "dataset_control" if family.takes_control else None
     dataset = make_dataset(out / "dataset", controls=controls)
     steps = steps or 20
     name = f"demo_{arch}_lora"

@@ -1,7 +1,8 @@
-"""Small random models in the layouts users keep on disk, for the demo and the tests.
+"""Small random models in the layouts users keep on disk, for the demo and the tests: the shared pieces.
 
-Everything here is built locally from a config and a seed: tokenizers from a word list, text
-encoders, a KL VAE in the original (LDM) layout and a Flux transformer in the original (BFL) layout.
+Everything here is built locally from a config and a seed: tokenizers from a word list, text encoders, a KL
+VAE in the original (LDM) layout, and `random_weights`, the one writer of random tensors every family's
+demo files use. Family-specific writers sit beside this module (demo/flux.py, demo/sdxl.py ...).
 """
 
 from __future__ import annotations
@@ -69,25 +70,28 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_clip_file(path: Path, vocab_size: int, hidden: int = 64, layers: int = 1, seed: int = 1,
-                   dtype: torch.dtype = torch.float32) -> None:
-    """A CLIP text model with random weights, saved with ComfyUI's `text_model.` keys."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_state(vocab: int, hidden: int, layers: int, seed: int, bos: int, eos: int, projection: int | None = None,
+               act: str = "quick_gelu") -> dict[str, torch.Tensor]:
+    """A random CLIP text tower (with a text projection of width `projection`, if given) in ComfyUI's
+    clip_l / clip_g key layout (`text_model.` kept whatever the transformers version)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=hidden, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, hidden_act=act,
+        projection_dim=projection or hidden, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
     )
-    model = CLIPTextModel(cfg)
-    # ComfyUI's clip_l files keep the `text_model.` prefix whatever the transformers version
-    sd = {
-        (k if k.startswith("text_model.") else f"text_model.{k}"): v.to(dtype)
-        for k, v in model.state_dict().items()
-        if not k.endswith("position_ids")
-    }
-    save_safetensors_atomic(sd, path)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def make_clip_file(path: Path, vocab_size: int, hidden: int = 64, layers: int = 1, seed: int = 1,
+                   dtype: torch.dtype = torch.float32) -> None:
+    """A CLIP text model (CLIP-L's structure) with random weights, saved with ComfyUI's `text_model.` keys."""
+    sd = clip_state(vocab_size, hidden, layers, seed, bos=vocab_size - 2, eos=vocab_size - 1)
+    save_safetensors_atomic({k: v.to(dtype) for k, v in sd.items()}, path)
 
 
 def make_t5_file(path: Path, vocab_size: int, d_model: int = 64, layers: int = 1, heads: int = 2, d_kv: int = 16,
@@ -159,48 +163,39 @@ def ldm_vae_shapes(widths: list[int], layers: int, latent: int, in_ch: int = 3) 
     return s
 
 
-def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weights with sane scales: 1/sqrt(fan_in) for matrices and kernels, ones for norm scales, zero biases."""
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, bias_std: float = 0.0,
+                   norm_std: float = 0.0, std: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors with sane scales: matrices and kernels 1/sqrt(fan_in), norm scales (1-D `.weight` / `.scale`)
+    1 + norm_std noise, other vectors bias_std noise; `std` names tensors drawn as plain noise of that scale.
+    Nonzero bias_std / norm_std make a misplaced bias, scale or swap show in the outputs of a test."""
     g = _seeded(seed)
     out = {}
     for k, shape in sorted(shapes.items()):
-        if len(shape) >= 2:
+        if std and k in std:
+            t = std[k] * torch.randn(shape, generator=g)
+        elif len(shape) >= 2:
             fan_in = 1
             for d in shape[1:]:
                 fan_in *= d
             t = torch.randn(shape, generator=g) / fan_in**0.5
-        elif k.endswith((".scale",)) or ".norm" in k and k.endswith(".weight"):
-            t = torch.ones(shape)
+        elif k.endswith((".weight", ".scale")):
+            t = 1 + norm_std * torch.randn(shape, generator=g) if norm_std else torch.ones(shape)
         else:
-            t = torch.zeros(shape)
+            t = bias_std * torch.randn(shape, generator=g) if bias_std else torch.zeros(shape)
         out[k] = t.to(dtype)
     return out
 
 
+def module_shapes(cls, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of `cls(**cfg)`, built on the meta device (no memory)."""
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        model = cls(**cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def make_vae_file(path: Path, widths: list[int], layers: int = 1, latent: int = 16, seed: int = 3,
                   dtype: torch.dtype = torch.float32) -> None:
-    save_safetensors_atomic(random_state_dict(ldm_vae_shapes(widths, layers, latent), seed, dtype), path)
-
-
-def flux_diffusers_config(hidden: int, head_dim: int, double: int, single: int, context_dim: int, pooled_dim: int,
-                          guidance: bool, in_channels: int = 64) -> dict:
-    from .flux_layout import rope_axes
-
-    return dict(
-        patch_size=1, in_channels=in_channels, num_layers=double, num_single_layers=single,
-        attention_head_dim=head_dim, num_attention_heads=hidden // head_dim, joint_attention_dim=context_dim,
-        pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=rope_axes(head_dim),
-    )
-
-
-def make_flux_file(path: Path, cfg: dict, seed: int = 4, dtype: torch.dtype = torch.bfloat16) -> None:
-    """A Flux transformer with random weights in the original single-file layout ComfyUI loads."""
-    from diffusers import FluxTransformer2DModel
-
-    from .flux_layout import diffusers_to_original
-
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = random_state_dict(shapes, seed, dtype)
-    save_safetensors_atomic(diffusers_to_original(sd, cfg), path)
+    save_safetensors_atomic(random_weights(ldm_vae_shapes(widths, layers, latent), seed, dtype), path)

@@ -1,0 +1,27 @@
+"""What the registry knows of a family before its model is loaded: how to load it and what it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+    from .base import TrainingModel
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str
+    description: str
+    load: Callable[["ModelConfig", torch.device, torch.dtype], "TrainingModel"]
+    # train.train_text_encoder: its models give text-encoder targets (TrainingModel.text_encoder_targets)
+    text_encoder_training: bool = False
+    # datasets[].control_path: its models take a control latent (cond["control"])
+    takes_control: bool = False
+    # clips in datasets (num_frames > 1) and video previews
+    video: bool = False
+    # checked against the config before anything loads (model keys only this family reads, and their defaults)
+    model_defaults: dict = field(default_factory=dict)
