@@ -89,5 +89,31 @@ def test_sample_items_fill_defaults_and_walk_seed():
     assert [i.seed for i in items] == [5, 6] and items[1].width == 64 and items[1].height == 48
 
 
-def test_parse_yaml_text_ok():
-    assert parse_yaml_text("a: 1", "x") == {"a": 1}
+def test_yaml_never_constructs_python_objects(tmp_path):
+    """A job file is data: a python tag is a YAML error naming the file, and nothing runs."""
+    marker = tmp_path / "ran"
+    text = f"config: !!python/object/apply:builtins.open ['{marker}', 'w']\n"
+    with pytest.raises(ConfigError, match="job.yaml: YAML syntax error"):
+        parse_yaml_text(text, "job.yaml")
+    assert not marker.exists()
+
+
+def test_config_name_must_be_a_plain_name():
+    for bad, msg in (("a/b", "must be a plain name"), ("x\0y", "must be a plain name"), ("n" * 300, "at most 120")):
+        d = {"config": {"name": bad, "process": [{"model": {"arch": "flux", "name_or_path": "x"},
+                                                   "datasets": [{"folder_path": "d"}]}]}}
+        with pytest.raises(ConfigError, match=f"config.name: .*{msg}"):
+            load_job_dict(d)
+
+
+def test_numbers_are_finite_and_bounded():
+    base = {"model": {"arch": "flux", "name_or_path": "x"}, "datasets": [{"folder_path": "d"}]}
+    for section, key, value, msg in (("train", "lr", float("inf"), "finite"), ("train", "lr", 1e30, "at most"),
+                                     ("train", "gradient_checkpointing", 5.0, "at most 1"),
+                                     ("network", "linear", 1e30, "whole number|at most")):
+        proc = {**base, section: {key: value}}
+        with pytest.raises(ConfigError, match=f"{section}.{key}: .*({msg})"):
+            load_job_dict({"config": {"name": "r", "process": [proc]}})
+    with pytest.raises(ConfigError, match=r"datasets\[0\].resolution\[0\]: must be at most 8192"):
+        load_job_dict({"config": {"name": "r", "process": [{**base, "datasets": [{"folder_path": "d",
+                                                                                   "resolution": [2**40]}]}]}})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from helpers import TINY_FLUX, job_dict, make_images, write_tiny_flux
 from trainer.config import DatasetConfig, ModelConfig, load_job_dict
-from trainer.data.cache import LatentCache, sample_control_latent
+from trainer.data.cache import LatentCache, sample_conditions
 from trainer.data.dataset import BatchItem, BatchPlan, image_pixels, scan_dataset
 from trainer.errors import ConfigError, DatasetError, ModelFileError
 from trainer.job import build_trainer, run_job
@@ -146,7 +146,7 @@ def _reference_sample(model: FluxModel, noise, cond, control, steps: int, guidan
 def test_sampler_matches_reference_pipeline_math(flex2, tmp_path):
     cond = flex2.encode_text(["a red circle"])
     noise = initial_noise(flex2, 32, 24, seed=3)
-    control = sample_control_latent(flex2, str(_control_image(tmp_path / "c.png", (40, 30), 1)), 32, 24, "k")
+    control = sample_conditions(flex2, str(_control_image(tmp_path / "c.png", (40, 30), 1)), 32, 24, 1, "k")["control"]
     assert control.shape == noise.shape
     steps, guidance = 4, 3.5
     results = {}
@@ -181,19 +181,19 @@ def test_dataset_controls_cached_with_latents(flex2, tmp_path):
     cfg = DatasetConfig(folder_path=str(images), control_path=str(controls), resolution=[32], flip_x=True,
                         cache_latents_to_disk=True)
     ds = scan_dataset(cfg, 0, None, flex2.pixel_factor)
-    assert [im.control.name for im in ds.images] == ["img_0.png", "img_1.png"]
+    assert [m.control.name for m in ds.media] == ["img_0.png", "img_1.png"]
     cache = LatentCache([ds], flex2.latent_cache_id())
     cache.prepare(flex2)
     for e in ds.entries:
-        im = ds.images[e.image]
+        im = ds.media[e.item]
         # resized / cropped to the image's bucket and mirrored with it, encoded like the latents
         want = flex2.encode_pixels(image_pixels(im.control, e.bucket, e.flip)[None])[0]
         got = cache.get_control(0, e, flex2)
         assert got.shape == cache.get(0, e, flex2).shape == (16, 16, 16)  # the tiny VAE downsamples by 2
         torch.testing.assert_close(got, want)
-        saved = load_file(str(cache._disk_path(ds, cache.key(ds, e))))
-        assert torch.equal(saved["control"], got) and torch.equal(saved["latent"], cache.mem[cache.key(ds, e)])
-    flipped = [cache.get_control(0, e, flex2) for e in ds.entries if e.image == 0]
+        saved = load_file(str(cache.disk_path(ds, e)))
+        assert torch.equal(saved["cond.control"], got) and torch.equal(saved["latent"], cache.mem[cache.key(ds, e)])
+    flipped = [cache.get_control(0, e, flex2) for e in ds.entries if e.item == 0]
     assert not torch.allclose(flipped[0], flipped[1])
     # a changed control image is a new cache entry, never the stale one
     key = cache.key(ds, ds.entries[0])
@@ -221,9 +221,9 @@ def test_control_errors(flex2, tiny_flux, tmp_path):
     with pytest.raises(DatasetError, match="model.arch 'flux' takes no control images"):
         LatentCache([ds], "x").prepare(flux)
     with pytest.raises(ConfigError, match="takes no control image"):
-        sample_control_latent(flux, str(controls / "img_0.png"), 32, 32, "sample.samples[0].control_image")
+        sample_conditions(flux, str(controls / "img_0.png"), 32, 32, 1, "sample.samples[0].control_image")
     with pytest.raises(ConfigError, match="control image .* does not exist"):
-        sample_control_latent(flex2, str(tmp_path / "missing.png"), 32, 32, "sample.samples[0].control_image")
+        sample_conditions(flex2, str(tmp_path / "missing.png"), 32, 32, 1, "sample.samples[0].control_image")
 
 
 def test_batch_controls_dropout_and_mixed_datasets(flex2, tmp_path):
@@ -235,18 +235,18 @@ def test_batch_controls_dropout_and_mixed_datasets(flex2, tmp_path):
     cache = LatentCache([ds_a, ds_b], flex2.latent_cache_id())
     cache.prepare(flex2)
     batch = [BatchItem(0, ds_a.entries[0]), BatchItem(1, ds_b.entries[0]), BatchItem(0, ds_a.entries[1])]
-    out = cache.controls_for_batch(batch, flex2, seed=0, index=0)
+    out = cache.conditions_for_batch(batch, flex2, seed=0, index=0)["control"]
     assert out.shape == (3, 16, 16, 16)
     assert torch.equal(out[0], cache.get_control(0, ds_a.entries[0], flex2))
     assert torch.equal(out[1], torch.zeros(16, 16, 16))  # no control image: Flex.2's "no control" input
-    assert cache.controls_for_batch(batch[1:2], flex2, 0, 0) is None  # no control anywhere: nothing to add
+    assert cache.conditions_for_batch(batch[1:2], flex2, 0, 0) == {}  # no control anywhere: nothing to add
     ds_a.cfg.control_dropout = 1.0
-    assert torch.equal(cache.controls_for_batch(batch, flex2, 0, 0), torch.zeros(3, 16, 16, 16))
+    assert torch.equal(cache.conditions_for_batch(batch, flex2, 0, 0)["control"], torch.zeros(3, 16, 16, 16))
     ds_a.cfg.control_dropout = 0.5
     plan = BatchPlan([ds_a], 1, 0)
-    kept = [bool(cache.controls_for_batch(plan.batch(i), flex2, 0, i).abs().sum() > 0) for i in range(40)]
+    kept = [bool(cache.conditions_for_batch(plan.batch(i), flex2, 0, i)["control"].abs().sum() > 0) for i in range(40)]
     assert 8 < sum(kept) < 32  # about half, and a pure function of (seed, index)
-    assert kept == [bool(cache.controls_for_batch(plan.batch(i), flex2, 0, i).abs().sum() > 0) for i in range(40)]
+    assert kept == [bool(cache.conditions_for_batch(plan.batch(i), flex2, 0, i)["control"].abs().sum() > 0) for i in range(40)]
 
 
 # --- training and samples end to end ----------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_loss_decreases_on_fixed_batch(variant, sdxl_full, sdxl_vpred, tmp_path)
     assert type(trainer.model.objective).__name__ == ("VObjective" if variant == "v" else "EpsObjective")
     ds = trainer.datasets[0]
     latents = trainer.latents.get(0, ds.entries[0], trainer.model)[None].float()
-    cond = trainer.texts.get(ds.images[0].caption)
+    cond = trainer.texts.get(ds.media[0].caption)
     cond = {k: v[None] for k, v in cond.items()}
     g = torch.Generator().manual_seed(1)
     latents = latents.expand(8, -1, -1, -1)

@@ -79,6 +79,14 @@ class DatasetConfig:
     flip_x: bool = spec(False, help="also train mirrored copies")
     # a folder of control images (depth, lines, pose ...) named like the training images (same stem), for
     # families whose model takes a control image (flex2); control_dropout: chance an item trains without it
+    # video: frames per clip (1: images), or several frame buckets; snapped to the family's rule (Wan: 4k+1)
+    num_frames: int = spec(1, ge=1, le=1025, help="frames per training clip (1: images); snapped to the model's rule")
+    frames: list[int] = spec(default_factory=list, ge=1, le=1025, help="several frame buckets (overrides num_frames)")
+    shrink_video_to_frames: bool = spec(True, help="spread the clip's frames over the whole video; false: windows")
+    fps: Optional[float] = spec(None, gt=0, le=240, help="resample videos to this rate first; unset: the model's native")
+    clips_per_video: int = spec(1, ge=1, le=64, help="windows taken from each video (shrink_video_to_frames: false)")
+    do_i2v: bool = spec(False, help="image-to-video models: the clip's first frame is the image condition")
+    max_pixels_per_frame: Optional[int] = spec(None, ge=256, le=8192 * 8192, help="cap on a frame's pixel count")
     control_path: Optional[str] = spec(None, help="control images with the images' file names (Flex.2)")
     control_dropout: float = spec(0.0, ge=0, le=1, help="chance an item trains without its control image")
 
@@ -101,6 +109,10 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, float] = spec(True, ge=0, le=1,
                                                       help="recompute activations: less memory, slower steps")
     compile: bool = spec(False, help="torch.compile the blocks (CUDA; the first steps of each size take longer)")
+    # blocks whose weights stay in host memory, streamed to the card per block (big models on 24 GB); "auto" picks
+    # the number from the card's free memory
+    blocks_to_swap: Union[int, str] = spec(0, ge=0, le=1000, help="blocks kept in RAM and streamed to the card;"
+                                           " auto: from the free memory")
     noise_scheduler: str = spec("flowmatch", ignored="each family trains with its own noise schedule")
     # unset: the family's own default (flow families: sigmoid; SDXL: uniform discrete timesteps)
     timestep_type: Optional[str] = spec(None, choices=TIMESTEP_TYPES,
@@ -143,7 +155,16 @@ class ModelConfig:
     is_v_pred: Optional[bool] = spec(None, aliases=("v_pred",))
     bypass_guidance_embedding: Optional[bool] = spec(None)
     quantize: bool = spec(False, help="store the block weights in fp8 (half of bf16): Flux in 24 GB")
-    low_vram: bool = spec(False, ignored="memory is set by model.quantize and train.gradient_checkpointing")
+    # Wan I2V: CLIP vision H (ComfyUI's models/clip_vision/clip_vision_h.safetensors)
+    clip_vision_path: Optional[str] = spec(None, help="CLIP vision file for image-to-video models")
+    # flow shifts of the families that have them (Wan): previews, and train.timestep_type: shift
+    sample_shift: Optional[float] = spec(None, gt=0, le=100, help="sampling shift of the previews (Wan: 5)")
+    train_shift: Optional[float] = spec(None, gt=0, le=100, help="shift of timestep_type: shift (Wan: 3)")
+    low_vram: bool = spec(False, ignored="memory is set by model.quantize, train.blocks_to_swap and"
+                          " train.gradient_checkpointing")
+    # ai-toolkit's names for block swap: true = train.blocks_to_swap auto, or the fraction of blocks swapped
+    layer_offloading: bool = spec(False)
+    layer_offloading_transformer_percent: Optional[float] = spec(None, ge=0, le=1)
 
 
 @dataclass
@@ -154,8 +175,10 @@ class SampleItem:
     seed: Optional[int] = spec(None, ge=0, le=2**63 - 1)
     neg: Optional[str] = spec(None)
     guidance_scale: Optional[float] = spec(None, ge=0, le=100)
-    # an image the model is conditioned on (families that take control images: flex2)
+    # an image the model is conditioned on (families that take control images: flex2; the start image: wan21_i2v)
     control_image: Optional[str] = spec(None, aliases=("ctrl_img",))
+    # video families: frames of the preview clip (snapped to the model's rule); unset: sample.num_frames
+    num_frames: Optional[int] = spec(None, ge=1, le=1025)
 
 
 @dataclass
@@ -170,6 +193,8 @@ class SampleConfig:
     seed: int = spec(42, ge=0, le=2**63 - 1)
     walk_seed: bool = spec(True)
     guidance_scale: float = spec(4.0, ge=0, le=100, help="guidance of the previews (distilled or CFG, per family)")
+    num_frames: int = spec(1, ge=1, le=1025, help="video models: frames of each preview clip (1: an image)")
+    fps: Optional[float] = spec(None, gt=0, le=240, help="frame rate of the preview videos; unset: the model's native")
     sample_steps: int = spec(20, ge=1, le=1000, help="sampling steps of a preview")
 
     def items(self) -> list[SampleItem]:
@@ -187,6 +212,7 @@ class SampleConfig:
                     neg=self.neg if it.neg is None else it.neg,
                     guidance_scale=self.guidance_scale if it.guidance_scale is None else it.guidance_scale,
                     control_image=it.control_image,
+                    num_frames=it.num_frames or self.num_frames,
                 )
             )
         return out
@@ -323,6 +349,8 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
                   " captions are encoded anew each step); set it to false")
     if tc.text_encoder_lr is not None and not tc.train_text_encoder:
         ctx.warnings.append("config.process[0].train.text_encoder_lr: ignored without train.train_text_encoder: true")
+    if isinstance(tc.blocks_to_swap, str) and tc.blocks_to_swap.strip().lower() != "auto":
+        ctx.error("config.process[0].train.blocks_to_swap", f"expected a number of blocks or auto, got {tc.blocks_to_swap!r}")
     if not tc.train_unet and not tc.train_text_encoder:
         ctx.error("config.process[0].train.train_unet", "false with train.train_text_encoder false: nothing would train")
     ctx.raise_if_errors()
@@ -372,6 +400,17 @@ def check_family_keys(job: JobConfig) -> None:
             f"config.process[0].train.train_text_encoder: not supported for model.arch {job.arch!r} (only the"
             " denoiser is trained; sdxl trains its text encoders); set it to false"
         )
+    mc = job.process.model
+    for key in ("sample_shift", "train_shift", "clip_vision_path"):
+        if getattr(mc, key) is not None and key not in fam.model_defaults and not (key == "clip_vision_path"
+                                                                                 and fam.takes_control and fam.video):
+            raise ConfigError(f"config.process[0].model.{key}: not used by model.arch {job.arch!r}; remove it")
+    if not fam.video:
+        for i, d in enumerate(job.process.datasets):
+            if d.num_frames > 1 or any(f > 1 for f in d.frames) or d.do_i2v:
+                key = "do_i2v" if d.do_i2v else "num_frames" if d.num_frames > 1 else "frames"
+                raise ConfigError(f"config.process[0].datasets[{i}].{key}: model.arch {job.arch!r} trains images;"
+                                  " clips need a video family (wan21 ...)")
     if not fam.takes_control:
         for i, d in enumerate(job.process.datasets):
             if d.control_path is not None:

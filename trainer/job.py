@@ -13,7 +13,7 @@ import torch
 
 from .config import JobConfig, dump_job_yaml
 from .data.cache import LatentCache, TextCache
-from .data.dataset import Dataset, check_dataset_folder, scan_dataset
+from .data.dataset import Dataset, Geometry, check_dataset_folder, scan_dataset
 from .errors import ConfigError
 from .fileio import write_text_atomic
 from .models import registry
@@ -78,12 +78,13 @@ def check_before_loading(job: JobConfig) -> None:
 
 
 def load_datasets(job: JobConfig, model: TrainingModel) -> list[Dataset]:
-    return [scan_dataset(d, i, job.process.trigger_word, model.pixel_factor) for i, d in enumerate(job.process.datasets)]
+    geometry = Geometry(model.pixel_factor, model.vae_temporal, model.native_fps)
+    return [scan_dataset(d, i, job.process.trigger_word, geometry) for i, d in enumerate(job.process.datasets)]
 
 
 def prepare_caches(job: JobConfig, model: TrainingModel, datasets: list[Dataset],
                    report: Callable[[str], None]) -> tuple[LatentCache, TextCache | None]:
-    latents = LatentCache(datasets, model.latent_cache_id())
+    latents = LatentCache(datasets, model.latent_cache_id(), fallback_dir=job.run_dir)
     n = sum(len(d.entries) for d in datasets)
     report(f"encoding {n} training latents")
     latents.prepare(model)
@@ -94,7 +95,7 @@ def prepare_caches(job: JobConfig, model: TrainingModel, datasets: list[Dataset]
             if d.cfg.shuffle_tokens:
                 log.warning("datasets[%d].shuffle_tokens is ignored with train.cache_text_embeddings", d.index)
                 d.cfg.shuffle_tokens = False
-            captions.update(im.caption for im in d.images)
+            captions.update(m.caption for m in d.media)
             if d.cfg.caption_dropout_rate > 0:
                 captions.add("")
         texts = TextCache()
@@ -134,7 +135,10 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
         model = load_model(job, device, dtype)
     prepare_for_encoding(model, job, report)
     datasets = load_datasets(job, model)
-    report(f"{sum(len(d.images) for d in datasets)} images, {sum(len(d.entries) for d in datasets)} training entries")
+    n_clips = sum(m.info.is_video for d in datasets for m in d.media)
+    n_files = sum(len(d.media) for d in datasets)
+    what = f"{n_files - n_clips} images, {n_clips} videos" if n_clips else f"{n_files} images"
+    report(f"{what}, {sum(len(d.entries) for d in datasets)} training entries")
     latents, texts = prepare_caches(job, model, datasets, report)
     samples = [] if proc.train.disable_sampling else prepare_samples(job, model)
     prepare_for_training(model, job, texts is not None, keep_text_encoders, report)

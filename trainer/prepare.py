@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 
 from .config import JobConfig
+from .errors import ConfigError
 from .models.base import TrainingModel
+from .models.offload import BlockSwap
 
 log = logging.getLogger("trainer")
 
@@ -49,7 +51,7 @@ def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[
 
 
 def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: bool, keep_text_encoders: bool,
-                         report: Callable[[str], None]) -> None:
+                         report: Callable[[str], None]) -> BlockSwap | None:
     """Everything after the dataset is encoded, before the network is attached."""
     tc = job.process.train
     if texts_cached and not tc.train_text_encoder:
@@ -57,7 +59,66 @@ def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: boo
             model.place_text_encoders("cpu")  # back on the card only while a new prompt is encoded
         else:
             model.release_text_encoders()
+    swap = install_block_swap(model, job, report)  # before placement: swapped weights never reach the card at once
     model.place_denoiser()  # after the encoders had the card to themselves
+    return swap
+
+
+def swap_setting(job: JobConfig) -> int | str:
+    """train.blocks_to_swap, or ai-toolkit's model.layer_offloading (true: auto; a percent: that share of blocks)."""
+    tc, mc = job.process.train, job.process.model
+    if tc.blocks_to_swap not in (0, "0"):
+        return tc.blocks_to_swap if isinstance(tc.blocks_to_swap, int) else "auto"
+    if mc.layer_offloading:
+        return f"fraction:{mc.layer_offloading_transformer_percent}" if mc.layer_offloading_transformer_percent \
+            is not None else "auto"
+    return 0
+
+
+def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> BlockSwap | None:
+    setting = swap_setting(job)
+    if setting == 0:
+        return None
+    if model.backend != "diffusers":
+        raise ConfigError("train.blocks_to_swap: not on ComfyUI's MODEL (ComfyUI's own model management loads"
+                          " it partially); use the by-arch loader for block swap")
+    blocks = model.repeated_blocks()
+    if isinstance(setting, str) and setting.startswith("fraction:"):
+        n = round(float(setting.split(":", 1)[1]) * len(blocks))
+    elif setting == "auto":
+        n = auto_blocks_to_swap(model, blocks)
+    else:
+        n = int(setting)
+    n = min(n, len(blocks))
+    if n == 0:
+        report("train.blocks_to_swap auto: every block fits on the card; none swapped")
+        return None
+    if model.checkpointed_blocks() != blocks:
+        # a swapped block's weights leave the card after its forward: nothing may keep them for backward
+        report("train.blocks_to_swap: gradient checkpointing turned on for every block (swapped blocks need it)")
+        model.set_gradient_checkpointing(1.0)
+    swap = BlockSwap(blocks, n, model.device)
+    model.block_swap = swap
+    report(f"block swap: {n} of {len(blocks)} blocks ({swap.swapped_bytes / 2**30:.1f} GiB) kept in host memory")
+    return swap
+
+
+def auto_blocks_to_swap(model: TrainingModel, blocks: list) -> int:
+    """How many blocks to swap so the rest fits the card's free memory (within its per-process cap), leaving
+    max(4 GiB, a quarter of it) for activations: a heuristic; set a number where it guesses wrong."""
+    if model.device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(model.device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(model.device)
+    budget = min(free, fraction * total - torch.cuda.memory_reserved(model.device))
+    sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
+    rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
+    room = budget - rest - max(4 * 2**30, budget / 4)
+    n, resident = 0, sum(sizes)
+    while resident > room and n < len(blocks):
+        n += 1
+        resident -= sizes[-n]
+    return n
 
 
 def compile_model(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> None:

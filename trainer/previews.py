@@ -4,11 +4,17 @@ encoded), for the loop's scheduled samples and for a host's one-off sample alike
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from .config import JobConfig, SampleItem
-from .data.cache import sample_control_latent
+from .errors import ConfigError
+from .data.cache import sample_conditions
 from .data.captions import apply_trigger
+from .fileio import atomic_path
 from .models.base import SampleRequest, TrainingModel, batch_of_one, split_conditioning
+from .sampling import to_pil
 
 
 @dataclass
@@ -41,11 +47,36 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
         neg_conds = split_conditioning(model.encode_text(negs))
     out = []
     for i, it in enumerate(items):
+        frames = model.snap_frames(it.num_frames or 1)
         req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=it.width,
                             height=it.height, steps=steps or job.process.sample.sample_steps,
-                            guidance_scale=it.guidance_scale, seed=it.seed)
+                            guidance_scale=it.guidance_scale, seed=it.seed, frames=frames)
         if it.control_image:
-            req.cond["control"] = sample_control_latent(model, it.control_image, it.width, it.height,
-                                                        f"{key}[{i}].control_image")
+            extra = sample_conditions(model, it.control_image, it.width, it.height, frames,
+                                      f"{key}[{i}].control_image")
+            req.cond.update(extra)
+            req.neg_cond.update(extra)  # the condition is not what guidance contrasts
+        elif model.requires_conditions():
+            raise ConfigError(f"{key}[{i}].control_image: {model.requires_conditions()}; previews need a start image"
+                              " (sample.samples[].control_image)")
         out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image))
     return out
+
+
+def save_preview(sample: torch.Tensor, path: Path, fps: float) -> list[Path]:
+    """Write a preview: an image (3, h, w) as `path`.png; a clip (3, f, h, w) as `path`.mp4 with its first frame
+    as `path`.png beside it (a one-frame clip is an image). Returns the files written."""
+    from .data.media import write_video
+
+    if sample.dim() == 4 and sample.shape[1] == 1:
+        sample = sample[:, 0]
+    png = path.with_suffix(".png")
+    first = to_pil(sample if sample.dim() == 3 else sample[:, 0])
+    with atomic_path(png) as tmp:
+        first.save(tmp, format="PNG")
+    if sample.dim() == 3:
+        return [png]
+    mp4 = path.with_suffix(".mp4")
+    with atomic_path(mp4) as tmp:
+        write_video(tmp, [to_pil(sample[:, i]) for i in range(sample.shape[1])], fps)
+    return [png, mp4]

@@ -46,10 +46,8 @@ def main() -> int:
     comfy_model.ensure_loaded()
 
     transformer = load_flux_transformer(Path(a.model), torch.float32, "flux").requires_grad_(False)
-    flux = object.__new__(FluxModel)  # the transformer alone: targets() and predict() need nothing else
-    flux.arch, flux.denoiser, flux.device, flux.dtype = "flux", transformer, torch.device("cpu"), torch.float32
-    flux.guidance_embeds = flux.distilled_guidance = bool(transformer.config.guidance_embeds)
-    flux.bypass_guidance, flux._bypass_handle = False, None
+    # the transformer alone: targets() and predict() need nothing else
+    flux = FluxModel(transformer, None, None, None, None, None, 8, torch.device("cpu"), torch.float32)
 
     g = torch.Generator().manual_seed(0)
     ctx, pooled = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim

@@ -97,16 +97,7 @@ def _flux_model(transformer):
     """A FluxModel over the transformer alone: targets() and predict() need nothing else."""
     from trainer.models.flux import FluxModel
 
-    m = object.__new__(FluxModel)
-    m.arch = "flux"
-    m.denoiser = transformer
-    m.device = torch.device("cpu")
-    m.dtype = torch.float32
-    m.guidance_embeds = bool(transformer.config.guidance_embeds)
-    m.distilled_guidance = m.guidance_embeds
-    m.bypass_guidance = False
-    m._bypass_handle = None
-    return m
+    return FluxModel(transformer, None, None, None, None, None, 8, torch.device("cpu"), torch.float32)
 
 
 def _randomize(net, targets, g: torch.Generator) -> None:

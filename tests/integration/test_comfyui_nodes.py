@@ -235,7 +235,7 @@ def _settings(name: str, folder: Path) -> dict:
         "name": name, "training_folder": str(folder), "lr": 1e-3, "optimizer": "adamw", "lr_scheduler": "constant",
         "lr_warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1, "timestep_type": "sigmoid",
         "dtype": "fp32", "gradient_checkpointing": False, "cache_text_embeddings": True, "seed": 42,
-        "save_every": 1000, "save_dtype": "float16", "max_step_saves_to_keep": 1, "sample_every": 0,
+        "save_every": 1000, "save_dtype": "float16", "max_step_saves_to_keep": 1, "sample_every": 250,
         "sample_prompts": "", "sample_width": 64, "sample_height": 64, "sample_steps": 2, "guidance_scale": 3.5}}
 
 
@@ -420,12 +420,12 @@ def test_comfy_backend_gradients_match_engine(server, tmp_path):
 def test_export_job_runs_in_cli_and_loads_back(server):
     """E: EriExportJob writes a job file; `python -m trainer` runs it; EriLoadJob feeds it back to EriTrain."""
     b, f = server.base, server.files
-    job = b / "jobs" / "eri_export.yaml"
+    job = b / "output" / "jobs" / "eri_export.yaml"  # Export writes inside ComfyUI's output folder only
     parts = {"model": _by_arch(f["demo"]), "data": _dataset(f["data"]), "net": _network(),
              "settings": _settings("eri_export", b / "train_e")}
     entry = server.run({**parts, "export": {"class_type": "EriExportJob", "inputs": {
         "training_model": ["model", 0], "datasets": ["data", 0], "network": ["net", 0], "settings": ["settings", 0],
-        "steps": 2, "path": str(job)}}})
+        "steps": 2, "path": "jobs/eri_export.yaml"}}})
     assert _summary(entry, "export").startswith(f"wrote {job}")
     assert job.is_file()
 
@@ -448,8 +448,9 @@ def test_export_job_runs_in_cli_and_loads_back(server):
         "show": {"class_type": "PreviewAny", "inputs": {"source": ["train", 1]}},
     })
     summary = _summary(entry, "show")
-    # the job's training folder holds the CLI's run (step 1): the node continues it
-    assert re.match(r"step \d+, loss \S+, saves in .*train_e", summary), summary
+    # the job's training folder holds the CLI's run (step 1): the node continues it, and says so
+    assert summary.startswith("continued the earlier run in ") and "from step 1" in summary, summary
+    assert re.search(r"step 2, loss \S+, saves in .*train_e", summary), summary
     print(f"E: CLI run {t_cli:.0f}s; EriLoadJob -> EriTrain {entry['seconds']}s, {summary}")
 
 
@@ -524,12 +525,12 @@ def test_example_workflow_is_the_yaml_twin(server, name):
         assert train["training_model"][0] == by_type["EriComfyModel"][0]
         return
     twin = yaml.safe_load(twin_path.read_text())
-    out = server.base / "jobs" / f"{name}_export.yaml"
+    out = server.base / "output" / "jobs" / f"{name}_export.yaml"
     parts = {k: v for k, v in prompt.items() if v["class_type"] in
              ("EriModelByArch", "EriDataset", "EriNetwork", "EriTrainSettings")}
     parts["export"] = {"class_type": "EriExportJob", "inputs": {
         "training_model": train["training_model"], "datasets": train["datasets"], "network": train["network"],
-        "settings": train["settings"], "steps": train["steps"], "path": str(out)}}
+        "settings": train["settings"], "steps": train["steps"], "path": f"jobs/{name}_export.yaml"}}
     server.run(parts)
     exported = yaml.safe_load(out.read_text())
 
@@ -548,3 +549,30 @@ def test_example_workflow_is_the_yaml_twin(server, name):
         job = load_job_file(str(twin_path), [])
         assert job.process.model.name_or_path == "demo/models/flux_demo.safetensors"
         assert job.process.datasets[0].folder_path == "demo/dataset"
+
+
+def test_hostile_paths_are_refused_over_http(server):
+    """Export writes .yaml files inside ComfyUI's output only and never over a file it did not write; Save LoRA
+    names cannot leave models/loras (each refused with a message naming the input, nothing written)."""
+    b, f = server.base, server.files
+    victim = b / "output" / "not_a_job.yaml"
+    victim.write_text("precious: true\n")
+    parts = {"model": _by_arch(f["demo"]), "data": _dataset(f["data"]), "net": _network(),
+             "settings": _settings("eri_hostile", b / "train_h")}
+    for path, msg in (("../escape.yaml", "'..' is not allowed"), ("/tmp/abs.yaml", "is an absolute path"),
+                      ("jobs/x.txt", "must end in .yaml"), ("not_a_job.yaml", "not a job this node wrote")):
+        with pytest.raises(pytest.fail.Exception, match=re.escape(msg)):
+            server.run({**parts, "export": {"class_type": "EriExportJob", "inputs": {
+                "training_model": ["model", 0], "datasets": ["data", 0], "network": ["net", 0],
+                "settings": ["settings", 0], "steps": 1, "path": path}}})
+    assert victim.read_text() == "precious: true\n" and not (b / "escape.yaml").exists()
+    for filename, subfolder, msg in (("../../../x", "eri", "Save LoRA filename"), ("ok", "../loras_evil", "'..'"),
+                                     ("ok", "/tmp", "absolute path"), ("a\u0000b", "eri", "Save LoRA filename")):
+        with pytest.raises(pytest.fail.Exception, match=re.escape(msg)):
+            server.run({**parts,
+                        "train": {"class_type": "EriTrain", "inputs": {"training_model": ["model", 0],
+                                  "datasets": ["data", 0], "network": ["net", 0], "settings": ["settings", 0],
+                                  "steps": 1}},
+                        "save": {"class_type": "EriSaveLoRA", "inputs": {"state": ["train", 0], "filename": filename,
+                                                                          "subfolder": subfolder, "dtype": "float16"}}})
+    assert not (b / "models" / "loras_evil").exists() and not (b / "x.safetensors").exists()

@@ -6,7 +6,9 @@ one run is reused by the next and never confused with another VAE's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -22,78 +24,136 @@ log = logging.getLogger("trainer")
 CACHE_DIR = "_latent_cache"
 
 
-class LatentCache:
-    """Latents of the training entries, and the latents of their control images where a dataset has them."""
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    def __init__(self, datasets: list[Dataset], vae_id: str) -> None:
+
+class LatentCache:
+    """Latents of the training entries (images and clips), and the per-item conditions of families that take more
+    than a caption (a control latent, an I2V start image's inputs: TrainingModel.encode_conditions), cached together.
+    On disk (`cache_latents_to_disk`) each entry is one checksummed file in the dataset's `_latent_cache/`, or in the
+    run folder's when the dataset folder cannot be written; the key is stable across processes."""
+
+    def __init__(self, datasets: list[Dataset], vae_id: str, fallback_dir: Path | None = None) -> None:
         self.datasets = datasets
         self.vae_id = vae_id
+        self.fallback_dir = fallback_dir
         self.mem: dict[str, torch.Tensor] = {}
-        self.controls: dict[str, torch.Tensor] = {}
+        self.conds: dict[str, Conditioning] = {}
+        self.encoded = 0  # entries encoded by the VAE in this process (the rest came from disk)
 
     def key(self, ds: Dataset, e: Entry) -> str:
-        im = ds.images[e.image]
-        ctrl = f"_c{im.control_digest}" if im.control is not None else ""
-        return f"{im.digest}{ctrl}_{e.bucket[0]}x{e.bucket[1]}_{int(e.flip)}_{self.vae_id}"
+        m = ds.media[e.item]
+        ctrl = f"_c{m.control_digest}" if m.control is not None else ("_i2v" if ds.cfg.do_i2v else "")
+        clip = ""
+        if m.info.is_video:
+            clip = "_f" + hashlib.sha1(repr(e.indices).encode()).hexdigest()[:12] + f"x{e.frames}"
+        return f"{m.digest}{ctrl}{clip}_{e.bucket[0]}x{e.bucket[1]}_{int(e.flip)}_{self.vae_id}"
 
     def check_model(self, model: TrainingModel) -> None:
-        """Control images need a family that takes them; say so before anything is encoded."""
-        if model.takes_control:
-            return
+        """Condition images need a family that takes them, and families that need one get one: said before anything
+        is encoded."""
+        need = model.requires_conditions()
         for ds in self.datasets:
-            if ds.cfg.control_path is not None:
-                raise DatasetError(
-                    f"config.process[0].datasets[{ds.index}].control_path: model.arch {model.arch!r} takes no"
-                    " control images (flex2 does); remove control_path or use a family that takes them"
-                )
+            key = f"config.process[0].datasets[{ds.index}]"
+            if ds.cfg.control_path is not None and not model.takes_control:
+                raise DatasetError(f"{key}.control_path: model.arch {model.arch!r} takes no control images (flex2,"
+                                   " wan21_i2v do); remove control_path or use a family that takes them")
+            if need and ds.cfg.control_path is None and not ds.cfg.do_i2v:
+                raise DatasetError(f"{key}: {need}")
 
-    def _encode(self, ds: Dataset, e: Entry, model: TrainingModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-        im = ds.images[e.image]
-        lat = model.encode_pixels(load_pixels(im, e.bucket, e.flip)[None])[0].contiguous()
-        ctrl = None
-        if im.control is not None:
-            ctrl = model.encode_pixels(load_control_pixels(im, e.bucket, e.flip)[None])[0].contiguous()
-        return lat, ctrl
+    def _condition_image(self, ds: Dataset, e: Entry, pixels: torch.Tensor) -> torch.Tensor | None:
+        m = ds.media[e.item]
+        if m.control is not None:
+            return load_control_pixels(m, e)
+        if ds.cfg.do_i2v:
+            return pixels[:, 0] if pixels.dim() == 4 else pixels
+        return None
 
-    def _disk_path(self, ds: Dataset, key: str) -> Path:
-        return Path(ds.cfg.folder_path).expanduser() / CACHE_DIR / f"{key}.safetensors"
+    def _encode(self, ds: Dataset, e: Entry, model: TrainingModel) -> tuple[torch.Tensor, Conditioning | None]:
+        self.encoded += 1
+        pixels = load_pixels(ds.media[e.item], e)
+        lat = model.encode_pixels(pixels[None])[0].contiguous()
+        cond = model.encode_conditions(pixels, self._condition_image(ds, e, pixels))
+        return lat, ({k: v.contiguous() for k, v in cond.items()} if cond else None)
+
+    def _disk_dir(self, ds: Dataset) -> Path:
+        folder = Path(ds.cfg.folder_path).expanduser() / CACHE_DIR
+        if _writable(folder) or self.fallback_dir is None:
+            return folder
+        return self.fallback_dir / CACHE_DIR / f"dataset_{ds.index}"
+
+    def disk_path(self, ds: Dataset, e: Entry) -> Path:
+        return self._disk_dir(ds) / f"{self.key(ds, e)}.safetensors"
 
     def get(self, dataset: int, e: Entry, model: TrainingModel) -> torch.Tensor:
         ds = self.datasets[dataset]
         k = self.key(ds, e)
         if k in self.mem:
             return self.mem[k]
-        lat, ctrl = self._encode(ds, e, model)
+        lat, cond = self._encode(ds, e, model)
         if ds.cfg.cache_latents or ds.cfg.cache_latents_to_disk:
             self.mem[k] = lat
-            if ctrl is not None:
-                self.controls[k] = ctrl
+            if cond is not None:
+                self.conds[k] = cond
         return lat
 
-    def get_control(self, dataset: int, e: Entry, model: TrainingModel) -> torch.Tensor | None:
-        """The control latent of an entry, or None if its dataset has no control images."""
+    def get_conditions(self, dataset: int, e: Entry, model: TrainingModel) -> Conditioning | None:
+        """The entry's cached conditions, or None if it has none."""
         ds = self.datasets[dataset]
-        if ds.images[e.image].control is None:
-            return None
         k = self.key(ds, e)
-        if k not in self.controls:
-            return self._encode(ds, e, model)[1]
-        return self.controls[k]
-
-    def controls_for_batch(self, batch: list[BatchItem], model: TrainingModel, seed: int, index: int) -> torch.Tensor | None:
-        """Control latents of the `index`-th batch, stacked; None when no item has one.
-
-        An item without control (its dataset has none, or control_dropout chose it) gets zeros: the
-        "no control" input of the families that take control latents (Flex.2's reference pipeline).
-        """
-        ctrls = [self.get_control(it.dataset, it.entry, model) for it in batch]
-        if all(c is None for c in ctrls):
+        if k in self.conds:
+            return self.conds[k]
+        if k in self.mem:
             return None
-        like = next(c for c in ctrls if c is not None)
+        return self._encode(ds, e, model)[1]
+
+    def get_control(self, dataset: int, e: Entry, model: TrainingModel) -> torch.Tensor | None:
+        """The control latent of an entry (families that take one), or None."""
+        cond = self.get_conditions(dataset, e, model)
+        return None if cond is None else cond.get("control")
+
+    def conditions_for_batch(self, batch: list[BatchItem], model: TrainingModel, seed: int, index: int) -> Conditioning:
+        """The conditions of the `index`-th batch, stacked; empty when no item has any.
+
+        An item without them (its dataset has none, or control_dropout chose it) gets zeros: the "no control" input
+        of the families that take control latents (Flex.2's reference pipeline)."""
+        conds = [self.get_conditions(it.dataset, it.entry, model) for it in batch]
+        if all(c is None for c in conds):
+            return {}
+        like = next(c for c in conds if c is not None)
         dropped = control_dropped(self.datasets, batch, seed, index)
-        return torch.stack([
-            torch.zeros_like(like) if c is None or drop else c for c, drop in zip(ctrls, dropped)
-        ]).float()
+        out = {}
+        for name, t in like.items():
+            out[name] = torch.stack([torch.zeros_like(t) if c is None or drop else c[name]
+                                     for c, drop in zip(conds, dropped)]).float()
+        return out
+
+    def _read(self, path: Path, wants_cond: bool, like: tuple[int, ...] | None) -> tuple | None:
+        """A cache file's (latent, conditions), or None (with a warning) when it is damaged or of another shape."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+            if md.get("checksum") != _tensor_digest(saved):
+                raise ValueError("checksum mismatch")
+            lat = saved["latent"]
+            cond = {k[len("cond."):]: v for k, v in saved.items() if k.startswith("cond.")}
+            if wants_cond and not cond:
+                raise ValueError("no conditions")
+            if like is not None and tuple(lat.shape) != like:
+                raise ValueError(f"latent {tuple(lat.shape)} where this model makes {like}")
+            return lat, cond or None
+        except Exception as err:  # safetensors raises its own error types; a damaged file is rebuilt
+            log.warning("rebuilding latent cache file %s (%s)", path, err)
+            return None
 
     def prepare(self, model: TrainingModel, progress: Callable[[int, int], None] | None = None) -> None:
         """Fill the cache for every dataset that caches (from disk where present)."""
@@ -110,27 +170,36 @@ class LatentCache:
                 seen.add(k)
                 todo.append((ds, e, k))
         for n, (ds, e, k) in enumerate(todo):
-            path = self._disk_path(ds, k)
-            wants_control = ds.images[e.image].control is not None
-            lat = ctrl = None
+            path = self.disk_path(ds, e)
+            wants_cond = ds.media[e.item].control is not None or (ds.cfg.do_i2v and model.takes_control)
+            found = None
             if ds.cfg.cache_latents_to_disk and path.exists():
-                try:
-                    from safetensors.torch import load_file
-
-                    saved = load_file(str(path))
-                    lat, ctrl = saved["latent"], saved["control"] if wants_control else None
-                except Exception as err:  # a damaged cache file is rebuilt
-                    log.warning("rebuilding damaged latent cache file %s (%s)", path, err)
-                    lat = ctrl = None
-            if lat is None:
-                lat, ctrl = self._encode(ds, e, model)
+                found = self._read(path, wants_cond, _expected_shape(model, e))
+            if found is None:
+                lat, cond = self._encode(ds, e, model)
                 if ds.cfg.cache_latents_to_disk:
-                    save_safetensors_atomic({"latent": lat, **({"control": ctrl} if ctrl is not None else {})}, path)
+                    tensors = {"latent": lat, **{f"cond.{k2}": v for k2, v in (cond or {}).items()}}
+                    save_safetensors_atomic(tensors, path, {"checksum": _tensor_digest(tensors)})
+            else:
+                lat, cond = found
             self.mem[k] = lat
-            if ctrl is not None:
-                self.controls[k] = ctrl
+            if cond is not None:
+                self.conds[k] = cond
             if progress:
                 progress(n + 1, len(todo))
+
+
+def _expected_shape(model: TrainingModel, e: Entry) -> tuple[int, ...]:
+    return tuple(model.latent_shape(e.bucket[0], e.bucket[1], e.frames)[1:])
+
+
+def _writable(folder: Path) -> bool:
+    """Whether cache files can be written in `folder` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 class TextCache:
@@ -150,21 +219,24 @@ class TextCache:
         return self.mem[caption]
 
 
-def sample_control_latent(model: TrainingModel, path: str, width: int, height: int, key: str) -> torch.Tensor:
-    """The control latent of a preview sample: the image scaled and center-cropped to the sample's size
-    (rounded as the sampler rounds it), encoded like the training latents. (1, c, h, w) on the CPU."""
+def sample_conditions(model: TrainingModel, path: str, width: int, height: int, frames: int, key: str) -> Conditioning:
+    """A preview's conditions from its control image (scaled and center-cropped to the sample's size, rounded as the
+    sampler rounds it), encoded as the training items' are: batch of one, on the CPU."""
     from ..errors import ConfigError
     from .dataset import image_pixels
 
     if not model.takes_control:
-        raise ConfigError(f"{key}: model.arch {model.arch!r} takes no control image (flex2 does)")
+        raise ConfigError(f"{key}: model.arch {model.arch!r} takes no control image (flex2, wan21_i2v do)")
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}: control image {str(p)!r} does not exist")
-    size = model.snap_size(width, height)
+    w, h = model.snap_size(width, height)
     try:
-        pixels = image_pixels(p, size)
+        control = image_pixels(p, (w, h))
     except Exception as e:  # PIL raises many kinds for broken files
         raise ConfigError(f"{key}: control image {p} cannot be read ({e})") from None
+    frames = model.snap_frames(frames)
+    shape = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)
     with torch.no_grad():
-        return model.encode_pixels(pixels[None]).float().cpu()
+        cond = model.encode_conditions(shape, control) or {}
+    return {k: v[None].float().cpu() for k, v in cond.items()}

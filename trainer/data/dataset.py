@@ -1,7 +1,9 @@
-"""Dataset scanning and the per-step batch plan.
+"""Dataset scanning (images, animated images and videos) and the per-step batch plan.
 
-Every random choice of a step (order, caption dropout, shuffled tags) derives from (seed, step), so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+A dataset item is one file with its caption; an entry is one training example of it: a bucket size (width,
+height), a frame count and the source frames of one clip, maybe mirrored. Entries of one (width, height, frames)
+bucket batch together. Every random choice of a step (order, caption dropout, shuffled tags) derives from
+(seed, step), so a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -13,65 +15,86 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..config import DatasetConfig
 from ..errors import DatasetError
 from ..seeds import step_rng
 from .buckets import bucket_for, resize_and_crop
 from .captions import apply_trigger, read_caption, training_caption
+from .media import (IMAGE_EXTS, MEDIA_EXTS, VIDEO_EXTS, MediaError, MediaInfo, clip_indices, load_rgb, probe,
+                    read_frames, resampled_length)
 
 log = logging.getLogger("trainer")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a family's latents require of the data: sides multiples of `factor`; clips of `temporal` * k + 1
+    frames (temporal 1: images only); `fps`: the frame rate clips are resampled to by default."""
+
+    factor: int
+    temporal: int = 1
+    fps: float | None = None
+
+    @property
+    def video(self) -> bool:
+        return self.temporal > 1
+
+    def snap(self, frames: int) -> int:
+        if not self.video or frames <= 1:
+            return 1
+        return (frames - 1) // self.temporal * self.temporal + 1
 
 
 @dataclass
-class ImageFile:
+class MediaFile:
     path: Path
     caption: str  # with the trigger applied
-    width: int
-    height: int
+    info: MediaInfo
     digest: str  # content hash, keys the latent cache
     control: Path | None = None  # the control image of the same stem (datasets[].control_path)
     control_digest: str = ""
 
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
 
 @dataclass(frozen=True)
 class Entry:
-    """One training example: an image at one bucket size, maybe mirrored."""
+    """One training example: an item at one bucket size and frame count (one clip of it), maybe mirrored."""
 
-    image: int  # index into Dataset.images
+    item: int  # index into Dataset.media
     bucket: tuple[int, int]  # (width, height)
     flip: bool
+    frames: int = 1
+    indices: tuple[int, ...] = (0,)  # source frames of the clip (one for images)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Entries with the same key batch together."""
+        return (*self.bucket, self.frames)
 
 
 @dataclass
 class Dataset:
     cfg: DatasetConfig
-    images: list[ImageFile]
+    media: list[MediaFile]
     entries: list[Entry] = field(default_factory=list)
     index: int = 0  # position in config.process[0].datasets
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
-
-
-def _control_images(cfg: DatasetConfig, key: str) -> dict[str, Path] | None:
-    """Control images by file stem, or None without `control_path`."""
-    if cfg.control_path is None:
-        return None
-    folder = Path(cfg.control_path).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"{key}.control_path: folder {str(folder)!r} does not exist")
+def _by_stem(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    """Files by stem; one stem in several formats: the first of `exts` wins, so the choice is stable."""
     found: dict[str, Path] = {}
-    # one stem may exist in several formats; the first of IMAGE_EXTS wins, so the choice is stable
-    for p in sorted(folder.iterdir(), key=lambda q: (q.stem, IMAGE_EXTS.index(q.suffix.lower()) if q.suffix.lower() in IMAGE_EXTS else 99)):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+    rank = {e: i for i, e in enumerate(exts)}
+    for p in sorted(folder.iterdir(), key=lambda q: (q.stem, rank.get(q.suffix.lower(), 99))):
+        if p.is_file() and p.suffix.lower() in rank:
             found.setdefault(p.stem, p)
     return found
 
@@ -83,29 +106,49 @@ def check_dataset_folder(cfg: DatasetConfig, index: int) -> list[Path]:
     folder = Path(cfg.folder_path).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"{key}.folder_path: folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_EXTS)
     if not files:
-        raise DatasetError(f"{key}.folder_path: no images (.jpg, .jpeg, .png, .webp) in {folder}")
+        raise DatasetError(f"{key}.folder_path: no images ({', '.join(IMAGE_EXTS)}) or videos"
+                           f" ({', '.join(VIDEO_EXTS)}) in {folder}")
     if cfg.control_path is not None and not Path(cfg.control_path).expanduser().is_dir():
         raise DatasetError(f"{key}.control_path: folder {cfg.control_path!r} does not exist")
     return files
 
 
-def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: int) -> Dataset:
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def frame_counts(cfg: DatasetConfig, geometry: Geometry, key: str) -> list[int]:
+    """The dataset's frame buckets (`frames`, else `num_frames`), snapped to the family's rule with a warning."""
+    wanted = sorted(set(cfg.frames or [cfg.num_frames]))
+    snapped = sorted({geometry.snap(f) for f in wanted})
+    if snapped != wanted:
+        rule = f"{geometry.temporal}k+1" if geometry.video else "1 (an image model)"
+        log.warning("%s: frame counts %s snapped to %s (the model takes %s frames)", key, wanted, snapped, rule)
+    return snapped
+
+
+def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: Geometry | int) -> Dataset:
+    geometry = geometry if isinstance(geometry, Geometry) else Geometry(int(geometry))
     key = f"config.process[0].datasets[{index}]"
     folder = Path(cfg.folder_path).expanduser()
     files = check_dataset_folder(cfg, index)
-    controls = _control_images(cfg, key)
-    images: list[ImageFile] = []
+    controls = _by_stem(Path(cfg.control_path).expanduser(), IMAGE_EXTS) if cfg.control_path is not None else None
+    media: list[MediaFile] = []
     uncaptioned: list[str] = []
-    corrupt: list[str] = []
+    unreadable: list[str] = []
     no_control: list[str] = []
+    videos_skipped: list[str] = []
     for p in files:
         try:
-            im = _load_rgb(p)
-        except Exception as e:  # PIL raises many kinds for broken files
-            corrupt.append(p.name)
-            log.warning("skipping unreadable image %s (%s)", p, e)
+            info = probe(p)
+        except MediaError as e:
+            unreadable.append(p.name)
+            log.warning("skipping unreadable %s %s (%s)", "video" if p.suffix.lower() in VIDEO_EXTS else "image", p, e)
+            continue
+        if info.is_video and not geometry.video:
+            videos_skipped.append(p.name)
             continue
         cap = read_caption(p, cfg.caption_ext)
         if cap is None:
@@ -113,8 +156,7 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
                 uncaptioned.append(p.name)
                 continue
             cap = cfg.default_caption
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:24]
-        item = ImageFile(p, apply_trigger(cap, trigger), im.width, im.height, digest)
+        item = MediaFile(p, apply_trigger(cap, trigger), info, hashlib.sha256(p.read_bytes()).hexdigest()[:24])
         if controls is not None:
             ctrl = controls.get(p.stem)
             if ctrl is None:
@@ -127,56 +169,96 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, factor: in
                 raise DatasetError(f"{key}.control_path: control image {ctrl} cannot be read ({e})") from None
             item.control = ctrl
             item.control_digest = hashlib.sha256(ctrl.read_bytes()).hexdigest()[:24]
-        images.append(item)
+        media.append(item)
+    if videos_skipped:
+        log.warning("%s: %d videos skipped (%s): this model trains images", key, len(videos_skipped),
+                    _shown(videos_skipped))
     if uncaptioned:
-        shown = ", ".join(uncaptioned[:5]) + (f" and {len(uncaptioned) - 5} more" if len(uncaptioned) > 5 else "")
         raise DatasetError(
-            f"{key}: {len(uncaptioned)} images have no .{cfg.caption_ext.lstrip('.')} caption ({shown});"
+            f"{key}: {len(uncaptioned)} files have no .{cfg.caption_ext.lstrip('.')} caption ({_shown(uncaptioned)});"
             f" add caption files or set {key}.default_caption"
         )
     if no_control:
         # a control folder that misses images is more likely a naming mistake than a wish to train some
         # items without control (that is control_dropout, or a second dataset without control_path)
-        shown = ", ".join(no_control[:5]) + (f" and {len(no_control) - 5} more" if len(no_control) > 5 else "")
         raise DatasetError(
             f"{key}.control_path: {len(no_control)} images have no control image of the same name in"
-            f" {cfg.control_path} ({shown})"
+            f" {cfg.control_path} ({_shown(no_control)})"
         )
-    if not images:
-        raise DatasetError(f"{key}: none of the {len(files)} images in {folder} could be read ({', '.join(corrupt[:5])})")
-    ds = Dataset(cfg, images, index=index)
-    for i, im in enumerate(images):
-        for res in sorted(set(cfg.resolution)):
-            bucket = bucket_for(im.width, im.height, res, factor)
-            if bucket == (0, 0):
-                log.warning("skipping %s: smaller than %d px", im.path, factor)
-                continue
-            for flip in (False, True) if cfg.flip_x else (False,):
-                ds.entries.append(Entry(i, bucket, flip))
+    if not media:
+        raise DatasetError(f"{key}: none of the {len(files)} files in {folder} could be read ({_shown(unreadable)})")
+    ds = Dataset(cfg, media, index=index)
+    ds.entries = _entries(ds, geometry, key)
     if not ds.entries:
-        raise DatasetError(f"{key}: no image is large enough to train on")
+        raise DatasetError(f"{key}: no image or clip is large (or long) enough to train on")
     return ds
 
 
-def image_pixels(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """An image file scaled to cover `size` (width, height) and center-cropped to it: (3, h, w) in [-1, 1]."""
-    img = resize_and_crop(_load_rgb(path), *size)
+def _entries(ds: Dataset, geometry: Geometry, key: str) -> list[Entry]:
+    cfg = ds.cfg
+    counts = frame_counts(cfg, geometry, key) if geometry.video else [1]
+    fps = cfg.fps if cfg.fps is not None else geometry.fps
+    out: list[Entry] = []
+    short: list[str] = []
+    for i, m in enumerate(ds.media):
+        buckets = []
+        for res in sorted(set(cfg.resolution)):
+            if cfg.max_pixels_per_frame:
+                res = min(res, int(cfg.max_pixels_per_frame ** 0.5))
+            b = bucket_for(m.width, m.height, res, geometry.factor)
+            if b == (0, 0):
+                log.warning("skipping %s: smaller than %d px", m.path, geometry.factor)
+            elif b not in buckets:  # an image smaller than several resolutions trains once, not once per resolution
+                buckets.append(b)
+        clips: list[tuple[int, tuple[int, ...]]] = []
+        if not m.info.is_video:
+            clips = [(1, (0,))]
+        else:
+            have = resampled_length(m.info, fps)
+            for f in counts:
+                use = f if f <= have else geometry.snap(have)
+                if use < f:
+                    short.append(f"{m.path.name} ({have} frames at {fps or m.info.fps:g} fps < {f}; {use} used)")
+                n_clips = 1 if cfg.shrink_video_to_frames or use == 1 else cfg.clips_per_video
+                for c in range(n_clips):
+                    idx = tuple(clip_indices(m.info, fps, use, cfg.shrink_video_to_frames, c, n_clips))
+                    if (use, idx) not in clips:
+                        clips.append((use, idx))
+        for b in buckets:
+            for frames, idx in clips:
+                for flip in (False, True) if cfg.flip_x else (False,):
+                    out.append(Entry(i, b, flip, frames, idx))
+    if short:
+        log.warning("%s: %d clips shorter than asked: %s", key, len(short), _shown(short))
+    return out
+
+
+def _to_tensor(img: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
+    img = resize_and_crop(img, *size)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
-    """(3, h, w) in [-1, 1]."""
-    return image_pixels(im.path, bucket, flip)
+def image_pixels(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """An image file scaled to cover `size` (width, height) and center-cropped to it: (3, h, w) in [-1, 1]."""
+    return _to_tensor(load_rgb(path), size, flip)
 
 
-def load_control_pixels(im: ImageFile, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
+def load_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
+    """The entry's pixels in [-1, 1]: (3, h, w) for an image, (3, f, h, w) for a clip."""
+    if not item.info.is_video:
+        return image_pixels(item.path, entry.bucket, entry.flip)
+    frames = read_frames(item.path, list(entry.indices))
+    return torch.stack([_to_tensor(f, entry.bucket, entry.flip) for f in frames], dim=1)
+
+
+def load_control_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
     """The item's control image in the same bucket (and mirrored with it): (3, h, w) in [-1, 1]."""
-    if im.control is None:
-        raise ValueError(f"{im.path} has no control image")
-    return image_pixels(im.control, bucket, flip)
+    if item.control is None:
+        raise ValueError(f"{item.path} has no control image")
+    return image_pixels(item.control, entry.bucket, entry.flip)
 
 
 @dataclass(frozen=True)
@@ -191,11 +273,11 @@ class BatchPlan:
     def __init__(self, datasets: list[Dataset], batch_size: int, seed: int) -> None:
         self.seed = seed
         self.batch_size = batch_size
-        groups: dict[tuple[int, int], list[BatchItem]] = {}
+        groups: dict[tuple[int, int, int], list[BatchItem]] = {}
         for di, ds in enumerate(datasets):
             for e in ds.entries:
                 for _ in range(ds.cfg.num_repeats):
-                    groups.setdefault(e.bucket, []).append(BatchItem(di, e))
+                    groups.setdefault(e.key, []).append(BatchItem(di, e))
         self.groups = [groups[k] for k in sorted(groups)]
         self.batches_per_epoch = sum((len(g) + batch_size - 1) // batch_size for g in self.groups)
 
@@ -232,6 +314,6 @@ def captions_for_batch(datasets: list[Dataset], batch: list[BatchItem], seed: in
     for j, it in enumerate(batch):
         ds = datasets[it.dataset]
         rng = step_rng(seed, 0xCA9, index, j)
-        cap = ds.images[it.entry.image].caption
+        cap = ds.media[it.entry.item].caption
         out.append(training_caption(cap, rng, ds.cfg.caption_dropout_rate, ds.cfg.shuffle_tokens, ds.cfg.keep_tokens))
     return out

@@ -20,6 +20,8 @@ from .chroma import write_chroma_demo
 from .flux import write_flex2_demo, write_flux_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
+from .videos import make_video_dataset
+from .wan import write_wan_demo
 
 # arch -> writer of its demo files (returns the `model:` config); and the arches whose demo adds control images
 DEMO_WRITERS = {
@@ -29,6 +31,8 @@ DEMO_WRITERS = {
     "chroma": write_chroma_demo,
     "sd3": write_sd3_demo,
     "sdxl": write_sdxl_demo,
+    "wan21": write_wan_demo,
+    "wan21_i2v": lambda folder: write_wan_demo(folder, i2v=True),
 }
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
@@ -68,11 +72,19 @@ def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), s
     return folder
 
 
-def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, controls: Path | None = None) -> dict:
-    data = {"folder_path": str(dataset), "caption_ext": "txt", "resolution": [128], "cache_latents_to_disk": True}
+def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, controls: Path | None = None,
+             video: bool = False, start_image: Path | None = None) -> dict:
+    data = {"folder_path": str(dataset), "caption_ext": "txt", "resolution": [64 if video else 128],
+            "cache_latents_to_disk": True}
     prompts = ["[trigger], a red circle on a blue background", "[trigger], a yellow square on a black background"]
     sample: dict = {"prompts": prompts}
-    if controls is not None:
+    size = {"width": 64, "height": 48, "num_frames": 9} if video else {"width": 128, "height": 128}
+    if video:
+        data["num_frames"] = 9
+    if start_image is not None:  # image-to-video: the clips' first frames condition, and one preview's start image
+        data["do_i2v"] = True
+        sample = {"samples": [{"prompt": p, "control_image": str(start_image)} for p in prompts]}
+    elif controls is not None:
         data.update(control_path=str(controls), control_dropout=0.2)
         # the second preview follows a control image of the dataset
         sample = {"samples": [{"prompt": prompts[0]},
@@ -93,7 +105,7 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, contr
                           "gradient_checkpointing": False, "timestep_type": "sigmoid",
                           "cache_text_embeddings": True, "seed": 42},
                 "model": model,
-                "sample": {"sample_every": max(1, steps // 2), "width": 128, "height": 128, "sample_steps": 4,
+                "sample": {"sample_every": max(1, steps // 2), **size, "sample_steps": 4,
                            "guidance_scale": 3.5, "seed": 42, "walk_seed": True, **sample},
             }],
         },
@@ -113,12 +125,23 @@ def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
     t0 = time.perf_counter()
     print(f"writing a random {arch} model, text encoders and VAE into {out / 'models'}", flush=True)
     model = DEMO_WRITERS[arch](out / "models")
-    controls = out / "dataset_control" if family.takes_control else None
-    dataset = make_dataset(out / "dataset", controls=controls)
+    start_image = None
+    if family.video:
+        dataset = make_video_dataset(out / "dataset", n=4, size=(64, 48), frames=24, fps=16)
+        controls = None
+        if family.takes_control:  # image-to-video: a start image for the previews
+            from ..data.media import read_frames
+
+            start_image = out / "start_image.png"
+            read_frames(dataset / "clip_00.mp4", [0])[0].save(start_image)
+    else:
+        controls = out / "dataset_control" if family.takes_control else None
+        dataset = make_dataset(out / "dataset", controls=controls)
     steps = steps or 20
     name = f"demo_{arch}_lora"
     job_path = out / f"{name}.yaml"
-    write_text_atomic(job_path, yaml.safe_dump(demo_job(name, model, dataset, out, steps, controls), sort_keys=False))
+    write_text_atomic(job_path, yaml.safe_dump(demo_job(name, model, dataset, out, steps, controls, family.video, start_image),
+                                             sort_keys=False))
     print(f"job: {job_path}", flush=True)
     rc = run_job_file(str(job_path), [])
     run = out / "output" / name

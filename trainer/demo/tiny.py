@@ -199,3 +199,40 @@ def module_shapes(cls, cfg: dict) -> dict[str, tuple[int, ...]]:
 def make_vae_file(path: Path, widths: list[int], layers: int = 1, latent: int = 16, seed: int = 3,
                   dtype: torch.dtype = torch.float32) -> None:
     save_safetensors_atomic(random_weights(ldm_vae_shapes(widths, layers, latent), seed, dtype), path)
+
+
+def build_spiece_model(words: tuple[str, ...] = tuple(WORDS), seed: int = 0) -> bytes:
+    """A word-level SentencePiece model (pad 0, eos 1, unk 2: UMT5's ids), as the bytes ComfyUI's umt5 files hold
+    in their `spiece_model` tensor."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    vocab = list(dict.fromkeys(w.lower() for w in words))
+    sentences = [" ".join(rng.sample(vocab, min(12, len(vocab)))) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=len(vocab) + 4,
+                                   model_type="word", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    return buf.getvalue()
+
+
+def make_umt5_file(path: Path, d_model: int = 64, layers: int = 2, heads: int = 2, d_kv: int = 16, d_ff: int = 128,
+                   seed: int = 5, dtype: torch.dtype = torch.float32) -> int:
+    """A UMT5 encoder with random weights in ComfyUI's umt5_xxl layout, its SentencePiece tokenizer inside (as
+    ComfyUI's files carry it). Returns the vocabulary size."""
+    import sentencepiece as spm
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    spiece = build_spiece_model()
+    vocab = spm.SentencePieceProcessor(model_proto=spiece).get_piece_size()
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
+                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    model = UMT5EncoderModel(cfg)
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    save_safetensors_atomic(sd, path)
+    return vocab

@@ -106,6 +106,8 @@ class TrainingModel(ABC):
     checkpointing: str = "diffusers"
     denoiser: nn.Module
     vae: nn.Module | None = None
+    # trainer.models.offload.BlockSwap over repeated_blocks() when train.blocks_to_swap is on (set by the prepare step)
+    block_swap = None
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
@@ -172,6 +174,18 @@ class TrainingModel(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalized latents -> images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1]."""
         return decode_latents(self.vae, latents)
+
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None) -> Conditioning | None:
+        """Per-item conditions cached with the item's latent, for families that take more than a caption.
+        `pixels`: the item (3, [f,] h, w); `control`: its condition image (3, h, w) (the control image, or the clip's
+        first frame with do_i2v), or None. Default: a control latent for families that take one."""
+        if self.takes_control and control is not None:
+            return {"control": self.encode_pixels(control[None])[0]}
+        return None
+
+    def requires_conditions(self) -> str | None:
+        """Why items without a condition image cannot train (a message), or None when they can."""
+        return None
 
     def text_encoder_modules(self) -> list[nn.Module]:
         return [m for m in (getattr(self, a, None) for a in self.text_encoder_attrs) if isinstance(m, nn.Module)]

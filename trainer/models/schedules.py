@@ -57,3 +57,11 @@ def flow_sample_sigmas(steps: int, mu: float | None = None, shift: float = 1.0) 
     elif shift != 1.0:
         sig = time_shift_linear(shift, sig)
     return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()
+
+
+def flow_match_euler_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps) (SD3, Wan): evenly spaced from 1 to its
+    smallest training sigma (shift(1/1000)), shifted, then 0."""
+    lowest = time_shift_linear(shift, torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))
+    sig = time_shift_linear(shift, torch.linspace(1.0, float(lowest), steps, dtype=torch.float64))
+    return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()

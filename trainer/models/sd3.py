@@ -25,10 +25,10 @@ from ..errors import ModelFileError
 from .base import Conditioning, Target, TrainingModel
 from .detect import require_family
 from .family import Family
-from .files import diffusers_component, find_weights_file, load_state_dict, safetensors_shapes
+from .files import dequantize_scaled_fp8, diffusers_component, find_weights_file, load_state_dict, safetensors_shapes
 from .layout import block_targets
 from .objectives import FlowObjective
-from .schedules import time_shift_linear
+from .schedules import flow_match_euler_sigmas
 from .sources import ModelSources
 from .sd3_layout import (
     CLIP_G_PREFIX,
@@ -36,7 +36,6 @@ from .sd3_layout import (
     T5_PREFIX,
     VAE_PREFIX,
     diffusers_config_from_original,
-    dequantize_original,
     diffusers_to_original,
     layout_of,
     original_to_diffusers,
@@ -111,7 +110,7 @@ def load_sd3_transformer(path: Path, dtype: torch.dtype, arch: str = "sd3"):
     with torch.device("meta"):
         model = SD3Transformer2DModel(**cfg)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = dequantize_original({k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}, str(path))
+    sd = dequantize_scaled_fp8({k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}, str(path))
     sd = original_to_diffusers(sd, model_shapes, cfg, str(path))
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     if missing:
@@ -206,11 +205,7 @@ class SD3Model(TrainingModel):
         )[0]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(steps): evenly spaced from 1 to its smallest
-        training sigma (shift(1/1000)), shifted by 3, then 0."""
-        lowest = time_shift_linear(SHIFT, torch.tensor(1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float64))
-        sig = time_shift_linear(SHIFT, torch.linspace(1.0, float(lowest), steps, dtype=torch.float64))
-        return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()
+        return flow_match_euler_sigmas(steps, SHIFT, NUM_TRAIN_TIMESTEPS)
 
     def save_metadata(self) -> dict[str, str]:
         return {

@@ -144,24 +144,6 @@ def diffusers_config_from_original(shapes: dict[str, tuple[int, ...]], source: s
     )
 
 
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI's scaled fp8: old ("scaled_fp8" marker) and new
-QUANT_EXTRAS = (".scale_input", ".input_scale", ".comfy_quant")
-
-
-def dequantize_original(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled-fp8 files store weight / scale in fp8 and the scale beside it: the real weight is
-    weight * scale (a per-tensor scale; other quantizations are refused by name)."""
-    out = {k: v for k, v in sd.items() if k != "scaled_fp8" and not k.endswith(QUANT_EXTRAS + SCALE_SUFFIXES)}
-    for k, scale in sd.items():
-        suffix = next((s for s in SCALE_SUFFIXES if k.endswith(s)), None)
-        if suffix is None:
-            continue
-        w = f"{k[:-len(suffix)]}.weight"
-        if w not in out or scale.numel() != 1:
-            raise ModelFileError(f"{source}: {k} is a quantization this trainer cannot read; use an fp16/bf16 or"
-                                 f" per-tensor scaled-fp8 file")
-        out[w] = (out[w].float() * scale.float()).to(out[w].dtype)
-    return out
 
 
 def original_to_diffusers(sd: dict[str, torch.Tensor], model_shapes: dict[str, tuple[int, ...]], cfg: dict,

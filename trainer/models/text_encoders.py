@@ -15,7 +15,7 @@ import torch
 import logging
 
 from ..errors import ModelFileError
-from .files import comfyui_roots, find_weights_file, load_state_dict, safetensors_shapes
+from .files import comfyui_roots, dequantize_scaled_fp8, find_weights_file, load_state_dict, safetensors_shapes
 
 log = logging.getLogger("trainer")
 
@@ -51,16 +51,21 @@ def identify_text_encoder(path: Path) -> EncoderFile:
         return EncoderFile("clip", path, "")  # a tower saved without the `text_model.` level
     for p in T5_PREFIXES:
         if f"{p}encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
-            return EncoderFile("t5", path, p)
+            # UMT5 (Wan's encoder) has a relative attention bias in every layer, T5 in the first only
+            umt5 = (f"{p}encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shapes
+                    or "spiece_model" in shapes)  # ComfyUI's umt5 files carry their tokenizer
+            return EncoderFile("umt5" if umt5 else "t5", path, p)
     sample = ", ".join(sorted(shapes)[:3])
     raise ModelFileError(f"{path}: not a CLIP or T5 text encoder (first keys: {sample})")
 
 
 def _read(ef: EncoderFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The encoder's tensors (ComfyUI's scaled-fp8 files dequantized; a tokenizer stored inside left out)."""
     sd: dict[str, torch.Tensor] = {}
     for f in _weights_files(ef.path):
         sd.update(load_state_dict(f, dtype, ef.prefix))
-    return sd
+    sd.pop("spiece_model", None)
+    return dequantize_scaled_fp8(sd, str(ef.path))
 
 
 def _count(sd_keys, pattern: str) -> int:
@@ -202,6 +207,58 @@ def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
     model = model.to_empty(device="cpu").to(dtype)
     _load_checked(model, sd, ef.path, allowed_missing=())
     return model.eval().requires_grad_(False)
+
+
+def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
+    """UMT5 (Wan's text encoder) from ComfyUI's umt5_xxl file (fp16, bf16 or scaled fp8) or a diffusers folder;
+    the config from the shapes."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if _pretrained_folder(ef):
+        model = UMT5EncoderModel.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
+    sd = _read(ef, dtype)
+    try:
+        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+            sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+        sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+        rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        heads = rel.shape[1]
+        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        cfg = UMT5Config(
+            vocab_size=sd["shared.weight"].shape[0], d_model=sd["shared.weight"].shape[1], d_kv=inner // heads,
+            d_ff=sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+            num_layers=_count(sd, "encoder.block.{}."), num_heads=heads, relative_attention_num_buckets=rel.shape[0],
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{ef.path}: not a complete UMT5 encoder (missing {e.args[0]})") from None
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    _load_checked(model, sd, ef.path, allowed_missing=())
+    return model.eval().requires_grad_(False)
+
+
+def spiece_tokenizer(path: Path):
+    """The SentencePiece tokenizer ComfyUI's umt5 files carry inside (tensor `spiece_model`), as a T5 tokenizer
+    (pad 0, eos 1, unk 2); None if the file holds none."""
+    import tempfile
+
+    from safetensors import safe_open
+    from transformers import T5Tokenizer
+
+    if path.is_dir():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if "spiece_model" not in f.keys():
+            return None
+        data = f.get_tensor("spiece_model").numpy().tobytes()
+    with tempfile.TemporaryDirectory() as d:
+        model_file = Path(d) / "spiece.model"
+        model_file.write_bytes(data)
+        tok = T5Tokenizer(vocab_file=str(model_file), extra_ids=0, legacy=False)
+    return tok
 
 
 def _load_checked(model: torch.nn.Module, sd: dict, path: Path, allowed_missing: tuple[str, ...]) -> None:

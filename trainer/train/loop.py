@@ -15,10 +15,10 @@ from ..config import JobConfig, dump_job_yaml
 from ..data.cache import LatentCache, TextCache
 from ..data.dataset import BatchPlan, Dataset, captions_for_batch
 from ..errors import TrainingDiverged
-from ..fileio import append_jsonl, atomic_path
+from ..fileio import append_jsonl
 from ..models.base import Conditioning, TrainingModel, collate_conditioning
 from ..networks.network import Network
-from ..previews import PreparedSample
+from ..previews import PreparedSample, save_preview
 from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
@@ -150,32 +150,41 @@ class Trainer:
             return collate_conditioning([self.texts.get(c) for c in captions])
         return self.model.encode_text_for_training(captions)
 
-    def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor:
+    def batch_inputs(self, micro: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
+        """(latents, noise, sigmas, conditioning) of micro-batch `micro`, on the training device; every random
+        draw comes from `gen`."""
         tc = self.cfg.train
         batch = self.plan.batch(micro)
         latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in batch]).float()
         cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
-        control = self.latents.controls_for_batch(batch, self.model, tc.seed, micro)
-        if control is not None:  # control images of the data (datasets[].control_path), for families that take them
-            cond = {**cond, "control": control}
+        # per-item conditions (control latents, I2V start images) of families that take them
+        cond = {**cond, **self.latents.conditions_for_batch(batch, self.model, tc.seed, micro)}
         noise = torch.randn(latents.shape, generator=gen)
         if tc.noise_offset:
             # one offset per sample and channel, over every spatial (and frame) position
             noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=gen)
         sigmas = self.model.train_sigmas(tc.timestep_type, latents.shape[0], gen, tuple(latents.shape))
-        obj = self.model.objective
         dev = self.model.device
-        latents, noise, sigmas = latents.to(dev), noise.to(dev), sigmas.to(dev)
+        return latents.to(dev), noise.to(dev), sigmas.to(dev), cond
+
+    def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights: linear_timesteps (a bell over the schedule) and min-SNR-gamma."""
+        tc = self.cfg.train
+        weights = torch.ones_like(sigmas, dtype=torch.float32)
+        if tc.linear_timesteps:
+            weights = weights * linear_timestep_weights(self.model.schedule_position(sigmas).to(sigmas.device))
+        if tc.snr_gamma:
+            weights = weights * self.model.objective.min_snr_weights(sigmas, tc.snr_gamma)
+        return weights
+
+    def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor:
+        latents, noise, sigmas, cond = self.batch_inputs(micro, gen)
+        obj = self.model.objective
         noisy = obj.add_noise(latents, noise, sigmas)
         pred = self.model.predict(noisy, sigmas, cond, guidance=1.0).float()
         target = obj.target(latents, noise, sigmas)
         per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
-        weights = torch.ones_like(per_sample)
-        if tc.linear_timesteps:
-            weights = weights * linear_timestep_weights(self.model.schedule_position(sigmas).to(sigmas.device))
-        if tc.snr_gamma:
-            weights = weights * obj.min_snr_weights(sigmas, tc.snr_gamma)
-        return (per_sample * weights).mean()
+        return (per_sample * self.loss_weights(sigmas)).mean()
 
     def step(self) -> float:
         tc = self.cfg.train
@@ -233,14 +242,15 @@ class Trainer:
             with self.model.text_encoders_on_device():
                 cond, neg = self.model.encode_text([s.prompt]), self.model.encode_text([s.neg])
             request = replace(request, cond={**request.cond, **cond}, neg_cond={**(request.neg_cond or {}), **neg})
-        img = to_pil(sample(self.model, request))
-        path = self.run.samples / f"{self.state.step:09d}_{s.index:02d}.png"
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
+        out = sample(self.model, request)
+        fps = self.cfg.sample.fps or self.model.native_fps or 16.0
+        files = save_preview(out, self.run.samples / f"{self.state.step:09d}_{s.index:02d}", fps)
+        img = to_pil(out if out.dim() == 3 else out[:, 0])
         append_jsonl(self.run.samples / "index.jsonl", {
             "step": self.state.step, "index": s.index, "prompt": s.prompt, "neg": s.neg, "seed": request.seed,
-            "width": img.width, "height": img.height, "steps": request.steps, "guidance_scale": request.guidance_scale,
-            "control_image": s.control_image, "file": path.name,
+            "width": img.width, "height": img.height, "frames": out.shape[1] if out.dim() == 4 else 1,
+            "steps": request.steps, "guidance_scale": request.guidance_scale, "control_image": s.control_image,
+            "file": files[0].name, **({"video": files[1].name, "fps": fps} if len(files) > 1 else {}),
         })
         return img
 

@@ -1,0 +1,286 @@
+"""Wan 2.1 (T2V, I2V): layouts against diffusers' converters, loading from ComfyUI's files, prompt encoding and
+sampling against WanPipeline / WanImageToVideoPipeline, saved LoRAs read by diffusers' Wan LoRA loader, and
+training on video clips with resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import job_dict
+from trainer.config import ModelConfig, load_job_dict
+from trainer.demo.videos import make_video_dataset
+from trainer.demo.wan import wan_diffusers_config, write_wan_files
+from trainer.errors import ConfigError, DatasetError, ModelFileError
+from trainer.job import build_trainer, run_job
+from trainer.models.wan import I2V, T2V, load_wan
+from trainer.sampling import denoise, initial_noise
+
+TEXT_DIM = 32
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def wan_t2v(tmp_path_factory) -> dict:
+    return write_wan_files(tmp_path_factory.mktemp("wan_t2v"), text_dim=TEXT_DIM)
+
+
+@pytest.fixture(scope="module")
+def wan_i2v(tmp_path_factory) -> dict:
+    return write_wan_files(tmp_path_factory.mktemp("wan_i2v"), i2v=True, text_dim=TEXT_DIM, name="wan_i2v")
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return make_video_dataset(tmp_path_factory.mktemp("clips") / "data", n=3, size=(32, 32), frames=12, fps=16)
+
+
+def _load(cfg: dict, variant=T2V):
+    return load_wan(ModelConfig(**cfg), torch.device("cpu"), torch.float32, variant)
+
+
+def _video_job(model: dict, data: Path, out: Path, **train) -> dict:
+    d = job_dict(model, data, out, **train)
+    p = d["config"]["process"][0]
+    p["datasets"][0].update(num_frames=5, resolution=[32])
+    p["sample"].update(width=32, height=32, num_frames=5)
+    return d
+
+
+# --- layouts --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_transformer_layout_agrees_with_diffusers_converter(kind):
+    """Our original-layout names, read by diffusers' own single-file converter, land on every diffusers key."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from trainer.models.wan_layout import diffusers_config_from_original, diffusers_to_original
+
+    cfg = wan_diffusers_config(dim=256, layers=3, ffn=512, text_dim=64, i2v=kind == "i2v", image_dim=48)
+    with torch.device("meta"):
+        m = WanTransformer3DModel(**cfg)
+    tagged = {k: torch.full((1,), float(i)) for i, k in enumerate(m.state_dict())}
+    original = diffusers_to_original(dict(tagged), dict(m.config))
+    back = convert_wan_transformer_to_diffusers(dict(original))
+    assert set(back) == set(tagged) and all(torch.equal(back[k], tagged[k]) for k in tagged)
+    real = diffusers_to_original({k: v for k, v in m.state_dict().items()}, dict(m.config))
+    derived = diffusers_config_from_original({k: tuple(v.shape) for k, v in real.items()}, "x")
+    for key, value in cfg.items():
+        assert tuple(derived[key]) == tuple(value) if isinstance(value, tuple) else derived[key] == value, key
+
+
+def test_vae_layout_agrees_with_diffusers_converter():
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from trainer.models.wan_layout import vae_key_to_original
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(base_dim=96)  # Wan 2.1's real VAE
+    keys = list(vae.state_dict())
+    back = convert_wan_vae_to_diffusers({vae_key_to_original(k): torch.tensor([i]) for i, k in enumerate(keys)})
+    assert len(back) == len(keys) and all(int(back[k]) == i for i, k in enumerate(keys))
+
+
+def test_real_size_configs_from_shapes():
+    """Wan 2.1 1.3B and 14B (T2V and I2V): the config derived from the original layout's shapes equals theirs."""
+    from diffusers import WanTransformer3DModel
+
+    from trainer.models.wan_layout import diffusers_config_from_original, diffusers_to_original
+
+    real = [dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16),  # 1.3B
+            dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16),  # 14B
+            dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
+                 added_kv_proj_dim=5120)]  # I2V 14B
+    for over in real:
+        cfg = dict(patch_size=(1, 2, 2), attention_head_dim=128, out_channels=16, text_dim=4096, freq_dim=256,
+                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **over)
+        with torch.device("meta"):
+            m = WanTransformer3DModel(**cfg)
+        orig = diffusers_to_original(dict(m.state_dict()), dict(m.config))
+        got = diffusers_config_from_original({k: tuple(v.shape) for k, v in orig.items()}, "x")
+        assert {k: got[k] for k in cfg} == {k: (tuple(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def test_loads_comfyui_files_and_refuses_other_variants(wan_t2v, wan_i2v, tiny_flux):
+    model = _load(wan_t2v)
+    assert model.arch == "wan21" and model.is_video and model.pixel_factor == 16
+    assert [t.key for t in model.targets()][:3] == ["diffusion_model.blocks.0.self_attn.q",
+                                                    "diffusion_model.blocks.0.self_attn.k",
+                                                    "diffusion_model.blocks.0.self_attn.v"]
+    i2v_keys = [t.key for t in _load(wan_i2v, I2V).targets()]
+    assert "diffusion_model.blocks.1.cross_attn.k_img" in i2v_keys and len(i2v_keys) == 2 * 12
+    with pytest.raises(ModelFileError, match="a Wan 2.1 I2V checkpoint, but model.arch is 'wan21'; use model.arch wan21_i2v"):
+        _load(dict(wan_i2v))
+    with pytest.raises(ModelFileError, match="Wan 2.1 T2V checkpoint, but model.arch is 'wan21_i2v'"):
+        _load(dict(wan_t2v, arch="wan21_i2v"), I2V)
+    with pytest.raises(ModelFileError, match="this is a flux checkpoint, but model.arch is 'wan21'"):
+        _load(dict(wan_t2v, name_or_path=tiny_flux["name_or_path"]))
+    with pytest.raises(ModelFileError, match="UMT5-XXL"):
+        _load(dict(wan_t2v, text_encoder_paths=[]))
+
+
+# --- against the reference pipelines --------------------------------------------------------------------------
+
+def _pipeline(model, i2v: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=model.sample_shift)
+    if i2v:
+        return WanImageToVideoPipeline(tokenizer=model.tokenizer, text_encoder=model.umt5, vae=model.vae,
+                                       scheduler=sched, transformer=model.denoiser, image_encoder=model.clip_vision,
+                                       image_processor=ComfyClipPreprocess(model))
+    return WanPipeline(tokenizer=model.tokenizer, text_encoder=model.umt5, vae=model.vae, scheduler=sched,
+                       transformer=model.denoiser)
+
+
+class ComfyClipPreprocess:
+    """The pipeline's image_processor slot, filled with ComfyUI's CLIP preprocessing (which ours follows; the
+    integration tests compare it with ComfyUI's own): the pipeline's CLIPImageProcessor resizes in PIL instead."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, images, return_tensors="pt"):
+        from trainer.data.dataset import _to_tensor
+
+        image = images[0] if isinstance(images, list) else images
+        from transformers import BatchFeature
+
+        return BatchFeature({"pixel_values": self.model.clip_pixels(_to_tensor(image, image.size, False))})
+
+
+def test_prompt_encoding_matches_pipeline(wan_t2v):
+    model = _load(wan_t2v)
+    prompts = ["a red circle moving", "sks a blue square on a black background"]
+    ours = model.encode_text(prompts)["context"]
+    theirs, _ = _pipeline(model).encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=32)
+    assert ours.shape == (2, 32, TEXT_DIM)
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)
+    assert float(ours[0, 10:].abs().max()) == 0.0  # the padding is zeroed
+
+
+def test_sampler_matches_wan_pipeline(wan_t2v):
+    model = _load(wan_t2v)
+    cond = model.encode_text(["a red circle moving"])
+    neg = model.encode_text([""])
+    noise = initial_noise(model, 32, 48, seed=3, frames=9)
+    assert noise.shape == (1, 16, 3, 6, 4)
+    ours = denoise(model, noise, cond, neg, steps=4, guidance_scale=3.0)
+    theirs = _pipeline(model)(prompt_embeds=cond["context"], negative_prompt_embeds=neg["context"], height=48,
+                              width=32, num_frames=9, num_inference_steps=4, guidance_scale=3.0, latents=noise,
+                              output_type="latent").frames
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert err < 1e-3, err
+    video = model.decode(ours)
+    assert video.shape == (1, 3, 9, 48, 32)
+
+
+def test_i2v_sampler_matches_pipeline(wan_i2v):
+    model = _load(wan_i2v, I2V)
+    start = Image.new("RGB", (32, 32), (200, 40, 40))
+    from trainer.data.dataset import _to_tensor
+
+    start_t = _to_tensor(start, (32, 32), False)
+    cond = {**model.encode_text(["a red square"]), **{k: v[None] for k, v in model.image_condition(start_t, 9).items()}}
+    neg = {**model.encode_text([""]), "image_cond": cond["image_cond"], "clip_fea": cond["clip_fea"]}
+    noise = initial_noise(model, 32, 32, seed=5, frames=9)
+    ours = denoise(model, noise, cond, neg, steps=3, guidance_scale=2.0)
+    pipe = _pipeline(model, i2v=True)
+    theirs = pipe(image=start, prompt_embeds=cond["context"], negative_prompt_embeds=neg["context"], height=32, width=32, num_frames=9, num_inference_steps=3,
+                  guidance_scale=2.0, latents=noise, output_type="latent").frames
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert err < 1e-3, err
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+def test_trains_on_clips_and_saves_comfyui_keys_diffusers_reloads(wan_t2v, clips, tmp_path):
+    d = _video_job(wan_t2v, clips, tmp_path / "out", steps=2, cache_text_embeddings=True)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    lat = next(iter(trainer.latents.mem.values()))
+    assert lat.shape == (16, 2, 4, 4)  # 5 frames -> 2 latent frames, 32 px -> 4
+    trainer.train()
+    run = tmp_path / "out" / "run"
+    sd = load_file(str(run / "run.safetensors"))
+    assert "diffusion_model.blocks.0.cross_attn.k.lora_down.weight" in sd and "diffusion_model.blocks.1.ffn.2.alpha" in sd
+    assert sorted(p.suffix for p in (run / "samples").glob("000000002_00.*")) == [".mp4", ".png"]
+
+    # diffusers' own Wan LoRA loader, reading the ComfyUI-keyed file into a fresh model, predicts as we do
+    from diffusers import WanPipeline
+
+    model = trainer.model
+    g = torch.Generator().manual_seed(1)
+    noisy, sigmas = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([0.6])
+    cond = {"context": torch.randn(1, 32, TEXT_DIM, generator=g)}
+    with torch.no_grad():
+        ours = model.predict(noisy, sigmas, cond)
+    fresh = _load(wan_t2v)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fresh.denoiser)
+    pipe.load_lora_weights(str(run / "run.safetensors"))
+    with torch.no_grad():
+        theirs = fresh.predict(noisy, sigmas, cond)
+        base = _load(wan_t2v).predict(noisy, sigmas, cond)
+    err = float((theirs - ours).abs().max() / ours.abs().max())
+    effect = float((ours - base).abs().max() / ours.abs().max())
+    assert err < 1e-4 and effect > 100 * err, (err, effect)
+
+
+def test_resume_on_video_clips_matches_uninterrupted(wan_t2v, clips, tmp_path):
+    extra = dict(steps=4, lr_scheduler="cosine", cache_text_embeddings=True, disable_sampling=True)
+    d = _video_job(wan_t2v, clips, tmp_path / "a", **extra)
+    d["config"]["process"][0]["datasets"][0].update(frames=[1, 5], shrink_video_to_frames=False, clips_per_video=2,
+                                                    flip_x=True)
+    run_job(load_job_dict(d), report=quiet)
+    d["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+
+    def interrupt(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(on_step=interrupt)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    assert trainer.state.step == 2
+    trainer.train()
+    a = load_file(str(tmp_path / "a" / "run" / "run.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "run.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_i2v_trains_on_first_frames_and_refuses_no_start_image(wan_i2v, clips, tmp_path):
+    d = _video_job(wan_i2v, clips, tmp_path / "out", steps=1, cache_text_embeddings=True, disable_sampling=True)
+    with pytest.raises(DatasetError, match="do_i2v: true .* or datasets\\[\\]\\.control_path"):
+        build_trainer(load_job_dict(d), report=quiet)
+    d["config"]["process"][0]["datasets"][0]["do_i2v"] = True
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    cond = next(iter(trainer.latents.conds.values()))
+    assert cond["image_cond"].shape == (20, 2, 4, 4) and cond["clip_fea"].shape[-1] == 32
+    assert torch.equal(cond["image_cond"][:4, 0], torch.ones(4, 4, 4)) and not cond["image_cond"][:4, 1].any()
+    trainer.train()
+    assert (tmp_path / "out" / "run" / "run.safetensors").exists()
+
+
+def test_video_keys_refused_on_image_families(tiny_flux, clips, tmp_path):
+    d = job_dict(tiny_flux, clips, tmp_path)
+    d["config"]["process"][0]["datasets"][0]["num_frames"] = 9
+    with pytest.raises(ConfigError, match="datasets\\[0\\].num_frames: model.arch 'flux' trains images"):
+        load_job_dict(d)

@@ -1,0 +1,352 @@
+"""Wan 2.1 (T2V 1.3B / 14B, I2V 14B) on the diffusers backend, from the files ComfyUI users keep.
+
+The transformer loads from `models/diffusion_models/wan2.1_*.safetensors` (fp16, bf16, ComfyUI's fp8 and scaled fp8,
+dequantized on load) with its config from the shapes, or from a local diffusers folder; the variant is read from
+the keys as ComfyUI does (`img_emb.*` = I2V, `vace_patch_embedding` = VACE), and a file of another variant than
+`model.arch` says is refused. Text: UMT5-XXL (`umt5_xxl_*.safetensors`, its SentencePiece tokenizer inside), 512
+tokens, the padding zeroed as WanPipeline does. VAE: the Wan 2.1 VAE (16 channels, 8x spatial, 4x temporal: clips
+of 4k+1 frames), latents normalized by its per-channel mean and std.
+
+Objective: rectified flow with the timestep = 1000 sigma; previews are Euler steps over
+FlowMatchEulerDiscreteScheduler's sigmas with shift 5 (`model.sample_shift`), with classifier-free guidance.
+
+I2V (WanImageToVideo in ComfyUI, WanImageToVideoPipeline in diffusers): the start image VAE-encoded followed by
+gray frames, a 4-channel mask that is 1 on the first latent frame, both fed beside the noisy latent (36 input
+channels), and CLIP-ViT-H's penultimate features of the start image as `encoder_hidden_states_image`. The start
+image is the clip's first frame (`datasets[].do_i2v`) or the item's control image (`datasets[].control_path`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError, ModelFileError
+from .base import Conditioning, Target, TrainingModel
+from .detect import require_family
+from .family import Family
+from .files import dequantize_scaled_fp8, diffusers_component, load_state_dict, safetensors_shapes
+from .layout import ORIGINAL_PREFIXES, block_targets
+from .objectives import FlowObjective
+from .schedules import flow_match_euler_sigmas
+from .sources import ModelSources
+from .text_encoders import load_tokenizer, load_umt5_encoder, spiece_tokenizer
+from .wan_layout import (diffusers_config_from_original, layout_of, original_to_diffusers, vae_config_from_original,
+                         vae_key_to_original, variant_of)
+
+T5_MAX_LENGTH = 512
+NUM_TRAIN_TIMESTEPS = 1000
+SAMPLE_SHIFT = 5.0  # Wan's own sampling shift (ComfyUI's ModelSamplingSD3 for Wan defaults to 8)
+TRAIN_SHIFT = 3.0  # timestep_type: shift, as the peers train Wan
+FPS = 16.0
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class WanVariant:
+    arch: str
+    kind: str  # what the checkpoint's keys say: t2v, i2v, vace
+    name: str
+
+
+T2V = WanVariant("wan21", "t2v", "Wan 2.1 T2V")
+I2V = WanVariant("wan21_i2v", "i2v", "Wan 2.1 I2V")
+VARIANTS = {v.kind: v for v in (T2V, I2V)}
+
+
+def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
+    from diffusers import WanTransformer3DModel
+
+    if path.is_dir():
+        folder = diffusers_component(path, "transformer", "Wan")
+        model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        kind = "i2v" if model.config.image_dim is not None else "t2v"
+    else:
+        shapes = safetensors_shapes(path)
+        require_family(path, shapes, "wan", variant.arch)
+        prefix = next(p for p in ORIGINAL_PREFIXES if f"{p}head.modulation" in shapes)
+        shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        kind = variant_of(shapes)
+        if kind != variant.kind:
+            want = {"t2v": "wan21", "i2v": "wan21_i2v", "vace": "wan21_vace"}[kind]
+            raise ModelFileError(f"{path}: a {VARIANTS[kind].name if kind in VARIANTS else 'Wan 2.1 VACE'} checkpoint,"
+                                 f" but model.arch is {variant.arch!r}; use model.arch {want}")
+        cfg = diffusers_config_from_original(shapes, str(path))
+        with torch.device("meta"):
+            model = WanTransformer3DModel(**cfg)
+        model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        own = {k for k in shapes}
+        sd = dequantize_scaled_fp8({k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}, str(path))
+        sd = original_to_diffusers(sd, model_shapes, cfg, str(path))
+        missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+        if missing:
+            raise ModelFileError(f"{path}: incomplete Wan checkpoint, missing {missing[0]}")
+        # the rotary tables are computed buffers, not weights: build them for real (they were made on meta)
+        rope = model.rope
+        model.rope = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+        # diffusers keeps these in fp32 (its _keep_in_fp32_modules); a file's half precision is upcast the same way
+        for name, p in model.named_parameters():
+            if any(k in name for k in model._keep_in_fp32_modules):
+                p.data = p.data.float()
+    if kind != variant.kind:
+        raise ModelFileError(f"{path}: a Wan {kind} model, but model.arch is {variant.arch!r}")
+    return model
+
+
+def load_wan_vae(path: Path, dtype: torch.dtype):
+    """AutoencoderKLWan from ComfyUI's wan_2.1_vae.safetensors (the original layout) or a diffusers folder."""
+    from diffusers import AutoencoderKLWan
+
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    else:
+        shapes = safetensors_shapes(path)
+        cfg = vae_config_from_original(shapes, str(path))
+        with torch.device("meta"):
+            vae = AutoencoderKLWan(**cfg)
+        to_original = {vae_key_to_original(k): k for k in vae.state_dict()}
+        sd = load_state_dict(path, dtype)
+        missing = [o for o in to_original if o not in sd]
+        if missing:
+            raise ModelFileError(f"{path}: not a Wan 2.1 VAE (missing {missing[0]})")
+        vae.load_state_dict({to_original[o]: sd[o] for o in to_original}, strict=True, assign=True)
+    if vae.config.z_dim != 16:
+        raise ModelFileError(f"{path}: a {vae.config.z_dim}-channel VAE; Wan 2.1 uses the 16-channel Wan 2.1 VAE")
+    return vae.eval().requires_grad_(False)
+
+
+def load_clip_vision(path: Path, dtype: torch.dtype):
+    """CLIPVisionModel (ComfyUI's clip_vision_h.safetensors, transformers layout, or a folder); config from shapes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if path.is_dir():
+        return CLIPVisionModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True).eval()
+    sd = {k: v for k, v in load_state_dict(path, dtype).items() if k.startswith("vision_model.")}
+    try:
+        hidden, _, patch, _ = sd["vision_model.embeddings.patch_embedding.weight"].shape
+        positions = sd["vision_model.embeddings.position_embedding.weight"].shape[0]
+        cfg = CLIPVisionConfig(
+            hidden_size=hidden, intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers.")),
+            num_attention_heads=max(1, hidden // 80 if hidden % 80 == 0 else hidden // 64), patch_size=patch,
+            image_size=int(round((positions - 1) ** 0.5)) * patch, hidden_act="gelu",
+        )
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: not a CLIP vision model (missing {e})") from None
+    with torch.device("meta"):
+        model = CLIPVisionModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if not any(k.startswith("vision_model.") for k in model.state_dict()):  # transformers 5 drops the level
+        sd = {k[len("vision_model."):]: v for k, v in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ModelFileError(f"{path}: incomplete CLIP vision model (missing {missing[0]})")
+    for name, buf in model.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    return model.eval().requires_grad_(False)
+
+
+class WanModel(TrainingModel):
+    objective = FlowObjective()
+    vae_scale, vae_temporal, patch = 8, 4, 2
+    native_fps = FPS
+    checkpointing = "diffusers"
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module | None, umt5: nn.Module | None, tokenizer,
+                 device: torch.device, dtype: torch.dtype, variant: WanVariant = T2V, clip_vision: nn.Module | None = None,
+                 t5_max_length: int = T5_MAX_LENGTH, sample_shift: float = SAMPLE_SHIFT,
+                 train_shift: float = TRAIN_SHIFT) -> None:
+        self.variant = variant
+        self.arch = variant.arch
+        self.denoiser = transformer
+        self.vae = vae
+        self.umt5 = umt5
+        self.clip_vision = clip_vision
+        self.tokenizer = tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.t5_max_length = t5_max_length
+        self.sample_shift, self._train_shift = sample_shift, train_shift
+        self.i2v = variant.kind == "i2v"
+        self.text_encoder_attrs = ("umt5",)
+        self.takes_control = self.i2v  # control_path: the start image (else do_i2v: the clip's first frame)
+
+    # --- what the loop adapts ------------------------------------------------------------------
+    def targets(self) -> list[Target]:
+        lin, _ = layout_of(self.denoiser.config)
+        return block_targets(self.denoiser, lin)
+
+    def latent_channels(self) -> int:
+        return self.denoiser.config.out_channels
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.denoiser.blocks)
+
+    # --- encoders ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """As WanPipeline._get_t5_prompt_embeds: UMT5 with the attention mask, padded to max length with zeros."""
+        if self.umt5 is None:
+            raise RuntimeError("text encoders were released; embeddings must come from the cache")
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.t5_max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        dev = next(self.umt5.parameters()).device
+        hidden = self.umt5(tok.input_ids.to(dev), tok.attention_mask.to(dev)).last_hidden_state.float().cpu()
+        keep = tok.attention_mask.bool()[..., None]
+        return {"context": torch.where(keep, hidden, torch.zeros_like(hidden))}
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape)
+        return mean.to(like.device), std.to(like.device)
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (b, 3, h, w) as one-frame clips, or clips (b, 3, f, h, w), in [-1, 1] -> (b, 16, t, h/8, w/8)."""
+        clips = images[:, :, None] if images.dim() == 4 else images
+        p = next(self.vae.parameters())
+        z = self.vae.encode(clips.to(p.device, p.dtype)).latent_dist.mode().float()
+        mean, std = self._latent_stats(z)
+        return ((z - mean) / std).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        mean, std = self._latent_stats(latents)
+        z = latents.float() * std + mean
+        return self.vae.decode(z.to(p.device, p.dtype), return_dict=False)[0].float().clamp(-1, 1).cpu()
+
+    # --- image-to-video conditioning -------------------------------------------------------------
+    @torch.no_grad()
+    def image_condition(self, start: torch.Tensor, frames: int) -> Conditioning:
+        """I2V's inputs for a clip of `frames` frames from its start image (3, h, w) in [-1, 1]: the 20 channels
+        beside the noisy latent (mask, then the encoded start image followed by gray frames) and CLIP's features."""
+        h, w = start.shape[-2:]
+        video = torch.zeros(1, 3, frames, h, w)  # 0 in [-1, 1]: ComfyUI's gray 0.5
+        video[:, :, 0] = start
+        image = self.encode_pixels(video)[0]
+        t = image.shape[1]
+        mask = torch.zeros(4, t, *image.shape[-2:])
+        mask[:, 0] = 1.0  # the start frame is given
+        return {"image_cond": torch.cat([mask, image], dim=0), "clip_fea": self.clip_features(start)}
+
+    @torch.no_grad()
+    def clip_features(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP vision's penultimate hidden states of an image (3, h, w) in [-1, 1] (ComfyUI's clip_vision_output
+        .penultimate_hidden_states): resized to the model's size (shortest side, bicubic), center-cropped, normalized."""
+        if self.clip_vision is None:
+            raise ConfigError("model.clip_vision_path: Wan 2.1 I2V needs CLIP vision H (clip_vision_h.safetensors,"
+                              " in ComfyUI's models/clip_vision)")
+        x = self.clip_pixels(image)
+        p = next(self.clip_vision.parameters())
+        out = self.clip_vision(pixel_values=x.to(p.device, p.dtype), output_hidden_states=True)
+        return out.hidden_states[-2][0].float().cpu()
+
+    def clip_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP vision's input for an image (3, h, w) in [-1, 1], as ComfyUI's clip_preprocess makes it."""
+        size = self.clip_vision.config.image_size
+        x = ((image.float() + 1) / 2)[None]
+        scale = size / min(x.shape[-2:])
+        x = F.interpolate(x, size=(max(size, round(x.shape[-2] * scale)), max(size, round(x.shape[-1] * scale))),
+                          mode="bicubic", antialias=True)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size].clamp(0, 1)
+        return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None) -> Conditioning | None:
+        """I2V's inputs from the item's start image (its control image, or the clip's first frame with do_i2v)."""
+        if not self.i2v or control is None:
+            return None
+        return self.image_condition(control, pixels.shape[1] if pixels.dim() == 4 else 1)
+
+    def requires_conditions(self) -> str | None:
+        return ("Wan 2.1 I2V trains on a start image: set datasets[].do_i2v: true (the clip's first frame) or"
+                " datasets[].control_path (start images with the clips' names)") if self.i2v else None
+
+    # --- denoising -----------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
+        dev, dt = self.device, self.dtype
+        x = noisy.to(dev, dt)
+        image = None
+        if self.i2v:
+            if "image_cond" not in cond:
+                raise ConfigError(self.requires_conditions())
+            x = torch.cat([x, cond["image_cond"].to(dev, dt).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
+            image = cond["clip_fea"].to(dev, dt)
+        b = x.shape[0]
+        s = sigmas.float().reshape(-1)
+        t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS
+        return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=cond["context"].to(dev, dt),
+                             encoder_hidden_states_image=image, return_dict=False)[0]
+
+    def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        return flow_match_euler_sigmas(steps, self.sample_shift)
+
+    def train_shift(self) -> float:
+        return self._train_shift
+
+    def save_metadata(self) -> dict[str, str]:
+        cfg = self.denoiser.config
+        size = "14B" if cfg.num_attention_heads * cfg.attention_head_dim >= 5120 else "1.3B"
+        return {"ss_base_model_version": f"wan2.1_{self.variant.kind}_{size}",
+                "modelspec.architecture": f"wan2.1-{self.variant.kind}/lora", "eridiffusion.arch": self.arch}
+
+
+def load_wan(mc: ModelConfig, device: torch.device, dtype: torch.dtype, variant: WanVariant = T2V) -> WanModel:
+    src = ModelSources(mc, variant.name)
+    transformer = load_wan_transformer(src.root, dtype, variant)
+    found = src.encoders_by_kind({"umt5": "text_encoder"})
+    src.require(found, {"umt5": "UMT5-XXL (umt5_xxl_fp16.safetensors)"},
+                "list the local file (ComfyUI keeps it in models/text_encoders)")
+    explicit = src.tokenizer_path(0)
+    if explicit is not None or src.component("tokenizer") is not None:
+        tok = src.tokenizer("t5", explicit, "tokenizer")
+    else:
+        tok = spiece_tokenizer(found["umt5"].path)
+        if tok is None:
+            raise ModelFileError(f"{found['umt5'].path}: holds no tokenizer (ComfyUI's umt5 files carry one); set"
+                                 " model.tokenizer_paths to a UMT5 tokenizer folder")
+    umt5 = load_umt5_encoder(found["umt5"], dtype)
+    if umt5.config.d_model != transformer.config.text_dim:
+        raise ModelFileError(f"{found['umt5'].path}: UMT5 width {umt5.config.d_model} does not match the model's"
+                             f" text input {transformer.config.text_dim}")
+    vae = load_wan_vae(src.vae("wan_2.1_vae.safetensors"), dtype)
+    clip_vision = None
+    if variant.kind == "i2v":
+        if not mc.clip_vision_path and src.component("image_encoder") is None:
+            raise ModelFileError("model.clip_vision_path: Wan 2.1 I2V needs CLIP vision H (clip_vision_h.safetensors,"
+                                 " in ComfyUI's models/clip_vision)")
+        from .files import local_path
+
+        path = local_path(mc.clip_vision_path, "model.clip_vision_path") if mc.clip_vision_path else \
+            src.component("image_encoder")
+        clip_vision = load_clip_vision(path, dtype)
+        if clip_vision.config.hidden_size != transformer.config.image_dim:
+            raise ModelFileError(f"{path}: CLIP vision width {clip_vision.config.hidden_size} does not match the"
+                                 f" model's image input {transformer.config.image_dim}")
+    model = WanModel(transformer, vae, umt5, tok, torch.device(device), dtype, variant, clip_vision,
+                     mc.t5_max_length or T5_MAX_LENGTH, mc.sample_shift or SAMPLE_SHIFT, mc.train_shift or TRAIN_SHIFT)
+    if clip_vision is not None:
+        model.text_encoder_attrs = ("umt5", "clip_vision")
+    return model
+
+
+FAMILIES = [
+    Family("wan21", "Wan 2.1 T2V (1.3B, 14B): UMT5-XXL, the Wan 2.1 VAE; video clips and images",
+           lambda mc, device, dtype: load_wan(mc, device, dtype, T2V), video=True,
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+    Family("wan21_i2v", "Wan 2.1 I2V (14B 480p / 720p): as T2V plus the start image and CLIP vision H",
+           lambda mc, device, dtype: load_wan(mc, device, dtype, I2V), video=True, takes_control=True,
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+]
