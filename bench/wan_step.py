@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -85,6 +86,8 @@ def run(case: str, width: int, height: int, frames: int, steps: int, device: tor
     torch.backends.cuda.enable_cudnn_sdp(False) if device.type == "cuda" else None
     model.set_gradient_checkpointing(1.0)
     swap = None
+    if "offload" in opts and "swap" in opts and opts["swap"] == "auto" and device.type == "cuda":
+        torch.cuda.empty_cache()
     if "swap" in opts:
         from trainer.models.offload import BlockSwap
         from trainer.prepare import auto_blocks_to_swap
@@ -96,6 +99,10 @@ def run(case: str, width: int, height: int, frames: int, steps: int, device: tor
         if "cap" in opts and device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0)
         swap = BlockSwap(model.repeated_blocks(), n, device)
+    if "offload" in opts:
+        from trainer.models.offload import offload_activations
+
+        offload_activations(model.denoiser)
     net = Network(model.targets(), "lora", rank=16, alpha=16.0).to(device)
     net.attach()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -165,7 +172,7 @@ def swap_check(device: torch.device) -> dict:
         loss.backward()
         with torch.no_grad():
             out = model.predict(x, s, cond).float()
-        return float(loss), {n: p.grad.float().clone() for n, p in net.named_parameters()}, out
+        return float(loss.detach()), {n: p.grad.float().clone() for n, p in net.named_parameters()}, out
 
     l0, g0, o0 = one()
     swap = BlockSwap(model.repeated_blocks(), 2, device)
@@ -177,6 +184,7 @@ def swap_check(device: torch.device) -> dict:
 
 
 def main() -> None:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI sets it
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", action="append", default=[])
     ap.add_argument("--width", type=int, default=832)

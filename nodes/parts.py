@@ -3,8 +3,9 @@ config key (trainer/graph_parts.py), so its default and choices are the YAML's."
 
 from comfy_api.latest import io
 
-from ..trainer.graph_parts import (DATASET_OPTIONAL_WIDGETS, DATASET_WIDGETS, NETWORK_WIDGETS, SETTINGS_WIDGETS,
-                                   dataset_section, network_section, settings_section)
+from ..trainer.graph_parts import (DATASET_OPTIONAL_WIDGETS, DATASET_WIDGETS, NETWORK_WIDGETS,
+                                   SETTINGS_OPTIONAL_WIDGETS, SETTINGS_WIDGETS, dataset_section, network_section,
+                                   settings_section)
 from .types import CATEGORY, EriDatasets, EriNetworkT, EriSettings
 from .widgets import widget_inputs
 
@@ -54,6 +55,7 @@ class EriTrainSettings(io.ComfyNode):
                 io.String.Input("name", default="my_lora", tooltip="the run's name: its folder and files"),
                 io.String.Input("training_folder", default="", tooltip="empty: ComfyUI's output/eridiffusion"),
                 *widget_inputs(SETTINGS_WIDGETS),
+                *widget_inputs(SETTINGS_OPTIONAL_WIDGETS, optional=True),
             ],
             outputs=[EriSettings.Output(display_name="settings")],
         )

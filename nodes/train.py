@@ -99,13 +99,17 @@ class EriSample(io.ComfyNode):
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
                 io.Int.Input("frames", default=1, min=1, max=1025, optional=True,
                              tooltip="video models: frames of the clip (snapped to the model's rule, e.g. 4k+1)"),
+                io.Image.Input("control_image", optional=True,
+                               tooltip="the image the model is conditioned on: Flex.2's control, Wan I2V's start image"),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="the image, or a clip's frames as a batch")],
         )
 
     @classmethod
-    def execute(cls, state, prompt, negative, width, height, steps, guidance, seed, frames=1) -> io.NodeOutput:
-        img = state.sample(prompt, width, height, steps, guidance, seed, negative, frames=frames)
+    def execute(cls, state, prompt, negative, width, height, steps, guidance, seed, frames=1,
+                control_image=None) -> io.NodeOutput:
+        control = None if control_image is None else control_image[0, ..., :3].permute(2, 0, 1) * 2 - 1
+        img = state.sample(prompt, width, height, steps, guidance, seed, negative, frames=frames, control=control)
         if img.dim() == 3:  # (3, h, w) -> one image
             img = img[:, None]
         image = ((img + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()  # (frames, h, w, 3) in [0, 1]

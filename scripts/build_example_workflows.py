@@ -27,6 +27,7 @@ CORE = {  # ComfyUI's own nodes used here: (socket inputs, widgets, outputs)
     "VAELoader": ([], ["vae_name"], [("VAE", "VAE")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "Note": ([], ["text"], []),
+    "LoadImage": ([], ["image"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
 }
 
 DEMO = "custom_nodes/EriDiffusion/demo"
@@ -137,7 +138,8 @@ def settings(name: str, **over) -> dict:
              gradient_checkpointing=True, cache_text_embeddings=True, seed=42, save_every=250,
              save_dtype="bf16", max_step_saves_to_keep=4, sample_every=250,
              sample_prompts="[trigger] in a forest\n[trigger], close-up portrait", sample_width=1024,
-             sample_height=1024, sample_steps=20, guidance_scale=4.0)
+             sample_height=1024, sample_steps=20, guidance_scale=4.0, sample_num_frames=1, blocks_to_swap="0",
+             offload_activations=False)
     s.update(over)
     return s
 
@@ -145,7 +147,8 @@ def settings(name: str, **over) -> dict:
 def dataset(**over) -> dict:
     d = dict(folder_path="input/my_lora_dataset", trigger_word="sks", caption_ext="txt", default_caption="",
              resolution="512, 768, 1024", caption_dropout_rate=0.05, num_repeats=1, flip_x=False,
-             shuffle_tokens=False, keep_tokens=0, cache_latents_to_disk=True, control_path="", control_dropout=0.0)
+             shuffle_tokens=False, keep_tokens=0, cache_latents_to_disk=True, control_path="", control_dropout=0.0,
+             num_frames=1, frames="", shrink_video_to_frames=True, fps=0.0, clips_per_video=1, do_i2v=False)
     d.update(over)
     return d
 
@@ -158,7 +161,8 @@ def network(**over) -> dict:
 
 
 def by_arch_workflow(name: str, model: dict, steps: int, note: str, ds: dict | None = None,
-                     net: dict | None = None, sets: dict | None = None, sample: dict | None = None):
+                     net: dict | None = None, sets: dict | None = None, sample: dict | None = None,
+                     start_image: str | None = None):
     ds, net, sets = ds or dataset(), net or network(), sets or settings(name)
     sample = {"frames": 1, **(sample or dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=20,
                                              guidance=4.0, seed=42))}
@@ -177,6 +181,10 @@ def by_arch_workflow(name: str, model: dict, steps: int, note: str, ds: dict | N
     ]
     edges = [(1, 0, 5, "training_model"), (2, 0, 5, "datasets"), (3, 0, 5, "network"), (4, 0, 5, "settings"),
              (5, 0, 6, "state"), (5, 0, 7, "state"), (7, 0, 8, "images")]
+    if start_image is not None:  # image-to-video previews start from an image
+        nodes.append({"id": 10, "type": "LoadImage", "pos": [920, 320], "size": [340, 320],
+                      "widgets": {"image": start_image}})
+        edges.append((10, 0, 7, "control_image"))
     return nodes, edges
 
 
@@ -207,7 +215,7 @@ def main() -> int:
                            text_encoder_paths=f"{DEMO}/models/clip_l_demo.safetensors\n{DEMO}/models/t5_demo.safetensors",
                            vae_path=f"{DEMO}/models/ae_demo.safetensors",
                            tokenizer_paths=f"{DEMO}/models/tokenizer_clip\n{DEMO}/models/tokenizer_t5", t5_max_length=32,
-                           quantize=False)
+                           quantize=False, clip_vision_path="")
     specs.append(("flux_demo_train", flux_demo_model, 10, dict(
         ds=dataset(folder_path=f"{DEMO}/dataset", resolution="128"),
         net=network(rank=4, alpha=4.0),
@@ -229,7 +237,7 @@ def main() -> int:
                  "Queue again to resume from the last save.\n\nSame run from a shell, in the ComfyUI folder: "
                  "trainer custom_nodes/EriDiffusion/example_workflows/{name}.yaml")
     specs.append(("sdxl_train", dict(arch="sdxl", name_or_path="models/checkpoints/sd_xl_base_1.0.safetensors",
-                                     text_encoder_paths="", vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False), 2000, dict(
+                                     text_encoder_paths="", vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False, clip_vision_path=""), 2000, dict(
         sets=settings("sdxl_train", lr=1e-4, guidance_scale=6.0, sample_steps=25),
         net=network(type="locon", rank=16, alpha=8.0, conv_rank=8, conv_alpha=4.0),
         sample=dict(prompt="sks in a forest", negative="blurry, low quality", width=1024, height=1024, steps=25,
@@ -241,7 +249,7 @@ def main() -> int:
                                          text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                             "models/text_encoders/t5xxl_fp16.safetensors",
                                          vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0,
-                                         quantize=True),
+                                         quantize=True, clip_vision_path=""),
                   2000, dict(
         sets=settings("flux_dev_train", lr=1e-4, timestep_type="flux_shift", guidance_scale=3.5),
         sample=dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=20, guidance=3.5, seed=42),
@@ -250,7 +258,7 @@ def main() -> int:
                                     "turn it off on a card with 32 GB or more for bf16 weights.")), False))
     specs.append(("chroma_train", dict(arch="chroma", name_or_path="models/diffusion_models/chroma-unlocked-v50.safetensors",
                                        text_encoder_paths="models/text_encoders/t5xxl_fp16.safetensors",
-                                       vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=False),
+                                       vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=False, clip_vision_path=""),
                   2000, dict(
         sets=settings("chroma_train", lr=1e-4, guidance_scale=4.0, sample_steps=26),
         sample=dict(prompt="sks in a forest", negative="low quality, blurry", width=1024, height=1024, steps=26,
@@ -261,7 +269,7 @@ def main() -> int:
                                            text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                               "models/text_encoders/clip_g.safetensors\n"
                                                               "models/text_encoders/t5xxl_fp16.safetensors",
-                                           vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False), 2000, dict(
+                                           vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False, clip_vision_path=""), 2000, dict(
         sets=settings("sd35_large_train", lr=1e-4, timestep_type="shift", guidance_scale=4.5, sample_steps=28),
         sample=dict(prompt="sks in a forest", negative="", width=1024, height=1024, steps=28, guidance=4.5, seed=42),
         note=real_note.format(what="a LoRA for SD 3.5 Large (also Medium and Large Turbo).",
@@ -271,7 +279,7 @@ def main() -> int:
     specs.append(("flex2_train", dict(arch="flex2", name_or_path="models/diffusion_models/Flex.2-preview.safetensors",
                                       text_encoder_paths="models/text_encoders/clip_l.safetensors\n"
                                                          "models/text_encoders/t5xxl_fp16.safetensors",
-                                      vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=True),
+                                      vae_path="models/vae/ae.safetensors", tokenizer_paths="", t5_max_length=0, quantize=True, clip_vision_path=""),
                   2000, dict(
         ds=dataset(control_path="input/my_lora_dataset_control", control_dropout=0.1),
         sets=settings("flex2_train", lr=1e-4, timestep_type="flux_shift", guidance_scale=3.5),
@@ -279,6 +287,38 @@ def main() -> int:
         note=real_note.format(what="a LoRA for Flex.2, with control images.", name="flex2_train",
                               extra="control_path: a folder of control images (depth, lines, pose) with the same "
                                     "file names as the training images; control_dropout trains some steps without.")),
+                  False))
+
+    wan_sets = dict(lr=1e-4, timestep_type="shift", guidance_scale=5.0, sample_steps=30, sample_width=832,
+                    sample_height=480, sample_num_frames=81, blocks_to_swap="auto", offload_activations=True)
+    wan_note = ("Measured on an H200 capped at 24 GiB (bench/wan_step.py): Wan 14B at 480x832, 81 frames, fp8 base + "
+                "block swap (auto: 26 of 40 blocks) + activation offload: 18.6 s/step, 17.4 GiB peak. The dataset holds "
+                "videos (.mp4 ...) with .txt captions; clips of 81 frames at 16 fps.")
+    specs.append(("wan21_t2v_14b_train", dict(arch="wan21", name_or_path="models/diffusion_models/wan2.1_t2v_14B_bf16.safetensors",
+                                              text_encoder_paths="models/text_encoders/umt5_xxl_fp16.safetensors",
+                                              vae_path="models/vae/wan_2.1_vae.safetensors", tokenizer_paths="",
+                                              t5_max_length=0, quantize=True, clip_vision_path=""), 2000, dict(
+        ds=dataset(resolution="640", num_frames=81, caption_dropout_rate=0.05),
+        sets=settings("wan21_t2v_14b_train", sample_prompts="[trigger] walking through a forest", **wan_sets),
+        sample=dict(prompt="sks walking through a forest", negative="", width=832, height=480, steps=30, guidance=5.0,
+                    seed=42, frames=81),
+        note=real_note.format(what="a LoRA for Wan 2.1 T2V 14B on video clips.", name="wan21_t2v_14b_train",
+                              extra=wan_note)), False))
+    specs.append(("wan21_i2v_14b_train", dict(arch="wan21_i2v",
+                                              name_or_path="models/diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors",
+                                              text_encoder_paths="models/text_encoders/umt5_xxl_fp16.safetensors",
+                                              vae_path="models/vae/wan_2.1_vae.safetensors", tokenizer_paths="",
+                                              t5_max_length=0, quantize=True,
+                                              clip_vision_path="models/clip_vision/clip_vision_h.safetensors"), 2000, dict(
+        ds=dataset(resolution="640", num_frames=81, caption_dropout_rate=0.05, do_i2v=True),
+        sets=settings("wan21_i2v_14b_train", sample_prompts="", **wan_sets),
+        sample=dict(prompt="sks walking through a forest", negative="", width=832, height=480, steps=30, guidance=5.0,
+                    seed=42, frames=81),
+        note=real_note.format(what="a LoRA for Wan 2.1 I2V 14B: each clip's first frame is its start image (do_i2v).",
+                              name="wan21_i2v_14b_train",
+                              extra=wan_note + " The Sample node starts from the image in Load Image (put yours in "
+                                               "ComfyUI's input folder); previews while training need "
+                                               "sample.samples[].control_image in the YAML."), start_image="example.png"),
                   False))
 
     for name, model, steps, kw, demo in specs:
@@ -318,8 +358,8 @@ def main() -> int:
         {"id": 10, "type": "Note", "pos": [40, 520], "size": [360, 300], "widgets": {"text": (
             "EriDiffusion: train on the MODEL that ComfyUI's own loaders hold (no second copy of the weights), here "
             "Wan 2.1 T2V 1.3B with its UMT5 text encoder and VAE. Any family ComfyUI loads trains this way: swap the "
-            "loaders (Load Checkpoint, DualCLIPLoader ...).\n\nThe dataset's images train as one-frame clips "
-            "(video clips are not read yet). The LoRA goes to models/loras/eridiffusion; load it with "
+            "loaders (Load Checkpoint, DualCLIPLoader ...).\n\nThe dataset's videos train as clips (num_frames, "
+            "snapped to 4k+1) and its images as one-frame clips. The LoRA goes to models/loras/eridiffusion; load it with "
             "LoraLoaderModelOnly.\n\nNo YAML twin: a ComfyUI MODEL has no file path to export (Export Training "
             "Job refuses it; a YAML job can use model.backend: comfyui with the files instead).")}},
     ]

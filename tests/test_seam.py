@@ -131,6 +131,7 @@ def test_node_widget_defaults_are_the_yaml_defaults(tiny_flux, images, tmp_path)
     from trainer.session import job_from_parts
 
     widgets = (gp.DATASET_WIDGETS + gp.DATASET_OPTIONAL_WIDGETS + gp.NETWORK_WIDGETS + gp.SETTINGS_WIDGETS
+               + gp.SETTINGS_OPTIONAL_WIDGETS
                + gp.MODEL_WIDGETS + gp.MODEL_OPTIONAL_WIDGETS)
     defaults = {w.name: w.default for w in widgets}
     dataset = gp.dataset_section({**defaults, "folder_path": str(images)})

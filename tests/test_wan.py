@@ -42,7 +42,8 @@ def wan_t2v(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def wan_i2v(tmp_path_factory) -> dict:
-    return write_wan_files(tmp_path_factory.mktemp("wan_i2v"), i2v=True, text_dim=TEXT_DIM, name="wan_i2v")
+    return write_wan_files(tmp_path_factory.mktemp("wan_i2v"), i2v=True, text_dim=TEXT_DIM, name="wan_i2v",
+                           image_dim=32, clip_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +159,12 @@ class ComfyClipPreprocess:
         self.model = model
 
     def __call__(self, images, return_tensors="pt"):
-        from trainer.data.dataset import _to_tensor
+        from trainer.data.dataset import fit_pixels
 
         image = images[0] if isinstance(images, list) else images
         from transformers import BatchFeature
 
-        return BatchFeature({"pixel_values": self.model.clip_pixels(_to_tensor(image, image.size, False))})
+        return BatchFeature({"pixel_values": self.model.clip_pixels(fit_pixels(image, image.size, False))})
 
 
 def test_prompt_encoding_matches_pipeline(wan_t2v):
@@ -195,15 +196,19 @@ def test_sampler_matches_wan_pipeline(wan_t2v):
 def test_i2v_sampler_matches_pipeline(wan_i2v):
     model = _load(wan_i2v, I2V)
     start = Image.new("RGB", (32, 32), (200, 40, 40))
-    from trainer.data.dataset import _to_tensor
+    from trainer.data.dataset import fit_pixels
 
-    start_t = _to_tensor(start, (32, 32), False)
+    start_t = fit_pixels(start, (32, 32), False)
     cond = {**model.encode_text(["a red square"]), **{k: v[None] for k, v in model.image_condition(start_t, 9).items()}}
     neg = {**model.encode_text([""]), "image_cond": cond["image_cond"], "clip_fea": cond["clip_fea"]}
     noise = initial_noise(model, 32, 32, seed=5, frames=9)
     ours = denoise(model, noise, cond, neg, steps=3, guidance_scale=2.0)
     pipe = _pipeline(model, i2v=True)
-    theirs = pipe(image=start, prompt_embeds=cond["context"], negative_prompt_embeds=neg["context"], height=32, width=32, num_frames=9, num_inference_steps=3,
+    from trainer.models.wan import pad_text
+
+    # diffusers' I2V attention assumes 512 text tokens (as ComfyUI's UMT5 gives): the embeddings padded as ours are
+    theirs = pipe(image=start, prompt_embeds=pad_text(cond["context"]), negative_prompt_embeds=pad_text(neg["context"]),
+                  height=32, width=32, num_frames=9, num_inference_steps=3,
                   guidance_scale=2.0, latents=noise, output_type="latent").frames
     err = float((ours - theirs).abs().max() / theirs.abs().max())
     assert err < 1e-3, err

@@ -20,6 +20,8 @@ def _setup_logging() -> None:
     log.propagate = False
     # libraries' chatter about optional backends is noise for a trainer's user
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # block swap and changing clip sizes fragment fixed segments; read at the first CUDA allocation
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 

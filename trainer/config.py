@@ -113,6 +113,9 @@ class TrainConfig:
     # the number from the card's free memory
     blocks_to_swap: Union[int, str] = spec(0, ge=0, le=1000, help="blocks kept in RAM and streamed to the card;"
                                            " auto: from the free memory")
+    # what the forward pass saves for backward (with checkpointing: the blocks' inputs) kept in host memory
+    offload_activations: bool = spec(False, aliases=("activation_cpu_offload",),
+                                     help="keep the activations saved for backward in RAM (big clips on 24 GB)")
     noise_scheduler: str = spec("flowmatch", ignored="each family trains with its own noise schedule")
     # unset: the family's own default (flow families: sigmoid; SDXL: uniform discrete timesteps)
     timestep_type: Optional[str] = spec(None, choices=TIMESTEP_TYPES,

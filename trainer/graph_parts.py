@@ -127,6 +127,13 @@ DATASET_WIDGETS = [
 DATASET_OPTIONAL_WIDGETS = [
     _w("control_path", DatasetConfig, "control_path"),
     _w("control_dropout", DatasetConfig, "control_dropout"),
+    # video families (Wan): clips
+    _w("num_frames", DatasetConfig, "num_frames"),
+    _w("frames", DatasetConfig, "frames", text="ints", tooltip="e.g. 17, 33 (empty: num_frames)"),
+    _w("shrink_video_to_frames", DatasetConfig, "shrink_video_to_frames"),
+    _w("fps", DatasetConfig, "fps", tooltip="0: the model's native rate (Wan 16)"),
+    _w("clips_per_video", DatasetConfig, "clips_per_video"),
+    _w("do_i2v", DatasetConfig, "do_i2v"),
 ]
 
 NETWORK_WIDGETS = [
@@ -161,6 +168,11 @@ SETTINGS_WIDGETS = [
     _w("sample_steps", SampleConfig, "sample_steps", "sample", "sample_steps"),
     _w("guidance_scale", SampleConfig, "guidance_scale", "sample", "guidance_scale"),
 ]
+SETTINGS_OPTIONAL_WIDGETS = [
+    _w("sample_num_frames", SampleConfig, "num_frames", "sample", "num_frames"),
+    _w("blocks_to_swap", TrainConfig, "blocks_to_swap", "train", "blocks_to_swap", tooltip="a number, or auto"),
+    _w("offload_activations", TrainConfig, "offload_activations", "train", "offload_activations"),
+]
 
 MODEL_WIDGETS = [
     _w("name_or_path", ModelConfig, "name_or_path", tooltip="diffusion model .safetensors or a diffusers folder"),
@@ -171,6 +183,7 @@ MODEL_OPTIONAL_WIDGETS = [
     _w("tokenizer_paths", ModelConfig, "tokenizer_paths", text="lines"),
     _w("t5_max_length", ModelConfig, "t5_max_length", tooltip="0: the family's default (Flux dev 512, schnell 256)"),
     _w("quantize", ModelConfig, "quantize"),
+    _w("clip_vision_path", ModelConfig, "clip_vision_path"),
 ]
 
 # widgets whose node default differs from the YAML's on purpose (the host decides): name -> why
@@ -193,7 +206,7 @@ def network_section(values: dict[str, Any]) -> dict:
 
 
 def settings_section(values: dict[str, Any]) -> dict:
-    s = section_of(SETTINGS_WIDGETS, values)
+    s = section_of(SETTINGS_WIDGETS + SETTINGS_OPTIONAL_WIDGETS, values)
     s["name"] = str(values.get("name") or "my_lora").strip()
     folder = str(values.get("training_folder") or "").strip()
     if folder:

@@ -18,7 +18,7 @@ import torch
 from .config import JobConfig
 from .errors import ConfigError
 from .models.base import TrainingModel
-from .models.offload import BlockSwap
+from .models.offload import BlockSwap, offload_activations
 
 log = logging.getLogger("trainer")
 
@@ -61,6 +61,9 @@ def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: boo
             model.release_text_encoders()
     swap = install_block_swap(model, job, report)  # before placement: swapped weights never reach the card at once
     model.place_denoiser()  # after the encoders had the card to themselves
+    if tc.offload_activations:
+        offload_activations(model.denoiser)
+        report("train.offload_activations: the activations saved for backward are kept in host memory")
     return swap
 
 
@@ -108,9 +111,10 @@ def auto_blocks_to_swap(model: TrainingModel, blocks: list) -> int:
     max(4 GiB, a quarter of it) for activations: a heuristic; set a number where it guesses wrong."""
     if model.device.type != "cuda":
         return 0
-    free, total = torch.cuda.mem_get_info(model.device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(model.device)
-    budget = min(free, fraction * total - torch.cuda.memory_reserved(model.device))
+    device = model.device if model.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    budget = min(free, fraction * total - torch.cuda.memory_reserved(device))
     sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
     rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
     room = budget - rest - max(4 * 2**30, budget / 4)

@@ -32,10 +32,11 @@ def sample_items(job: JobConfig) -> list[SampleItem]:
 
 
 def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem] | None = None,
-                    steps: int | None = None, key: str = "config.process[0].sample.samples") -> list[PreparedSample]:
+                    steps: int | None = None, key: str = "config.process[0].sample.samples",
+                    conditioned: bool = False) -> list[PreparedSample]:
     """Requests for `items` (complete SampleItems; default: the job's): prompts with the trigger word, encoded with
     the text encoders brought onto the training device for the encoding, and the control latents of items that
-    name one."""
+    name one. `conditioned`: the caller adds the conditions itself (an image from the graph)."""
     items = sample_items(job) if items is None else items
     if not items:
         return []
@@ -56,7 +57,7 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
                                       f"{key}[{i}].control_image")
             req.cond.update(extra)
             req.neg_cond.update(extra)  # the condition is not what guidance contrasts
-        elif model.requires_conditions():
+        elif model.requires_conditions() and not conditioned:
             raise ConfigError(f"{key}[{i}].control_image: {model.requires_conditions()}; previews need a start image"
                               " (sample.samples[].control_image)")
         out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image))

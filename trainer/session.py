@@ -10,11 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
+import torch
+
 from .config import JobConfig, SampleItem, dump_job_yaml, load_job_dict
 from .errors import ConfigError
 from .job import build_trainer
+from .data.cache import conditions_of_image
+from .data.dataset import fit_pixels
 from .previews import prepare_samples
-from .sampling import sample
+from .sampling import sample, to_pil
 from .train.checkpoints import DTYPES
 from .train.loop import Trainer
 
@@ -121,11 +125,19 @@ class TrainingSession:
         return tr.state.step
 
     def sample(self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, neg: str = "",
-               frames: int = 1):
-        """One preview from the network as trained so far: (3, h, w), or (3, f, h, w) for a clip, in [-1, 1]."""
-        item = SampleItem(prompt=prompt, width=width, height=height, seed=seed, neg=neg, guidance_scale=guidance)
-        (prepared,) = prepare_samples(self.job, self.trainer.model, [item], steps=steps, key="sample")
-        prepared.request.frames = frames
+               frames: int = 1, control: torch.Tensor | None = None):
+        """One preview from the network as trained so far: (3, h, w), or (3, f, h, w) for a clip, in [-1, 1].
+        `control`: an image (3, h, w) in [-1, 1] the model is conditioned on (Flex.2's control, Wan I2V's start)."""
+        model = self.trainer.model
+        item = SampleItem(prompt=prompt, width=width, height=height, seed=seed, neg=neg, guidance_scale=guidance,
+                          num_frames=frames)
+        (prepared,) = prepare_samples(self.job, model, [item], steps=steps, key="sample",
+                                      conditioned=control is not None)
+        if control is not None:
+            pixels = fit_pixels(to_pil(control), model.snap_size(width, height), False)
+            extra = conditions_of_image(model, pixels, prepared.request.frames)
+            prepared.request.cond.update(extra)
+            prepared.request.neg_cond.update(extra)
         net = self.trainer.network
         net.attach()
         net.eval()

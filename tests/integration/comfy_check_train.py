@@ -82,8 +82,15 @@ def main() -> int:
              "flux": comfy_fixtures.flux_files}[a.family](cache)
     patcher, clip, vae = _load(a.family, files)
 
-    data = _write_dataset(work / "dataset")
-    dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
+    if a.family == "wan":  # a video family trains on clips: 5 frames of moving shapes (2 latent frames)
+        from trainer.demo.videos import make_video_dataset
+
+        data = make_video_dataset(work / "dataset", n=2, size=(64, 64), frames=12, fps=16)
+        dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
+                   "num_frames": 5}
+    else:
+        data = _write_dataset(work / "dataset")
+        dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
     settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw", "batch_size": 1,
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
@@ -97,9 +104,14 @@ def main() -> int:
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         session.advance(a.steps)
     losses = [loss for _, loss in session.losses]
+    latent_shapes = sorted({tuple(v.shape) for v in session.trainer.latents.mem.values()})
+    sample_shape = None
+    if a.family == "wan":  # a video preview through ComfyUI's VAE: the frames of a clip
+        with torch.inference_mode(False):
+            sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=5).shape)
 
     # the trainer's model at the end of training, on a fixed noisy latent and prompt
-    lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 1, 8, 8), "flux": (1, 16, 8, 8)}[a.family]
+    lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 2, 8, 8), "flux": (1, 16, 8, 8)}[a.family]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(lat_shape, generator=g)
     sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()  # not an inference tensor
@@ -168,6 +180,8 @@ def main() -> int:
         "detected": type(patcher.model.model_config).__name__,
         "model_class": type(patcher.model).__name__,
         "losses": losses,
+        "latent_shapes": [list(x) for x in latent_shapes],
+        "sample_shape": sample_shape,
         "n_targets": len(net.targets),
         "n_lora_tensors": len(tensors),
         "n_patched": len(patched.patches),

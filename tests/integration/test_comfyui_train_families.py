@@ -60,3 +60,6 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     assert r["ckpt_blocks"] > 0 and r["block_calls_plain_ckpt"] == [1, 2], r
     assert r["ckpt_grads_complete"] and r["grad_norm"] > 0, r
     assert r["ckpt_grad_rel_err"] < TOL, r
+    if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
+        assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
+        assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]

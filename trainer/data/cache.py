@@ -220,8 +220,8 @@ class TextCache:
 
 
 def sample_conditions(model: TrainingModel, path: str, width: int, height: int, frames: int, key: str) -> Conditioning:
-    """A preview's conditions from its control image (scaled and center-cropped to the sample's size, rounded as the
-    sampler rounds it), encoded as the training items' are: batch of one, on the CPU."""
+    """A preview's conditions from its control image file (scaled and center-cropped to the sample's size, rounded
+    as the sampler rounds it), encoded as the training items' are: batch of one, on the CPU."""
     from ..errors import ConfigError
     from .dataset import image_pixels
 
@@ -230,12 +230,17 @@ def sample_conditions(model: TrainingModel, path: str, width: int, height: int, 
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}: control image {str(p)!r} does not exist")
-    w, h = model.snap_size(width, height)
     try:
-        control = image_pixels(p, (w, h))
+        control = image_pixels(p, model.snap_size(width, height))
     except Exception as e:  # PIL raises many kinds for broken files
         raise ConfigError(f"{key}: control image {p} cannot be read ({e})") from None
+    return conditions_of_image(model, control, frames)
+
+
+def conditions_of_image(model: TrainingModel, control: torch.Tensor, frames: int) -> Conditioning:
+    """A preview's conditions from a control image (3, h, w) in [-1, 1] already at the sample's size."""
     frames = model.snap_frames(frames)
+    h, w = control.shape[-2:]
     shape = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)
     with torch.no_grad():
         cond = model.encode_conditions(shape, control) or {}

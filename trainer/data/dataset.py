@@ -233,7 +233,8 @@ def _entries(ds: Dataset, geometry: Geometry, key: str) -> list[Entry]:
     return out
 
 
-def _to_tensor(img: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
+def fit_pixels(img: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """An image scaled to cover `size` (width, height), center-cropped, maybe mirrored: (3, h, w) in [-1, 1]."""
     img = resize_and_crop(img, *size)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -243,7 +244,7 @@ def _to_tensor(img: Image.Image, size: tuple[int, int], flip: bool) -> torch.Ten
 
 def image_pixels(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
     """An image file scaled to cover `size` (width, height) and center-cropped to it: (3, h, w) in [-1, 1]."""
-    return _to_tensor(load_rgb(path), size, flip)
+    return fit_pixels(load_rgb(path), size, flip)
 
 
 def load_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
@@ -251,7 +252,7 @@ def load_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
     if not item.info.is_video:
         return image_pixels(item.path, entry.bucket, entry.flip)
     frames = read_frames(item.path, list(entry.indices))
-    return torch.stack([_to_tensor(f, entry.bucket, entry.flip) for f in frames], dim=1)
+    return torch.stack([fit_pixels(f, entry.bucket, entry.flip) for f in frames], dim=1)
 
 
 def load_control_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:

@@ -60,18 +60,20 @@ def make_clip_vision_file(path: Path, hidden: int = 32, layers: int = 2, image_s
 
 
 def write_wan_files(folder: Path, i2v: bool = False, dim: int = 128, layers: int = 2, text_dim: int = 4096,
-                    umt5_layers: int = 2, dtype: torch.dtype = torch.float32, name: str = "wan21") -> dict:
+                    umt5_layers: int = 2, dtype: torch.dtype = torch.float32, name: str = "wan21",
+                    image_dim: int = 1280, clip_layers: int = 1) -> dict:
     """A random Wan 2.1 in the files users keep. Sized so ComfyUI detects and loads it as Wan 2.1 (heads of 128,
-    freq 256, text width 4096: ComfyUI fixes those). Returns the `model:` config."""
+    freq 256, text width 4096, I2V image features 1280: ComfyUI fixes those). Returns the `model:` config."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {n: folder / f"{name}_{n}.safetensors" for n in ("transformer", "umt5", "vae", "clip_vision")}
-    make_wan_file(paths["transformer"], wan_diffusers_config(dim, layers, 2 * dim, text_dim, 256, i2v), dtype=dtype)
+    make_wan_file(paths["transformer"], wan_diffusers_config(dim, layers, 2 * dim, text_dim, 256, i2v, image_dim),
+                  dtype=dtype)
     tiny.make_umt5_file(paths["umt5"], d_model=text_dim, layers=umt5_layers, heads=2, d_kv=32, d_ff=128, dtype=dtype)
     make_wan_vae_file(paths["vae"], dtype=dtype)
     model = {"arch": "wan21_i2v" if i2v else "wan21", "name_or_path": str(paths["transformer"]),
              "text_encoder_paths": [str(paths["umt5"])], "vae_path": str(paths["vae"]), "t5_max_length": 32}
     if i2v:
-        make_clip_vision_file(paths["clip_vision"], dtype=dtype)
+        make_clip_vision_file(paths["clip_vision"], hidden=image_dim, layers=clip_layers, dtype=dtype)
         model["clip_vision_path"] = str(paths["clip_vision"])
     return model
 

@@ -43,6 +43,17 @@ def default_targets(diffusion_model: nn.Module) -> list[Target]:
     return out
 
 
+# the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
+NATIVE_FPS = {"WAN21_T2V": 16.0, "WAN22_T2V": 24.0, "LTXV": 25.0, "HunyuanVideo": 24.0, "HunyuanVideo15": 24.0}
+
+
+def native_fps(model_config) -> float | None:
+    for cls in type(model_config).__mro__:
+        if cls.__name__ in NATIVE_FPS:
+            return NATIVE_FPS[cls.__name__]
+    return None
+
+
 def _autograd_ready(module: nn.Module) -> None:
     """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
     cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
@@ -177,6 +188,7 @@ class ComfyModel(TrainingModel):
         self.vae_scale = int(vae.spacial_compression_encode()) if vae is not None else 8
         temporal = vae.temporal_compression_decode() if vae is not None else None
         self.vae_temporal = int(temporal) if temporal else (4 if video else 1)
+        self.native_fps = native_fps(self.base.model_config)
         patch = unet_config.get("patch_size", 2)
         # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
         self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)

@@ -155,6 +155,16 @@ def load_clip_vision(path: Path, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
+def pad_text(context: torch.Tensor, length: int = T5_MAX_LENGTH) -> torch.Tensor:
+    """I2V's text at exactly 512 tokens: diffusers' Wan attention tells the image tokens from the text by assuming 512
+    text tokens (ComfyUI's UMT5 gives 512 too). Zeros are what UMT5's padding gives (WanPipeline zeroes it)."""
+    if context.shape[1] == length:
+        return context
+    if context.shape[1] > length:
+        raise ConfigError(f"model.t5_max_length: Wan 2.1 I2V reads 512 text tokens, got {context.shape[1]}")
+    return F.pad(context, (0, 0, 0, length - context.shape[1]))
+
+
 class WanModel(TrainingModel):
     objective = FlowObjective()
     vae_scale, vae_temporal, patch = 8, 4, 2
@@ -253,14 +263,17 @@ class WanModel(TrainingModel):
         return out.hidden_states[-2][0].float().cpu()
 
     def clip_pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """CLIP vision's input for an image (3, h, w) in [-1, 1], as ComfyUI's clip_preprocess makes it."""
+        """CLIP vision's input for an image (3, h, w) in [-1, 1], as ComfyUI's clip_preprocess makes it: the shortest
+        side scaled to the model's size (bicubic, antialiased), center-cropped, quantized to 8 bits, normalized."""
         size = self.clip_vision.config.image_size
         x = ((image.float() + 1) / 2)[None]
-        scale = size / min(x.shape[-2:])
-        x = F.interpolate(x, size=(max(size, round(x.shape[-2] * scale)), max(size, round(x.shape[-1] * scale))),
-                          mode="bicubic", antialias=True)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = x[..., top:top + size, left:left + size].clamp(0, 1)
+        if x.shape[-2:] != (size, size):
+            scale = size / min(x.shape[-2:])
+            x = F.interpolate(x, size=(round(scale * x.shape[-2]), round(scale * x.shape[-1])), mode="bicubic",
+                              antialias=True)
+            top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        x = (255.0 * x).clamp(0, 255).round() / 255.0
         return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None) -> Conditioning | None:
@@ -287,7 +300,10 @@ class WanModel(TrainingModel):
         b = x.shape[0]
         s = sigmas.float().reshape(-1)
         t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS
-        return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=cond["context"].to(dev, dt),
+        context = cond["context"].to(dev, dt)
+        if image is not None:
+            context = pad_text(context)
+        return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=context,
                              encoder_hidden_states_image=image, return_dict=False)[0]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:

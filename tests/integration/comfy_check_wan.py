@@ -1,0 +1,103 @@
+"""Runs INSIDE ComfyUI's own python: a Wan 2.1 transformer file and network files, the way ComfyUI loads and runs
+them, plus ComfyUI's own I2V conditioning (the WanImageToVideo node) and CLIP preprocessing.
+
+    cd <ComfyUI> && <comfy python> comfy_check_wan.py --model wan.safetensors [--vae vae.safetensors] \
+        --lora lora=lora.safetensors ... --inputs inputs.safetensors --out result.safetensors --report result.json
+
+inputs.safetensors: `latents` (b, 16, t, h, w), `context` (b, n, 4096), `sigma` (b,); for I2V also `image_cond`
+(b, 20, t, h, w: mask and start-image latent, as the trainer builds them) and `clip_fea` (b, k, 1280), and
+`start_image` (1, H, W, 3) in [0, 1] for the node check. Outputs: the velocity (x - denoised) / sigma for `base`,
+each `--lora`, `base_after`; with --vae and a start image, `node_concat` (the concat_latent_image WanImageToVideo
+builds, put through the model's process_latent_in as WAN21.concat_cond does) and `node_mask`, and `clip_pixels`
+(comfy.clip_model.clip_preprocess of the start image at 28 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from comfy_boot import boot
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", default=os.getcwd())
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--vae", default=None)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE")
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--report", required=True)
+    a = ap.parse_args()
+    capture = boot(a.comfyui)
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    inputs = load_file(a.inputs)
+    x, sigma = inputs["latents"].float(), inputs["sigma"].float()
+    patcher = comfy.sd.load_diffusion_model(a.model, model_options={"dtype": torch.float32})
+    extra = {}
+    if "image_cond" in inputs:
+        extra = {"c_concat": inputs["image_cond"].float(), "clip_fea": inputs["clip_fea"].float()}
+
+    def run(p) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([p], force_full_load=True)
+        with torch.no_grad():
+            denoised = p.model.apply_model(x, sigma, c_crossattn=inputs["context"].float(), **extra)
+        comfy.model_management.unload_all_models()
+        return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1, 1)).contiguous()
+
+    outputs = {"base": run(patcher)}
+    loras = {}
+    for spec in a.lora:
+        name, _, path = spec.partition("=")
+        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+        mark = len(capture.messages)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
+        messages = capture.messages[mark:]
+        outputs[name] = run(patched)
+        loras[name] = {"lora_tensors": len(lora_sd),
+                       "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
+                       "patched_keys": sorted(patched.patches.keys())}
+        del patched
+    outputs["base_after"] = run(patcher)
+
+    if a.vae and "start_image" in inputs:
+        from comfy_extras.nodes_wan import WanImageToVideo
+
+        import comfy.clip_model
+
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(a.vae))
+        start = inputs["start_image"].float()
+        h, w = start.shape[1:3]
+        out = WanImageToVideo.execute([[torch.zeros(1, 4, 4096), {}]], [[torch.zeros(1, 4, 4096), {}]], vae, w, h,
+                                      a.frames, 1, start_image=start)
+        pos = out.args[0] if hasattr(out, "args") else out[0]
+        values = pos[0][1]
+        image = values["concat_latent_image"].float()
+        model = patcher.model
+        outputs["node_concat"] = model.process_latent_in(image).contiguous()
+        outputs["node_mask"] = (1.0 - values["concat_mask"].float()).contiguous()
+        outputs["clip_pixels"] = comfy.clip_model.clip_preprocess(start, size=28).float().contiguous()
+
+    report = {"model_class": type(patcher.model.model_config).__name__, "model_type": patcher.model.model_type.name,
+              "shift": float(patcher.model.model_sampling.shift),
+              "timesteps": [float(t) for t in patcher.model.model_sampling.timestep(sigma)], "loras": loras,
+              "latent_format": type(patcher.model.latent_format).__name__}
+    save_file(outputs, a.out)
+    with open(a.report, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

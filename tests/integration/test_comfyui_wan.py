@@ -1,0 +1,133 @@
+"""Wan 2.1 against real ComfyUI: the trainer's Wan files (T2V, I2V) are detected as WAN21_T2V / WAN21_I2V and run
+by ComfyUI with the trainer's outputs; every network type loads with zero unloaded keys and computes what the
+trainer computed; ComfyUI's own WanImageToVideo node builds the I2V condition the trainer builds, and its CLIP
+preprocessing is the trainer's.
+
+One ComfyUI process per variant (comfy_check_wan.py) loads the model with comfy.sd.load_diffusion_model and runs
+BaseModel.apply_model, so ComfyUI's model_sampling (sigma -> timestep) and its I2V concat are part of what is
+compared. Needs COMFYUI_PATH (comfy_env.py); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from integration.comfy_env import comfy_install
+from integration.test_comfyui_flux_lora import CASES, TOL, _randomize, _rel_err
+
+HERE = Path(__file__).resolve().parent
+
+
+def _comfy_side(python, comfy, tmp: Path, model: str, files: dict, inputs: dict, vae: str | None) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    from trainer.fileio import save_safetensors_atomic
+
+    save_safetensors_atomic(inputs, tmp / "inputs.safetensors")
+    out, report = tmp / "out.safetensors", tmp / "report.json"
+    cmd = [str(python), str(HERE / "comfy_check_wan.py"), "--comfyui", str(comfy), "--model", model,
+           "--inputs", str(tmp / "inputs.safetensors"), "--out", str(out), "--report", str(report)]
+    if vae:
+        cmd += ["--vae", vae]
+    for case, f in files.items():
+        cmd += ["--lora", f"{case}={f}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    proc = subprocess.run(cmd, cwd=str(comfy), env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"ComfyUI side failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(report.read_text()), load_file(str(out))
+
+
+@pytest.fixture(scope="module", params=["t2v", "i2v"])
+def wan_run(request, tmp_path_factory):
+    comfy, python = comfy_install(f"ComfyUI Wan test ({request.param})")
+    from trainer.config import ModelConfig
+    from trainer.data.dataset import fit_pixels
+    from trainer.demo.wan import write_wan_files
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.wan import I2V, T2V, load_wan
+    from trainer.networks.network import Network
+
+    i2v = request.param == "i2v"
+    tmp = tmp_path_factory.mktemp(f"comfy_wan_{request.param}")
+    torch.set_num_threads(1)
+    cfg = write_wan_files(tmp / "models", i2v=i2v, name=request.param)
+    model = load_wan(ModelConfig(**cfg), torch.device("cpu"), torch.float32, I2V if i2v else T2V)
+    targets = model.targets()
+    g = torch.Generator().manual_seed(11)
+    context = torch.randn(1, 12, 4096, generator=g)
+    if i2v:  # I2V reads 512 text tokens (ComfyUI's UMT5 gives 512; diffusers assumes it): zero padding, as UMT5's
+        context = torch.nn.functional.pad(context, (0, 0, 0, 500))
+    inputs = {"latents": torch.randn(1, 16, 3, 6, 4, generator=g), "context": context, "sigma": torch.tensor([0.6])}
+    cond = {"context": inputs["context"]}
+    if i2v:
+        from PIL import Image
+
+        start = Image.new("RGB", (32, 48), (30, 160, 90))
+        start.paste((220, 30, 30), (4, 10, 20, 30))
+        pixels = fit_pixels(start, (32, 48), False)
+        ic = model.image_condition(pixels, 9)
+        inputs.update(image_cond=ic["image_cond"][None], clip_fea=ic["clip_fea"][None],
+                      start_image=((pixels + 1) / 2).permute(1, 2, 0)[None].contiguous())
+        cond.update(image_cond=inputs["image_cond"], clip_fea=inputs["clip_fea"])
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(inputs["latents"], inputs["sigma"], cond).float()
+
+    ours, files, effect = {"base": predict()}, {}, {}
+    for i, (case, (kwargs, _)) in enumerate(CASES.items()):
+        net = Network(targets, rank=4, alpha=8.0, **kwargs)
+        _randomize(net, targets, torch.Generator().manual_seed(3 + i))
+        files[case] = tmp / f"{case}.safetensors"
+        save_safetensors_atomic(net.export(), files[case])
+        net.attach()
+        try:
+            ours[case] = predict()
+        finally:
+            net.detach()
+        effect[case] = _rel_err(ours[case], ours["base"])
+    report, theirs = _comfy_side(python, comfy, tmp, cfg["name_or_path"], files, inputs, cfg["vae_path"] if i2v else None)
+    return dict(i2v=i2v, model=model, report=report, theirs=theirs, ours=ours, effect=effect,
+                targets=[t.key for t in targets], inputs=inputs)
+
+
+def test_detected_as_its_variant_with_the_same_output(wan_run):
+    r = wan_run["report"]
+    assert r["model_class"] == ("WAN21_I2V" if wan_run["i2v"] else "WAN21_T2V") and r["model_type"] == "FLOW"
+    assert r["timesteps"] == pytest.approx([600.0]) and r["latent_format"] == "Wan21"
+    err = _rel_err(wan_run["theirs"]["base"], wan_run["ours"]["base"])
+    print(f"{r['model_class']}: base rel err {err:.2e}")
+    assert err < TOL and _rel_err(wan_run["theirs"]["base_after"], wan_run["theirs"]["base"]) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_network_type_loads_fully_and_matches(wan_run, case):
+    rep = wan_run["report"]["loras"][case]
+    assert rep["not_loaded"] == [], "\n".join(rep["not_loaded"][:20])
+    assert rep["patched_keys"] == sorted(f"{k}.weight" for k in wan_run["targets"])
+    err = _rel_err(wan_run["theirs"][case], wan_run["ours"][case])
+    print(f"{case}: rel err {err:.2e}, effect {wan_run['effect'][case]:.3f}")
+    assert err < TOL and wan_run["effect"][case] > 100 * err
+
+
+def test_i2v_condition_equals_comfyuis_node(wan_run):
+    """WanImageToVideo (start image, gray frames after it, the mask) and ComfyUI's CLIP preprocessing give what the
+    trainer feeds: the 4 mask channels and the 16 image channels of `image_cond`, and CLIP's input pixels."""
+    if not wan_run["i2v"]:
+        pytest.skip("T2V takes no image condition")
+    theirs, ours = wan_run["theirs"], wan_run["inputs"]["image_cond"][0]
+    mask = theirs["node_mask"][0]
+    assert torch.equal(mask.expand(4, *mask.shape[1:]), ours[:4])
+    image_err = _rel_err(ours[4:], theirs["node_concat"][0])
+    model = wan_run["model"]
+    pix = model.clip_pixels(wan_run["inputs"]["start_image"][0].permute(2, 0, 1) * 2 - 1)
+    clip_err = _rel_err(pix, theirs["clip_pixels"])
+    print(f"I2V image latent rel err {image_err:.2e}, CLIP pixels rel err {clip_err:.2e}")
+    assert image_err < TOL and clip_err < 1e-5
