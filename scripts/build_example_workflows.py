@@ -148,7 +148,8 @@ def dataset(**over) -> dict:
     d = dict(folder_path="input/my_lora_dataset", trigger_word="sks", caption_ext="txt", default_caption="",
              resolution="512, 768, 1024", caption_dropout_rate=0.05, num_repeats=1, flip_x=False,
              shuffle_tokens=False, keep_tokens=0, cache_latents_to_disk=True, control_path="", control_dropout=0.0,
-             num_frames=1, frames="", shrink_video_to_frames=True, fps=0.0, clips_per_video=1, do_i2v=False)
+             num_frames=1, frames="", shrink_video_to_frames=True, fps=0.0, clips_per_video=1, do_i2v=False,
+             mask_path="")
     d.update(over)
     return d
 

@@ -95,7 +95,7 @@ def test_state_with_wrong_fields_is_one_message(tiny_flux, images, tmp_path, dam
     tensors, meta = encode_state(st)
     save_safetensors_atomic(tensors, run / "training_state.safetensors", meta)
     match = {"missing": "'optimizer' is missing", "float_step": "'step' is missing or not a int",
-             "past_end": "at step 99, outside this run's 0..2"}[damage]
+             "past_end": "at step 99, past train.steps 2; raise train.steps"}[damage]
     with pytest.raises(UserError, match=match):
         build_trainer(load_job_dict(d), report=quiet)
 

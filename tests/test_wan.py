@@ -17,7 +17,7 @@ from trainer.demo.videos import make_video_dataset
 from trainer.demo.wan import wan_diffusers_config, write_wan_files
 from trainer.errors import ConfigError, DatasetError, ModelFileError
 from trainer.job import build_trainer, run_job
-from trainer.models.wan import I2V, T2V, load_wan
+from trainer.models.wan import I2V, T2V, VACE, load_wan
 from trainer.sampling import denoise, initial_noise
 
 TEXT_DIM = 32
@@ -44,6 +44,11 @@ def wan_t2v(tmp_path_factory) -> dict:
 def wan_i2v(tmp_path_factory) -> dict:
     return write_wan_files(tmp_path_factory.mktemp("wan_i2v"), i2v=True, text_dim=TEXT_DIM, name="wan_i2v",
                            image_dim=32, clip_layers=2)
+
+
+@pytest.fixture(scope="module")
+def wan_vace(tmp_path_factory) -> dict:
+    return write_wan_files(tmp_path_factory.mktemp("wan_vace"), vace=True, text_dim=TEXT_DIM, name="wan_vace")
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +278,7 @@ def test_resume_on_video_clips_matches_uninterrupted(wan_t2v, clips, tmp_path):
 
 def test_i2v_trains_on_first_frames_and_refuses_no_start_image(wan_i2v, clips, tmp_path):
     d = _video_job(wan_i2v, clips, tmp_path / "out", steps=1, cache_text_embeddings=True, disable_sampling=True)
-    with pytest.raises(DatasetError, match="do_i2v: true .* or datasets\\[\\]\\.control_path"):
+    with pytest.raises(ConfigError, match="do_i2v: true .* or datasets\\[\\]\\.control_path"):
         build_trainer(load_job_dict(d), report=quiet)
     d["config"]["process"][0]["datasets"][0]["do_i2v"] = True
     trainer = build_trainer(load_job_dict(d), report=quiet)
@@ -289,3 +294,91 @@ def test_video_keys_refused_on_image_families(tiny_flux, clips, tmp_path):
     d["config"]["process"][0]["datasets"][0]["num_frames"] = 9
     with pytest.raises(ConfigError, match="datasets\\[0\\].num_frames: model.arch 'flux' trains images"):
         load_job_dict(d)
+
+
+# --- VACE -----------------------------------------------------------------------------------------------------
+
+def _frames(n: int, size=(32, 32), seed: int = 0) -> list:
+    from trainer.demo.videos import moving_shape_frames
+
+    import random
+
+    return moving_shape_frames(size, n, "red", "blue", "circle", random.Random(seed))
+
+
+def _mask_frames(n: int, size=(32, 32)) -> list:
+    """The right half generated (white), the left half kept (black), every frame."""
+    m = Image.new("RGB", size, (0, 0, 0))
+    m.paste((255, 255, 255), (size[0] // 2, 0, size[0], size[1]))
+    return [m] * n
+
+
+def test_vace_layout_and_refusals(wan_vace, wan_t2v, tiny_flux, clips, tmp_path):
+    from diffusers import WanVACETransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from trainer.models.wan_layout import diffusers_to_original
+
+    cfg = wan_diffusers_config(dim=256, layers=4, ffn=512, text_dim=64, vace_layers=2)
+    with torch.device("meta"):
+        m = WanVACETransformer3DModel(**cfg)
+    tagged = {k: torch.full((1,), float(i)) for i, k in enumerate(m.state_dict())}
+    back = convert_wan_transformer_to_diffusers(diffusers_to_original(dict(tagged), dict(m.config)))
+    assert set(back) == set(tagged) and all(torch.equal(back[k], tagged[k]) for k in tagged)
+    model = _load(wan_vace, VACE)
+    keys = [t.key for t in model.targets()]
+    assert "diffusion_model.vace_blocks.0.before_proj" in keys and "diffusion_model.vace_blocks.0.after_proj" in keys
+    assert model.repeated_blocks()[0] is model.denoiser.vace_blocks[0]
+    with pytest.raises(ModelFileError, match="a Wan 2.1 VACE checkpoint, but model.arch is 'wan21'; use model.arch wan21_vace"):
+        _load(dict(wan_vace, arch="wan21"))
+    d = _video_job(wan_vace, clips, tmp_path, steps=1)
+    with pytest.raises(ConfigError, match="VACE trains on control data.*or train on the Wan 2.1 T2V base"):
+        load_job_dict(d)
+    d = _video_job(wan_t2v, clips, tmp_path, steps=1)
+    d["config"]["process"][0]["datasets"][0]["mask_path"] = str(clips)
+    with pytest.raises(ConfigError, match="mask_path: model.arch 'wan21' takes no masks"):
+        load_job_dict(d)
+
+
+def test_vace_sampler_matches_pipeline(wan_vace):
+    """WanVACEPipeline given the control video and a binary mask: our condition (inactive / reactive latents, the
+    8x8-folded mask) and sampler give its latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline
+
+    from trainer.data.dataset import fit_pixels
+
+    model = _load(wan_vace, VACE)
+    video, masks = _frames(9), _mask_frames(9)
+    control = torch.stack([fit_pixels(f, (32, 32), False) for f in video], dim=1)
+    mask = torch.stack([fit_pixels(f, (32, 32), False) for f in masks], dim=1).mean(0, keepdim=True).add(1).div(2)
+    cond = {**model.encode_text(["a red circle"]), "vace": model.vace_condition(control, mask, 9)[None]}
+    assert cond["vace"].shape == (1, 96, 3, 4, 4)
+    neg = {**model.encode_text([""]), "vace": cond["vace"]}
+    noise = initial_noise(model, 32, 32, seed=9, frames=9)
+    ours = denoise(model, noise, cond, neg, steps=3, guidance_scale=2.5)
+    pipe = WanVACEPipeline(tokenizer=model.tokenizer, text_encoder=model.umt5, vae=model.vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=model.sample_shift), transformer=model.denoiser)
+    theirs = pipe(video=video, mask=masks, prompt_embeds=cond["context"], negative_prompt_embeds=neg["context"],
+                  height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=2.5, latents=noise,
+                  output_type="latent").frames
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert err < 1e-3, err
+
+
+def test_vace_trains_on_control_videos_and_masks(wan_vace, clips, tmp_path):
+    from trainer.data.media import write_video
+
+    controls, masks = tmp_path / "controls", tmp_path / "masks"
+    for p in sorted(clips.glob("*.mp4")):
+        write_video(controls / p.name, _frames(12, seed=len(p.stem)), 16)
+        write_video(masks / p.name, _mask_frames(12), 16)
+    d = _video_job(wan_vace, clips, tmp_path / "out", steps=2, cache_text_embeddings=True, disable_sampling=True)
+    d["config"]["process"][0]["datasets"][0].update(control_path=str(controls), mask_path=str(masks))
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    cond = next(iter(trainer.latents.conds.values()))
+    assert cond["vace"].shape == (96, 2, 4, 4)
+    folded = cond["vace"][32:]
+    assert torch.equal(folded.amax(dim=(0, 1, 2))[:2], torch.zeros(2)) and bool((folded[:, :, :, 2:] == 1).all())
+    trainer.train()
+    sd = load_file(str(tmp_path / "out" / "run" / "run.safetensors"))
+    assert "diffusion_model.vace_blocks.0.before_proj.lora_down.weight" in sd

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if argv and argv[0] == "demo":
         p = argparse.ArgumentParser(prog="trainer demo", description="Train a LoRA on a small random model, offline.")
-        p.add_argument("--arch", default="flux")
+        from .demo import DEMO_WRITERS
+
+        p.add_argument("--arch", default="flux", help="the family: " + ", ".join(sorted(DEMO_WRITERS)))
         p.add_argument("--out", default="demo", help="work folder (default ./demo)")
         p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
         a = p.parse_args(argv[1:])
@@ -41,13 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    p = argparse.ArgumentParser(prog="trainer", description="Train a LoRA from an ai-toolkit style job file.")
+    from .models.registry import known_arches
+
+    p = argparse.ArgumentParser(prog="trainer", description="Train a LoRA from an ai-toolkit style job file. Families"
+                                " (model.arch): " + ", ".join(known_arches()) + ". `trainer demo --help`: the demo.")
     p.add_argument("job", help="job YAML file, or `demo`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    p.add_argument("--restart", action="store_true",
+                   help="start the run over: its saved state and metrics are set aside (renamed), not resumed")
     a = p.parse_args(argv)
     try:
-        return run_job_file(a.job, a.overrides)
+        return run_job_file(a.job, a.overrides, a.restart)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

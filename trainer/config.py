@@ -87,7 +87,9 @@ class DatasetConfig:
     clips_per_video: int = spec(1, ge=1, le=64, help="windows taken from each video (shrink_video_to_frames: false)")
     do_i2v: bool = spec(False, help="image-to-video models: the clip's first frame is the image condition")
     max_pixels_per_frame: Optional[int] = spec(None, ge=256, le=8192 * 8192, help="cap on a frame's pixel count")
-    control_path: Optional[str] = spec(None, help="control images with the images' file names (Flex.2)")
+    control_path: Optional[str] = spec(None, help="control images (or videos: VACE) with the items' file names")
+    # VACE: masks (1 where the model generates) with the items' names; items without one: the whole frame
+    mask_path: Optional[str] = spec(None, help="VACE: mask images or videos with the items' file names")
     control_dropout: float = spec(0.0, ge=0, le=1, help="chance an item trains without its control image")
 
 
@@ -283,7 +285,11 @@ def apply_override(tree: dict, assignment: str) -> None:
     if parts[0] == "config":
         node: Any = tree
     else:
-        node = tree.setdefault("config", {}).setdefault("process", [{}])[0]
+        cfg = tree.setdefault("config", {})
+        procs = cfg.setdefault("process", [{}]) if isinstance(cfg, dict) else None
+        if not isinstance(procs, list) or not procs or not isinstance(procs[0], dict):
+            raise ConfigError(f"--set {key}: config.process must be a list holding a mapping to set keys in")
+        node = procs[0]
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
@@ -414,6 +420,12 @@ def check_family_keys(job: JobConfig) -> None:
                 key = "do_i2v" if d.do_i2v else "num_frames" if d.num_frames > 1 else "frames"
                 raise ConfigError(f"config.process[0].datasets[{i}].{key}: model.arch {job.arch!r} trains images;"
                                   " clips need a video family (wan21 ...)")
+    for i, d in enumerate(job.process.datasets):
+        if d.mask_path is not None and not fam.takes_masks:
+            raise ConfigError(f"config.process[0].datasets[{i}].mask_path: model.arch {job.arch!r} takes no masks"
+                              " (wan21_vace does)")
+        if fam.requires_control and d.control_path is None and not d.do_i2v:
+            raise ConfigError(f"config.process[0].datasets[{i}]: {fam.requires_control}")
     if not fam.takes_control:
         for i, d in enumerate(job.process.datasets):
             if d.control_path is not None:

@@ -134,6 +134,7 @@ DATASET_OPTIONAL_WIDGETS = [
     _w("fps", DatasetConfig, "fps", tooltip="0: the model's native rate (Wan 16)"),
     _w("clips_per_video", DatasetConfig, "clips_per_video"),
     _w("do_i2v", DatasetConfig, "do_i2v"),
+    _w("mask_path", DatasetConfig, "mask_path"),
 ]
 
 NETWORK_WIDGETS = [

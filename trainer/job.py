@@ -7,6 +7,7 @@ place as one loaded here and passes through the same preparation (trainer.prepar
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,16 +15,18 @@ import torch
 from .config import JobConfig, dump_job_yaml
 from .data.cache import LatentCache, TextCache
 from .data.dataset import Dataset, Geometry, check_dataset_folder, scan_dataset
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .fileio import write_text_atomic
 from .models import registry
 from .models.base import TrainingModel
-from .models.files import local_path
+from .models.files import local_path, safetensors_shapes
+from .models.fingerprint import file_fingerprint, module_fingerprint
 from .networks.network import Network, build_network, read_network_file
 from .prepare import compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
 from .train.checkpoints import DTYPES, RunFolder
 from .train.loop import Trainer, TrainState
+from .train.run_identity import run_identity
 
 log = logging.getLogger("trainer")
 
@@ -62,6 +65,33 @@ def load_model(job: JobConfig, device: torch.device, dtype: torch.dtype) -> Trai
 
         return load_with_comfyui(mc, device, dtype)
     return registry.get_family(job.arch).load(mc, device, dtype)
+
+
+def base_model_id(job: JobConfig, model: TrainingModel) -> str:
+    """Identifies the base model a run trains: its file (size and sampled blocks: seconds for any size), or, for a
+    model a host handed over, its weights (a few sampled tensors, before any preparation changes them)."""
+    path = Path(str(job.process.model.name_or_path)).expanduser()
+    if path.exists():
+        return f"file:{file_fingerprint(path)}"
+    return f"weights:{module_fingerprint(model.denoiser)}"
+
+
+def finished_run(job: JobConfig) -> Path | None:
+    """The final file, if the run folder holds a finished run of this job whose final file reads: checked before
+    anything loads. A damaged final file is not finished (the run is loaded and saves it again from its state)."""
+    run_dir = job.run_dir
+    final = run_dir / f"{job.name}.safetensors"
+    state = run_dir / "training_state.safetensors"
+    if not (final.is_file() and state.is_file()):
+        return None
+    from .train.state_file import StateFileError, read_state
+
+    try:
+        step = read_state(state).get("step")
+        safetensors_shapes(final)
+    except (StateFileError, UserError):
+        return None
+    return final if isinstance(step, int) and step >= job.process.train.steps else None
 
 
 def check_before_loading(job: JobConfig) -> None:
@@ -121,18 +151,23 @@ def make_network(job: JobConfig, model: TrainingModel) -> Network:
 
 
 def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: TrainingModel | None = None,
-                  keep_text_encoders: bool = False) -> Trainer:
+                  keep_text_encoders: bool = False, extendable: bool = False, restart: bool = False) -> Trainer:
     """Every stage up to a ready Trainer. `model`: a model a host already loaded (ComfyUI's MODEL), prepared
     exactly as a loaded one. `keep_text_encoders`: keep them (off the card) even with cached embeddings, for a
-    session that samples any prompt later."""
+    session that samples any prompt later; `extendable`: a session continues a run past its train.steps;
+    `restart`: the run folder's state is set aside and the run starts over."""
     proc = job.process
     check_before_loading(job)
     run = RunFolder(job.run_dir, job.name)
+    run.lock()
+    if restart:
+        run.restart()
     if model is None:
         device = pick_device(proc.device)
         dtype = pick_dtype(proc.train.dtype, device)
         report(f"loading {job.arch} from {proc.model.name_or_path} on {device} ({dtype})")
         model = load_model(job, device, dtype)
+    identity = run_identity(job, base_model_id(job, model))
     prepare_for_encoding(model, job, report)
     datasets = load_datasets(job, model)
     n_clips = sum(m.info.is_video for d in datasets for m in d.media)
@@ -147,14 +182,21 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     n_params = sum(p.numel() for p in network.parameters())
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers"
            f" ({n_params / 1e6:.2f}M parameters)")
-    trainer = Trainer(job, model, network, datasets, latents, texts, samples, run)
-    if trainer.resume():
+    trainer = Trainer(job, model, network, datasets, latents, texts, samples, run, identity)
+    changes = trainer.resume(extendable)
+    if changes is not None:
         report(f"resuming {run.root} from step {trainer.state.step}")
+        for c in changes:
+            report(f"  changed since the run began, applied from step {trainer.state.step}: {c}")
     write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
     return trainer
 
 
 def run_job(job: JobConfig, report: Callable[[str], None] = print, progress=None) -> TrainState:
+    final = finished_run(job)
+    if final is not None:
+        report(f"already finished: {final}")
+        return TrainState(step=job.process.train.steps, last_save=str(final))
     trainer = build_trainer(job, report)
     if trainer.finished():
         report(f"already finished: {trainer.run.final_path}")

@@ -1,8 +1,13 @@
-"""Run a job file from the command line (`python -m trainer JOB.yaml` and the demo): load, train, report."""
+"""Run a job file from the command line (`python -m trainer JOB.yaml` and the demo): load, train, report.
+
+Ctrl-C (SIGINT) and SIGTERM (docker stop, systemd, a scheduler's timeout) both stop the run the same way: the
+network is saved at the step reached, and the same command resumes it.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from .errors import UserError
@@ -24,28 +29,47 @@ class ProgressBar:
         self.bar.close()
 
 
-def run_job_file(path: str, overrides: list[str]) -> int:
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so the loop saves before it ends."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def run_job_file(path: str, overrides: list[str], restart: bool = False) -> int:
     from .config import load_job_file
-    from .job import build_trainer
+    from .job import build_trainer, finished_run
 
     job = load_job_file(path, overrides)
     log = logging.getLogger("trainer")
     for w in job.warnings:
         log.warning(w)
-    trainer = build_trainer(job, report=lambda m: print(m, flush=True))
-    total = job.process.train.steps
-    if trainer.finished():
-        print(f"already finished: {trainer.run.final_path}")
-        return 0
-    bar = ProgressBar(total, trainer.state.step)
+    if not restart:
+        final = finished_run(job)
+        if final is not None:
+            print(f"already finished: {final} (raise train.steps to train on, or --restart to start over)")
+            return 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        trainer.train(bar)
-    except KeyboardInterrupt:
-        raise UserError(
-            f"interrupted at step {trainer.state.step}; saved {trainer.state.last_save or 'nothing yet'}."
-            " Run the same job again to resume."
-        ) from None
+        try:
+            trainer = build_trainer(job, report=lambda m: print(m, flush=True), restart=restart)
+        except KeyboardInterrupt:
+            raise UserError("interrupted before training began; nothing was trained (encoded latents already on disk"
+                            " are kept)") from None
+        if trainer.finished():
+            print(f"already finished: {trainer.run.final_path}")
+            return 0
+        bar = ProgressBar(job.process.train.steps, trainer.state.step)
+        try:
+            trainer.train(bar, report=lambda m: bar.bar.write(m))
+        except KeyboardInterrupt as e:
+            why = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
+            raise UserError(f"{why} at step {trainer.state.step}; saved {trainer.state.last_save or 'nothing yet'}."
+                            " Run the same job again to resume.") from None
+        finally:
+            bar.close()
     finally:
-        bar.close()
+        signal.signal(signal.SIGTERM, previous)
     print(f"saved {trainer.run.final_path}")
     return 0

@@ -97,7 +97,7 @@ class TrainingSession:
     def __init__(self, job_dict: dict, model=None, report: Callable[[str], None] = print) -> None:
         self.job: JobConfig = load_job_dict(job_dict)
         # keep the text encoders (off the card): sample() encodes any prompt, not only the cached captions
-        self.trainer: Trainer = build_trainer(self.job, report, model=model, keep_text_encoders=True)
+        self.trainer: Trainer = build_trainer(self.job, report, model=model, keep_text_encoders=True, extendable=True)
         self.trainer.network.detach()
         self.resumed_from = self.trainer.state.step  # > 0: this continues an earlier run of the same name
         self.losses: list[tuple[int, float]] = []

@@ -48,6 +48,8 @@ def main() -> int:
     extra = {}
     if "image_cond" in inputs:
         extra = {"c_concat": inputs["image_cond"].float(), "clip_fea": inputs["clip_fea"].float()}
+    if "vace" in inputs:  # what WAN21_Vace.extra_conds makes of vace_frames and vace_mask: one context, strength 1
+        extra = {"vace_context": inputs["vace"].float()[:, None], "vace_strength": [1.0]}
 
     def run(p) -> torch.Tensor:
         comfy.model_management.load_models_gpu([p], force_full_load=True)
@@ -88,6 +90,21 @@ def main() -> int:
         outputs["node_concat"] = model.process_latent_in(image).contiguous()
         outputs["node_mask"] = (1.0 - values["concat_mask"].float()).contiguous()
         outputs["clip_pixels"] = comfy.clip_model.clip_preprocess(start, size=28).float().contiguous()
+
+    if a.vae and "control_video" in inputs:
+        from comfy_extras.nodes_wan import WanVaceToVideo
+
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(a.vae))
+        video = inputs["control_video"].float()
+        h, w = video.shape[1:3]
+        out = WanVaceToVideo.execute([[torch.zeros(1, 4, 4096), {}]], [[torch.zeros(1, 4, 4096), {}]], vae, w, h,
+                                     video.shape[0], 1, 1.0, control_video=video,
+                                     control_masks=inputs["control_mask"].float())
+        pos = out.args[0] if hasattr(out, "args") else out[0]
+        frames, mask = pos[0][1]["vace_frames"][0].float().clone(), pos[0][1]["vace_mask"][0].float()
+        for i in range(0, frames.shape[1], 16):
+            frames[:, i:i + 16] = patcher.model.process_latent_in(frames[:, i:i + 16])
+        outputs["node_vace"] = torch.cat([frames, mask], dim=1).contiguous()
 
     report = {"model_class": type(patcher.model.model_config).__name__, "model_type": patcher.model.model_type.name,
               "shift": float(patcher.model.model_sampling.shift),

@@ -16,7 +16,7 @@ from integration.comfy_env import comfy_install
 
 # what ComfyUI calls each family (its supported_models class); Flex.1 / Flex.2 are Flux-layout models
 EXPECTED = {"flux": "Flux", "flex1": "Flux", "flex2": "Flux", "chroma": "Chroma", "sdxl": "SDXL", "sd3": "SD3",
-            "wan21": "WAN21_T2V", "wan21_i2v": "WAN21_I2V"}
+            "wan21": "WAN21_T2V", "wan21_i2v": "WAN21_I2V", "wan21_vace": "WAN21_Vace"}
 
 DETECT = r"""
 import json, sys

@@ -44,21 +44,21 @@ def _comfy_side(python, comfy, tmp: Path, model: str, files: dict, inputs: dict,
     return json.loads(report.read_text()), load_file(str(out))
 
 
-@pytest.fixture(scope="module", params=["t2v", "i2v"])
+@pytest.fixture(scope="module", params=["t2v", "i2v", "vace"])
 def wan_run(request, tmp_path_factory):
     comfy, python = comfy_install(f"ComfyUI Wan test ({request.param})")
     from trainer.config import ModelConfig
     from trainer.data.dataset import fit_pixels
     from trainer.demo.wan import write_wan_files
     from trainer.fileio import save_safetensors_atomic
-    from trainer.models.wan import I2V, T2V, load_wan
+    from trainer.models.wan import I2V, T2V, VACE, load_wan
     from trainer.networks.network import Network
 
-    i2v = request.param == "i2v"
+    i2v, vace = request.param == "i2v", request.param == "vace"
     tmp = tmp_path_factory.mktemp(f"comfy_wan_{request.param}")
     torch.set_num_threads(1)
-    cfg = write_wan_files(tmp / "models", i2v=i2v, name=request.param)
-    model = load_wan(ModelConfig(**cfg), torch.device("cpu"), torch.float32, I2V if i2v else T2V)
+    cfg = write_wan_files(tmp / "models", i2v=i2v, vace=vace, name=request.param)
+    model = load_wan(ModelConfig(**cfg), torch.device("cpu"), torch.float32, I2V if i2v else VACE if vace else T2V)
     targets = model.targets()
     g = torch.Generator().manual_seed(11)
     context = torch.randn(1, 12, 4096, generator=g)
@@ -76,6 +76,18 @@ def wan_run(request, tmp_path_factory):
         inputs.update(image_cond=ic["image_cond"][None], clip_fea=ic["clip_fea"][None],
                       start_image=((pixels + 1) / 2).permute(1, 2, 0)[None].contiguous())
         cond.update(image_cond=inputs["image_cond"], clip_fea=inputs["clip_fea"])
+    if vace:  # a control video of a moving square, a mask that generates the right half of frames 3 onward
+        import random
+
+        from trainer.demo.videos import moving_shape_frames
+
+        frames = moving_shape_frames((32, 48), 9, "yellow", "black", "square", random.Random(2))
+        control = torch.stack([fit_pixels(f, (32, 48), False) for f in frames], dim=1)
+        mask = torch.zeros(1, 9, 48, 32)
+        mask[:, 3:, :, 16:] = 1.0
+        inputs.update(vace=model.vace_condition(control, mask, 9)[None],
+                      control_video=((control + 1) / 2).permute(1, 2, 3, 0).contiguous(), control_mask=mask[0])
+        cond["vace"] = inputs["vace"]
 
     def predict() -> torch.Tensor:
         with torch.no_grad():
@@ -93,14 +105,16 @@ def wan_run(request, tmp_path_factory):
         finally:
             net.detach()
         effect[case] = _rel_err(ours[case], ours["base"])
-    report, theirs = _comfy_side(python, comfy, tmp, cfg["name_or_path"], files, inputs, cfg["vae_path"] if i2v else None)
-    return dict(i2v=i2v, model=model, report=report, theirs=theirs, ours=ours, effect=effect,
+    report, theirs = _comfy_side(python, comfy, tmp, cfg["name_or_path"], files, inputs,
+                                 cfg["vae_path"] if i2v or vace else None)
+    return dict(i2v=i2v, vace=vace, model=model, report=report, theirs=theirs, ours=ours, effect=effect,
                 targets=[t.key for t in targets], inputs=inputs)
 
 
 def test_detected_as_its_variant_with_the_same_output(wan_run):
     r = wan_run["report"]
-    assert r["model_class"] == ("WAN21_I2V" if wan_run["i2v"] else "WAN21_T2V") and r["model_type"] == "FLOW"
+    want = "WAN21_I2V" if wan_run["i2v"] else "WAN21_Vace" if wan_run["vace"] else "WAN21_T2V"
+    assert r["model_class"] == want and r["model_type"] == "FLOW"
     assert r["timesteps"] == pytest.approx([600.0]) and r["latent_format"] == "Wan21"
     err = _rel_err(wan_run["theirs"]["base"], wan_run["ours"]["base"])
     print(f"{r['model_class']}: base rel err {err:.2e}")
@@ -131,3 +145,16 @@ def test_i2v_condition_equals_comfyuis_node(wan_run):
     clip_err = _rel_err(pix, theirs["clip_pixels"])
     print(f"I2V image latent rel err {image_err:.2e}, CLIP pixels rel err {clip_err:.2e}")
     assert image_err < TOL and clip_err < 1e-5
+
+
+def test_vace_condition_equals_comfyuis_node(wan_run):
+    """WanVaceToVideo (control video, mask: inactive and reactive latents, the 8x8-folded mask) gives what the trainer
+    feeds VACE's blocks."""
+    if not wan_run["vace"]:
+        pytest.skip("only VACE takes a control video")
+    ours, theirs = wan_run["inputs"]["vace"][0], wan_run["theirs"]["node_vace"][0]
+    assert ours.shape == theirs.shape == (96, 3, 6, 4)
+    assert torch.equal(ours[32:], theirs[32:])
+    err = _rel_err(ours[:32], theirs[:32])
+    print(f"VACE latents rel err {err:.2e}")
+    assert err < TOL

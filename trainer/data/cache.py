@@ -17,7 +17,9 @@ import torch
 from ..errors import DatasetError
 from ..fileio import save_safetensors_atomic
 from ..models.base import Conditioning, TrainingModel, split_conditioning
-from .dataset import BatchItem, Dataset, Entry, control_dropped, load_control_pixels, load_pixels
+from .dataset import (BatchItem, Dataset, Entry, control_dropped, fit_pixels, load_control_pixels, load_mask_pixels,
+                      load_pixels)
+from .media import clip_indices, probe, read_frames
 
 log = logging.getLogger("trainer")
 
@@ -50,6 +52,7 @@ class LatentCache:
     def key(self, ds: Dataset, e: Entry) -> str:
         m = ds.media[e.item]
         ctrl = f"_c{m.control_digest}" if m.control is not None else ("_i2v" if ds.cfg.do_i2v else "")
+        ctrl += f"_m{m.mask_digest}" if m.mask is not None else ""
         clip = ""
         if m.info.is_video:
             clip = "_f" + hashlib.sha1(repr(e.indices).encode()).hexdigest()[:12] + f"x{e.frames}"
@@ -61,6 +64,8 @@ class LatentCache:
         need = model.requires_conditions()
         for ds in self.datasets:
             key = f"config.process[0].datasets[{ds.index}]"
+            if ds.cfg.mask_path is not None and not model.takes_masks:
+                raise DatasetError(f"{key}.mask_path: model.arch {model.arch!r} takes no masks (wan21_vace does)")
             if ds.cfg.control_path is not None and not model.takes_control:
                 raise DatasetError(f"{key}.control_path: model.arch {model.arch!r} takes no control images (flex2,"
                                    " wan21_i2v do); remove control_path or use a family that takes them")
@@ -77,9 +82,10 @@ class LatentCache:
 
     def _encode(self, ds: Dataset, e: Entry, model: TrainingModel) -> tuple[torch.Tensor, Conditioning | None]:
         self.encoded += 1
-        pixels = load_pixels(ds.media[e.item], e)
+        m = ds.media[e.item]
+        pixels = load_pixels(m, e)
         lat = model.encode_pixels(pixels[None])[0].contiguous()
-        cond = model.encode_conditions(pixels, self._condition_image(ds, e, pixels))
+        cond = model.encode_conditions(pixels, self._condition_image(ds, e, pixels), load_mask_pixels(m, e))
         return lat, ({k: v.contiguous() for k, v in cond.items()} if cond else None)
 
     def _disk_dir(self, ds: Dataset) -> Path:
@@ -230,15 +236,22 @@ def sample_conditions(model: TrainingModel, path: str, width: int, height: int, 
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}: control image {str(p)!r} does not exist")
+    size = model.snap_size(width, height)
     try:
-        control = image_pixels(p, model.snap_size(width, height))
-    except Exception as e:  # PIL raises many kinds for broken files
-        raise ConfigError(f"{key}: control image {p} cannot be read ({e})") from None
+        info = probe(p)
+        if info.is_video:  # a control video (VACE): its first frames at the model's rate
+            frames = model.snap_frames(frames)
+            idx = clip_indices(info, model.native_fps, frames, False, 0, 1)
+            control = torch.stack([fit_pixels(f, size, False) for f in read_frames(p, idx)], dim=1)
+        else:
+            control = image_pixels(p, size)
+    except Exception as e:  # PIL and PyAV raise many kinds for broken files
+        raise ConfigError(f"{key}: control file {p} cannot be read ({e})") from None
     return conditions_of_image(model, control, frames)
 
 
 def conditions_of_image(model: TrainingModel, control: torch.Tensor, frames: int) -> Conditioning:
-    """A preview's conditions from a control image (3, h, w) in [-1, 1] already at the sample's size."""
+    """A preview's conditions from a control image (3, h, w) or video (3, f, h, w) in [-1, 1] at the sample's size."""
     frames = model.snap_frames(frames)
     h, w = control.shape[-2:]
     shape = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)

@@ -53,8 +53,10 @@ class MediaFile:
     caption: str  # with the trigger applied
     info: MediaInfo
     digest: str  # content hash, keys the latent cache
-    control: Path | None = None  # the control image of the same stem (datasets[].control_path)
+    control: Path | None = None  # the control image or video of the same stem (datasets[].control_path)
     control_digest: str = ""
+    mask: Path | None = None  # the mask image or video of the same stem (datasets[].mask_path: VACE)
+    mask_digest: str = ""
 
     @property
     def width(self) -> int:
@@ -110,8 +112,10 @@ def check_dataset_folder(cfg: DatasetConfig, index: int) -> list[Path]:
     if not files:
         raise DatasetError(f"{key}.folder_path: no images ({', '.join(IMAGE_EXTS)}) or videos"
                            f" ({', '.join(VIDEO_EXTS)}) in {folder}")
-    if cfg.control_path is not None and not Path(cfg.control_path).expanduser().is_dir():
-        raise DatasetError(f"{key}.control_path: folder {cfg.control_path!r} does not exist")
+    for name in ("control_path", "mask_path"):
+        value = getattr(cfg, name)
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise DatasetError(f"{key}.{name}: folder {value!r} does not exist")
     return files
 
 
@@ -134,7 +138,8 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
     key = f"config.process[0].datasets[{index}]"
     folder = Path(cfg.folder_path).expanduser()
     files = check_dataset_folder(cfg, index)
-    controls = _by_stem(Path(cfg.control_path).expanduser(), IMAGE_EXTS) if cfg.control_path is not None else None
+    controls = _by_stem(Path(cfg.control_path).expanduser(), MEDIA_EXTS) if cfg.control_path is not None else None
+    masks = _by_stem(Path(cfg.mask_path).expanduser(), MEDIA_EXTS) if cfg.mask_path is not None else None
     media: list[MediaFile] = []
     uncaptioned: list[str] = []
     unreadable: list[str] = []
@@ -163,12 +168,21 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
                 no_control.append(p.name)
                 continue
             try:
-                with Image.open(ctrl) as c:
-                    c.verify()
-            except Exception as e:  # PIL raises many kinds for broken files
-                raise DatasetError(f"{key}.control_path: control image {ctrl} cannot be read ({e})") from None
+                probe(ctrl)
+            except MediaError as e:
+                kind = "video" if ctrl.suffix.lower() in VIDEO_EXTS else "image"
+                raise DatasetError(f"{key}.control_path: control {kind} {ctrl} cannot be read ({e})") from None
             item.control = ctrl
             item.control_digest = hashlib.sha256(ctrl.read_bytes()).hexdigest()[:24]
+        if masks is not None:
+            mask = masks.get(p.stem)
+            if mask is not None:  # an item without a mask is the whole frame (VACE's default)
+                try:
+                    probe(mask)
+                except MediaError as e:
+                    raise DatasetError(f"{key}.mask_path: mask {mask} cannot be read ({e})") from None
+                item.mask = mask
+                item.mask_digest = hashlib.sha256(mask.read_bytes()).hexdigest()[:24]
         media.append(item)
     if videos_skipped:
         log.warning("%s: %d videos skipped (%s): this model trains images", key, len(videos_skipped),
@@ -256,10 +270,28 @@ def load_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
 
 
 def load_control_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
-    """The item's control image in the same bucket (and mirrored with it): (3, h, w) in [-1, 1]."""
+    """The item's control in the same bucket (and mirrored with it), in [-1, 1]: a control image (3, h, w); a control
+    video (3, f, h, w) at the entry's own frames (the same clip as the training item)."""
     if item.control is None:
         raise ValueError(f"{item.path} has no control image")
-    return image_pixels(item.control, entry.bucket, entry.flip)
+    return _companion_pixels(item.control, entry)
+
+
+def load_mask_pixels(item: MediaFile, entry: Entry) -> torch.Tensor | None:
+    """The item's mask (VACE: 1 where the model generates) in [0, 1]: (1, [f,] h, w), or None without one."""
+    if item.mask is None:
+        return None
+    pixels = _companion_pixels(item.mask, entry)
+    return ((pixels.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+def _companion_pixels(path: Path, entry: Entry) -> torch.Tensor:
+    """A file that goes with a training item (control, mask): an image as it is, a video at the entry's frames."""
+    info = probe(path)
+    if not info.is_video:
+        return image_pixels(path, entry.bucket, entry.flip)
+    indices = [min(i, info.frames - 1) for i in entry.indices]
+    return torch.stack([fit_pixels(f, entry.bucket, entry.flip) for f in read_frames(path, indices)], dim=1)
 
 
 @dataclass(frozen=True)

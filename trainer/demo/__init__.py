@@ -20,7 +20,7 @@ from .chroma import write_chroma_demo
 from .flux import write_flex2_demo, write_flux_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
-from .videos import make_video_dataset
+from .videos import COLORS, SHAPES, draw_shape, make_video_dataset
 from .wan import write_wan_demo
 
 # arch -> writer of its demo files (returns the `model:` config); and the arches whose demo adds control images
@@ -33,11 +33,9 @@ DEMO_WRITERS = {
     "sdxl": write_sdxl_demo,
     "wan21": write_wan_demo,
     "wan21_i2v": lambda folder: write_wan_demo(folder, i2v=True),
+    "wan21_vace": lambda folder: write_wan_demo(folder, vace=True),
 }
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "purple": (140, 50, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle")
 
 
 def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), seed: int = 0,
@@ -58,13 +56,7 @@ def make_dataset(folder: Path, n: int = 8, size: tuple[int, int] = (128, 128), s
         r = rng.randint(min(w, h) // 5, min(w, h) // 3)
         cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
         for im, color in ((img, COLORS[fg]), (silhouette, COLORS["white"])):
-            d = ImageDraw.Draw(im)
-            if shape == "circle":
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-            elif shape == "square":
-                d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
-            else:
-                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+            draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, color)
         img.save(folder / f"shape_{i:02d}.png")
         if controls is not None:
             silhouette.save(controls / f"shape_{i:02d}.png")

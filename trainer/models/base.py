@@ -98,6 +98,8 @@ class TrainingModel(ABC):
     distilled_guidance: bool = False
     # cond["control"]: a control latent (normalized like the training latents) the family's model takes
     takes_control: bool = False
+    # datasets[].mask_path: masks beside the control (VACE)
+    takes_masks: bool = False
     # the frame rate clips are resampled to unless a dataset says otherwise (video families)
     native_fps: float | None = None
     # attributes that hold the text encoders: released or moved off the card by the prepare step
@@ -175,10 +177,12 @@ class TrainingModel(ABC):
         """normalized latents -> images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1]."""
         return decode_latents(self.vae, latents)
 
-    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None) -> Conditioning | None:
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
+                          mask: torch.Tensor | None = None) -> Conditioning | None:
         """Per-item conditions cached with the item's latent, for families that take more than a caption.
-        `pixels`: the item (3, [f,] h, w); `control`: its condition image (3, h, w) (the control image, or the clip's
-        first frame with do_i2v), or None. Default: a control latent for families that take one."""
+        `pixels`: the item (3, [f,] h, w); `control`: its condition image (3, h, w) or video (3, f, h, w) (the control
+        file, or the clip's first frame with do_i2v), or None; `mask`: (1, [f,] h, w) in [0, 1] (VACE), or None.
+        Default: a control latent for families that take one."""
         if self.takes_control and control is not None:
             return {"control": self.encode_pixels(control[None])[0]}
         return None

@@ -32,10 +32,10 @@ from .chroma_layout import (
     match_original_modulation_index,
     original_to_diffusers,
 )
-from .flux import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, image_ids, pack_latents, unpack_latents
+from .flux import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, image_ids, pack_latents, packed_mu, unpack_latents
 from .flux_layout import load_flux_layout_transformer
 from .layout import block_targets
-from .schedules import flow_sample_sigmas, linear_mu
+from .schedules import flow_sample_sigmas
 from .sources import ModelSources
 from .text_encoders import load_t5_encoder
 from .vae import load_vae, vae_scale
@@ -146,16 +146,12 @@ class ChromaModel(TrainingModel):
         )[0]
         return unpack_latents(out, h, w)
 
-    def _mu(self, latent_shape: tuple[int, ...]) -> float:
-        h, w = latent_shape[-2:]
-        return linear_mu((h // 2) * (w // 2))
-
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
-        return self._mu(latent_shape)
+        return packed_mu(latent_shape)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """ChromaPipeline's: linspace(1, 1/steps) shifted by the scheduler (resolution-dependent by default)."""
-        return flow_sample_sigmas(steps, self._mu(latent_shape) if self.dynamic_shift else None, self.shift)
+        return flow_sample_sigmas(steps, packed_mu(latent_shape) if self.dynamic_shift else None, self.shift)
 
     def save_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": "chroma", "modelspec.architecture": "Chroma/lora", "eridiffusion.arch": self.arch}

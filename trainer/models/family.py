@@ -23,5 +23,9 @@ class Family:
     takes_control: bool = False
     # clips in datasets (num_frames > 1) and video previews
     video: bool = False
+    # datasets[].mask_path (VACE)
+    takes_masks: bool = False
+    # why a dataset without control_path (or do_i2v) cannot train this family, or "" when it can
+    requires_control: str = ""
     # checked against the config before anything loads (model keys only this family reads, and their defaults)
     model_defaults: dict = field(default_factory=dict)

@@ -34,8 +34,14 @@ def local_path(value: str, key: str) -> Path:
     raise ModelFileError(f"{key}: {value!r} does not exist.{hint}")
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a .safetensors header, without reading the weights."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelFileError(f"{path}: a pickle checkpoint ({Path(path).suffix}), which this trainer never loads (it can"
+                             " run code); use the .safetensors file of the same model")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -43,11 +49,20 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                 raise ValueError("file too short")
             (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
-                raise ValueError("header too large")
+                raise ValueError("header too large: not a safetensors file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a mapping")
+        out = {}
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if not isinstance(v, dict) or not isinstance(v.get("shape"), list) or "dtype" not in v:
+                raise ValueError(f"entry {k!r} has no shape and dtype")
+            out[k] = tuple(int(d) for d in v["shape"])
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path}: not a readable .safetensors file ({e})") from None
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return out
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

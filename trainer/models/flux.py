@@ -50,6 +50,12 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def packed_mu(latent_shape: tuple[int, ...]) -> float:
+    """Flux's resolution-dependent shift for a latent packed in 2x2 patches (its token count)."""
+    h, w = latent_shape[-2:]
+    return linear_mu((h // 2) * (w // 2))
+
+
 def load_flux_transformer(path: Path, dtype: torch.dtype, arch: str):
     """FluxTransformer2DModel from an original-layout single file or a diffusers folder."""
     from diffusers import FluxTransformer2DModel
@@ -170,16 +176,12 @@ class FluxModel(TrainingModel):
         )[0]
         return unpack_latents(out, h, w)
 
-    def _mu(self, latent_shape: tuple[int, ...]) -> float:
-        h, w = latent_shape[-2:]
-        return linear_mu((h // 2) * (w // 2))
-
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
-        return self._mu(latent_shape)
+        return packed_mu(latent_shape)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         # dev-style (guidance-distilled) models sample with the resolution-dependent shift, schnell without
-        return flow_sample_sigmas(steps, self._mu(latent_shape) if self.guidance_embeds else None)
+        return flow_sample_sigmas(steps, packed_mu(latent_shape) if self.guidance_embeds else None)
 
     def set_train_hooks(self, training: bool) -> None:
         """With bypass_guidance_embedding, the guidance embedding adds nothing while training."""

@@ -22,6 +22,7 @@ FAMILY_MODULES: dict[str, str] = {
     "sdxl": "sdxl",
     "wan21": "wan",
     "wan21_i2v": "wan",
+    "wan21_vace": "wan",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)

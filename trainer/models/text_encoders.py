@@ -159,19 +159,7 @@ def load_clip_projected(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int |
         )
     except KeyError as e:
         raise ModelFileError(f"{ef.path}: not a complete CLIP text encoder (missing {e.args[0]})") from None
-    with torch.device("meta"):
-        model = CLIPTextModelWithProjection(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the level
-        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-    missing, _ = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing:
-        raise ModelFileError(f"{ef.path}: incomplete CLIP text encoder, missing {len(missing)} tensors (e.g. {missing[0]})")
-    for name, buf in model.named_buffers():
-        if name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    return model.eval().requires_grad_(False)
+    return materialize(CLIPTextModelWithProjection, cfg, sd, dtype, "text_model.", ef.path, "CLIP text encoder")
 
 
 def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
@@ -259,6 +247,24 @@ def spiece_tokenizer(path: Path):
         model_file.write_bytes(data)
         tok = T5Tokenizer(vocab_file=str(model_file), extra_ids=0, legacy=False)
     return tok
+
+
+def materialize(cls, cfg, sd: dict, dtype: torch.dtype, level: str, path: Path, what: str) -> torch.nn.Module:
+    """`cls(cfg)` with the weights of `sd` (keys under `level`, e.g. `text_model.`; transformers 5 drops that level
+    in some towers, so it is matched to the model), position-id buffers rebuilt; missing weights are an error."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if not any(k.startswith(level) for k in model.state_dict()):
+        sd = {k[len(level):] if k.startswith(level) else k: v for k, v in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ModelFileError(f"{path}: incomplete {what}, missing {len(missing)} tensors (e.g. {missing[0]})")
+    for name, buf in model.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    return model.eval().requires_grad_(False)
 
 
 def _load_checked(model: torch.nn.Module, sd: dict, path: Path, allowed_missing: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ from .layout import ORIGINAL_PREFIXES, block_targets
 from .objectives import FlowObjective
 from .schedules import flow_match_euler_sigmas
 from .sources import ModelSources
-from .text_encoders import load_tokenizer, load_umt5_encoder, spiece_tokenizer
+from .text_encoders import load_umt5_encoder, materialize, spiece_tokenizer
 from .wan_layout import (diffusers_config_from_original, layout_of, original_to_diffusers, vae_config_from_original,
                          vae_key_to_original, variant_of)
 
@@ -57,16 +57,22 @@ class WanVariant:
 
 T2V = WanVariant("wan21", "t2v", "Wan 2.1 T2V")
 I2V = WanVariant("wan21_i2v", "i2v", "Wan 2.1 I2V")
-VARIANTS = {v.kind: v for v in (T2V, I2V)}
+VACE = WanVariant("wan21_vace", "vace", "Wan 2.1 VACE")
+VARIANTS = {v.kind: v for v in (T2V, I2V, VACE)}
+I2V_NEEDS = ("Wan 2.1 I2V trains on a start image: set datasets[].do_i2v: true (the clip's first frame) or"
+             " datasets[].control_path (start images with the clips' names)")
+VACE_NEEDS = ("Wan 2.1 VACE trains on control data: set datasets[].control_path (control videos or images with the"
+              " clips' names; masks in mask_path), or train on the Wan 2.1 T2V base instead, whose LoRA applies to VACE")
 
 
 def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     if path.is_dir():
         folder = diffusers_component(path, "transformer", "Wan")
-        model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-        kind = "i2v" if model.config.image_dim is not None else "t2v"
+        cls = WanVACETransformer3DModel if variant.kind == "vace" else WanTransformer3DModel
+        model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        kind = "vace" if "vace_layers" in model.config else "i2v" if model.config.image_dim is not None else "t2v"
     else:
         shapes = safetensors_shapes(path)
         require_family(path, shapes, "wan", variant.arch)
@@ -75,11 +81,11 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
         kind = variant_of(shapes)
         if kind != variant.kind:
             want = {"t2v": "wan21", "i2v": "wan21_i2v", "vace": "wan21_vace"}[kind]
-            raise ModelFileError(f"{path}: a {VARIANTS[kind].name if kind in VARIANTS else 'Wan 2.1 VACE'} checkpoint,"
+            raise ModelFileError(f"{path}: a {VARIANTS[kind].name} checkpoint,"
                                  f" but model.arch is {variant.arch!r}; use model.arch {want}")
         cfg = diffusers_config_from_original(shapes, str(path))
         with torch.device("meta"):
-            model = WanTransformer3DModel(**cfg)
+            model = (WanVACETransformer3DModel if kind == "vace" else WanTransformer3DModel)(**cfg)
         model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         own = {k for k in shapes}
         sd = dequantize_scaled_fp8({k: v for k, v in load_state_dict(path, dtype, prefix).items() if k in own}, str(path))
@@ -140,19 +146,14 @@ def load_clip_vision(path: Path, dtype: torch.dtype):
         )
     except (KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: not a CLIP vision model (missing {e})") from None
-    with torch.device("meta"):
-        model = CLIPVisionModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    if not any(k.startswith("vision_model.") for k in model.state_dict()):  # transformers 5 drops the level
-        sd = {k[len("vision_model."):]: v for k, v in sd.items()}
-    missing, _ = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing:
-        raise ModelFileError(f"{path}: incomplete CLIP vision model (missing {missing[0]})")
-    for name, buf in model.named_buffers():
-        if name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    return model.eval().requires_grad_(False)
+    return materialize(CLIPVisionModel, cfg, sd, dtype, "vision_model.", path, "CLIP vision model")
+
+
+def _fit_frames(video: torch.Tensor, frames: int, pad: float = 0.0) -> torch.Tensor:
+    """(c, f', h, w) cut or padded (with `pad`: ComfyUI pads a short control video with gray, a mask with ones) to f."""
+    if video.shape[1] >= frames:
+        return video[:, :frames]
+    return F.pad(video, (0, 0, 0, 0, 0, frames - video.shape[1]), value=pad)
 
 
 def pad_text(context: torch.Tensor, length: int = T5_MAX_LENGTH) -> torch.Tensor:
@@ -186,8 +187,11 @@ class WanModel(TrainingModel):
         self.t5_max_length = t5_max_length
         self.sample_shift, self._train_shift = sample_shift, train_shift
         self.i2v = variant.kind == "i2v"
+        self.vace = variant.kind == "vace"
         self.text_encoder_attrs = ("umt5",)
-        self.takes_control = self.i2v  # control_path: the start image (else do_i2v: the clip's first frame)
+        # control_path: I2V's start image (else do_i2v: the clip's first frame); VACE's control video, with masks
+        self.takes_control = self.i2v or self.vace
+        self.takes_masks = self.vace
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -198,7 +202,8 @@ class WanModel(TrainingModel):
         return self.denoiser.config.out_channels
 
     def repeated_blocks(self) -> list[nn.Module]:
-        return list(self.denoiser.blocks)
+        # in the order they run (VACE's blocks first), which block swap's eviction relies on
+        return [*getattr(self.denoiser, "vace_blocks", []), *self.denoiser.blocks]
 
     # --- encoders ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,15 +281,49 @@ class WanModel(TrainingModel):
         x = (255.0 * x).clamp(0, 255).round() / 255.0
         return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
-    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None) -> Conditioning | None:
-        """I2V's inputs from the item's start image (its control image, or the clip's first frame with do_i2v)."""
-        if not self.i2v or control is None:
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
+                          mask: torch.Tensor | None = None) -> Conditioning | None:
+        """I2V's inputs from the item's start image (its control image, or the clip's first frame with do_i2v);
+        VACE's from its control video (or image) and mask."""
+        frames = pixels.shape[1] if pixels.dim() == 4 else 1
+        if control is None:
             return None
-        return self.image_condition(control, pixels.shape[1] if pixels.dim() == 4 else 1)
+        if self.i2v:
+            return self.image_condition(control if control.dim() == 3 else control[:, 0], frames)
+        if self.vace:
+            return {"vace": self.vace_condition(control, mask, frames)}
+        return None
+
+    @torch.no_grad()
+    def vace_condition(self, control: torch.Tensor, mask: torch.Tensor | None, frames: int) -> torch.Tensor:
+        """VACE's 96 input channels, as ComfyUI's WanVaceToVideo builds them: the control video where the mask is 0
+        ("inactive") and where it is 1 ("reactive"), each VAE-encoded (16 + 16 channels), and the mask folded 8x8
+        into 64 channels at the latent's frame count. `control` (3, f, h, w) in [-1, 1]: a control video; (3, h, w):
+        an image that is the clip's first frame (the rest gray and generated: VACE's image-to-video, `do_i2v`).
+        `mask` (1, [f,] h, w) in [0, 1], 1 where the model generates; None: everywhere (but a first-frame image)."""
+        h, w = control.shape[-2:]
+        if control.dim() == 3:
+            video = torch.zeros(3, frames, h, w)
+            video[:, 0] = control
+            first_frame = True
+        else:
+            video, first_frame = _fit_frames(control, frames), False
+        if mask is None:
+            m = torch.ones(1, frames, h, w)
+            if first_frame:
+                m[:, 0] = 0.0
+        else:
+            m = _fit_frames(mask if mask.dim() == 4 else mask[:, None].expand(-1, frames, -1, -1), frames, pad=1.0)
+        inactive = self.encode_pixels((video * (1 - m))[None])[0]
+        reactive = self.encode_pixels((video * m)[None])[0]
+        s = self.vae_scale
+        folded = m[0].reshape(frames, h // s, s, w // s, s).permute(2, 4, 0, 1, 3).reshape(s * s, frames, h // s, w // s)
+        t = inactive.shape[1]
+        folded = F.interpolate(folded[None], size=(t, h // s, w // s), mode="nearest-exact")[0]
+        return torch.cat([inactive, reactive, folded], dim=0)
 
     def requires_conditions(self) -> str | None:
-        return ("Wan 2.1 I2V trains on a start image: set datasets[].do_i2v: true (the clip's first frame) or"
-                " datasets[].control_path (start images with the clips' names)") if self.i2v else None
+        return I2V_NEEDS if self.i2v else VACE_NEEDS if self.vace else None
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
@@ -303,6 +342,12 @@ class WanModel(TrainingModel):
         context = cond["context"].to(dev, dt)
         if image is not None:
             context = pad_text(context)
+        if self.vace:
+            if "vace" not in cond:
+                raise ConfigError(VACE_NEEDS)
+            return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=context,
+                                 control_hidden_states=cond["vace"].to(dev, dt).expand(b, -1, -1, -1, -1),
+                                 return_dict=False)[0]
         return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=context,
                              encoder_hidden_states_image=image, return_dict=False)[0]
 
@@ -364,5 +409,9 @@ FAMILIES = [
            model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
     Family("wan21_i2v", "Wan 2.1 I2V (14B 480p / 720p): as T2V plus the start image and CLIP vision H",
            lambda mc, device, dtype: load_wan(mc, device, dtype, I2V), video=True, takes_control=True,
+           requires_control=I2V_NEEDS, model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+    Family("wan21_vace", "Wan 2.1 VACE (1.3B, 14B): as T2V plus control videos and masks",
+           lambda mc, device, dtype: load_wan(mc, device, dtype, VACE), video=True, takes_control=True,
+           takes_masks=True, requires_control=VACE_NEEDS,
            model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
 ]

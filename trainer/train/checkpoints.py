@@ -8,6 +8,7 @@ atomic. A `training_state.pt` of an earlier version is read with torch's weights
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -28,12 +29,90 @@ DTYPES = {
 }
 
 
+LOCK_FILE = ".lock"
+_HELD: dict[str, "RunFolder"] = {}  # run folders this process holds the lock of: a newer session takes it over
+
+
 class RunFolder:
+    """One run's folder. Opening it checks that it is a folder that can be written, takes its lock (one run per
+    folder at a time: a second one is told which process holds it) and removes temp files a killed run left."""
+
     def __init__(self, root: Path, name: str) -> None:
         self.root = root
         self.name = name
         self.samples = root / "samples"
-        root.mkdir(parents=True, exist_ok=True)
+        self._lock = None
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root}: the run folder is a file; move it away or use another config.name")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{root}: cannot create the run folder ({e.strerror or e})") from None
+        for path, kind in ((self.samples, "folder"), (self.metrics_path, "file"), (self.state_path, "file")):
+            if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+                raise UserError(f"{path}: expected a {kind} here; move it away")
+
+    def lock(self) -> None:
+        """Take the run folder's lock (released on exit, and by the OS if the process dies)."""
+        import filelock
+
+        key = str(self.root.resolve())
+        if key in _HELD:  # this process's older run of the same folder (a host's replaced session) gives it up
+            _HELD.pop(key).unlock()
+        lock = filelock.FileLock(str(self.root / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            holder = _lock_holder(self.root / LOCK_FILE)
+            raise UserError(f"{self.root}: another run is training into this folder{holder}; wait for it to end, or"
+                            " use another config.name") from None
+        except OSError as e:
+            raise UserError(f"{self.root}: cannot write into the run folder ({e.strerror or e})") from None
+        (self.root / LOCK_FILE).with_suffix(".pid").write_text(str(os.getpid()))
+        self._lock = lock
+        _HELD[key] = self
+        self.remove_stale_temp_files()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+            if _HELD.get(str(self.root.resolve())) is self:
+                _HELD.pop(str(self.root.resolve()))
+
+    def trim_metrics(self, step: int) -> None:
+        """On resume: metrics of steps after the resume point (trained, then lost with an interrupted run) go."""
+        from ..fileio import read_jsonl, write_text_atomic
+
+        if not self.metrics_path.is_file():
+            return
+        records = read_jsonl(self.metrics_path)
+        kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
+        if len(kept) != len(records):
+            import json
+
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def restart(self) -> None:
+        """`--restart`: the state and metrics set aside (renamed with a time stamp), so the run starts over."""
+        import time
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for p in (self.state_path, self.root / LEGACY_STATE_FILE, self.metrics_path):
+            if p.exists():
+                p.rename(p.with_name(f"{p.stem}.{stamp}.old{p.suffix}"))
+
+    def remove_stale_temp_files(self) -> int:
+        """Temp files of atomic writes a killed run left behind (a Flux state is GBs); only with the lock held."""
+        n = 0
+        for folder in (self.root, self.samples):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+                    n += 1
+        if n:
+            log.info("removed %d temp files an interrupted run left in %s", n, self.root)
+        return n
 
     @property
     def state_path(self) -> Path:
@@ -124,3 +203,10 @@ def check_resumable(state: dict, network_shapes: dict[str, tuple[int, ...]], arc
         if not isinstance(t, torch.Tensor) or not bool(torch.isfinite(t).all()):
             raise UserError(f"{path}: the saved network tensor {k} is not finite; the state is unusable (the step"
                             " saves are untouched)")
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        return f" (process {int(lock.with_suffix('.pid').read_text().strip())})"
+    except (OSError, ValueError):
+        return ""

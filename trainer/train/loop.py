@@ -14,7 +14,7 @@ import torch
 from ..config import JobConfig, dump_job_yaml
 from ..data.cache import LatentCache, TextCache
 from ..data.dataset import BatchPlan, Dataset, captions_for_batch
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, UserError
 from ..fileio import append_jsonl
 from ..models.base import Conditioning, TrainingModel, collate_conditioning
 from ..networks.network import Network
@@ -23,6 +23,7 @@ from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
+from .run_identity import split_changes
 from .timesteps import linear_timestep_weights
 
 log = logging.getLogger("trainer")
@@ -48,8 +49,10 @@ class Trainer:
         texts: TextCache | None,
         samples: list[PreparedSample],
         run: RunFolder,
+        identity: dict | None = None,
     ) -> None:
         self.job, self.cfg = job, job.process
+        self.identity = identity or {}  # what the run depends on (run_identity.py), kept in the state
         self.model, self.network = model, network
         self.datasets, self.latents, self.texts = datasets, latents, texts
         self.samples = samples
@@ -69,6 +72,16 @@ class Trainer:
         tc = self.cfg.train
         return build_scheduler(self.optimizer, tc.lr_scheduler, total, tc.lr_warmup_steps, dict(tc.lr_scheduler_params))
 
+    def _reschedule(self, total: int) -> None:
+        """A schedule over `total` steps, positioned at the current step (the optimizer's lr set to it)."""
+        import warnings
+
+        self.scheduler = self._schedule(total)
+        self.scheduler.last_epoch = self.state.step - 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step.*")
+            self.scheduler.step()
+
     def extend_to(self, total: int) -> None:
         """Grow the run to `total` steps (a session that trains on): the schedule is stretched to the new total
         from the current step, and the job (written into saves' metadata) records the new step count."""
@@ -78,9 +91,7 @@ class Trainer:
         self.job.raw["config"]["process"][0].setdefault("train", {})["steps"] = total
         for g in self.optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
-        self.scheduler = self._schedule(total)
-        self.scheduler.last_epoch = self.state.step - 1
-        self.scheduler.step()
+        self._reschedule(total)
 
     # --- persistence ---------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
@@ -110,8 +121,19 @@ class Trainer:
 
     def save(self, final: bool = False) -> None:
         self.check_finite()
-        tensors = self.network.export(DTYPES[self.cfg.save.dtype])
         path = self.run.final_path if final else self.run.step_path(self.state.step)
+        try:
+            self._write(path, final)
+        except OSError as e:  # disk full, read-only folder ...: the atomic writes left the previous files whole
+            kept = self.state.last_save or "nothing was saved yet"
+            raise UserError(f"{path}: cannot write the save ({e.strerror or e}); the previous save is intact ({kept})."
+                            " Free space in the training folder (or fix its permissions) and run again to resume.") from None
+        if not final:
+            self.run.prune(self.cfg.save.max_step_saves_to_keep)
+        self.state.last_save = str(path)
+
+    def _write(self, path, final: bool) -> None:
+        tensors = self.network.export(DTYPES[self.cfg.save.dtype])
         self.run.save_network(path, tensors, self.metadata())
         self.run.save_state({
             "step": self.state.step,
@@ -122,27 +144,63 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "last_save": str(path),
+            "identity": self.identity,
         })
-        if not final:
-            self.run.prune(self.cfg.save.max_step_saves_to_keep)
-        self.state.last_save = str(path)
 
-    def resume(self) -> bool:
+    def resume(self, extendable: bool = False) -> list[str] | None:
+        """Continue from the run folder's state. Returns the job changes applied from the resume step (empty: the
+        same job), or raises with the changes the saved state cannot take; None when there is nothing to resume.
+        `extendable`: a state past train.steps extends the run (a session that trains on) instead of an error."""
         st = self.run.load_state()
         if st is None:
-            return False
-        check_resumable(st, self.network_shapes, self.model.arch, self.cfg.train.steps, self.run.state_path)
+            return None
+        refused, applied = split_changes(st.get("identity") or {}, self.identity) if st.get("identity") else ([], [])
+        if refused:
+            raise UserError(
+                f"{self.run.state_path}: this run was started with another model, network or optimizer, which its"
+                " saved state cannot continue:\n  " + "\n  ".join(refused) + "\nUse a new config.name, or run with"
+                " --restart to start this run over (its saves are kept until new ones replace them)."
+            )
+        check_resumable(st, self.network_shapes, self.model.arch, max(self.cfg.train.steps, st.get("step", 0)),
+                        self.run.state_path)
+        if st["step"] > self.cfg.train.steps and extendable:
+            self.extend_to(st["step"])
+        elif st["step"] > self.cfg.train.steps:
+            raise UserError(f"{self.run.state_path}: the run is at step {st['step']}, past train.steps"
+                            f" {self.cfg.train.steps}; raise train.steps to continue it, or use a new config.name")
         self.network.load_state_dict(st["network"])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        if self.scaler and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
         self.state.step = st["step"]
         self.state.last_save = st.get("last_save")
-        return True
+        if self.scaler and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        if applied or extendable:
+            self._apply_current_settings()
+        else:
+            self.scheduler.load_state_dict(st["scheduler"])
+        self.run.trim_metrics(self.state.step)
+        return applied
+
+    def _apply_current_settings(self) -> None:
+        """After a resume with a changed job: the job's lr, optimizer parameters and schedule from this step on."""
+        tc = self.cfg.train
+        groups = self.network.param_groups(tc.lr, tc.text_encoder_lr)
+        for g, want in zip(self.optimizer.param_groups, groups):
+            g.update({k: v for k, v in tc.optimizer_params.items()})
+            g["lr"] = g["initial_lr"] = want["lr"]
+        self._reschedule(tc.steps)
 
     def finished(self) -> bool:
-        return self.state.step >= self.cfg.train.steps and self.run.final_path.exists()
+        """At train.steps with a final file that reads (a damaged one is written again by train())."""
+        if self.state.step < self.cfg.train.steps or not self.run.final_path.is_file():
+            return False
+        from ..models.files import safetensors_shapes
+
+        try:
+            safetensors_shapes(self.run.final_path)
+        except UserError:
+            return False
+        return True
 
     # --- one step ------------------------------------------------------------------------------
     def _conditioning(self, captions: list[str]) -> Conditioning:
@@ -286,6 +344,8 @@ class Trainer:
                 if sampling and step < tc.steps and step % sc.sample_every == 0:
                     self.sample(report)
                 t_last = time.perf_counter()  # saving and sampling time are not step time
+        except UserError:
+            raise  # a save that could not be written: nothing more to save
         except BaseException:
             # Ctrl-C, a cancel from the host (ComfyUI's interrupt) or a crash: keep what was trained
             self._save_on_stop()
@@ -309,6 +369,8 @@ class Trainer:
                 self.save()
             except TrainingDiverged:
                 log.warning("the network is not finite at step %d: not saved", self.state.step)
+            except UserError as e:  # the disk is full too: say so, and let the first error through
+                log.warning("%s", e)
 
 
 def _peak_gib(device: torch.device) -> float:

@@ -1,0 +1,73 @@
+"""What a run depends on, recorded in its resume state and compared when it resumes.
+
+A changed job is found by key: what cannot apply to the saved state (the base model, the network's layout, the
+optimizer type) is refused with the list and the ways out; what can (steps, lr and schedule, optimizer
+parameters, clipping, data, seed, batch, saves and samples) applies from the resume step and is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import JobConfig
+
+# keys whose change the saved state cannot take
+FIXED = ("arch", "base_model", "network", "optimizer")
+
+
+def run_identity(job: JobConfig, base_model: str) -> dict[str, Any]:
+    p = job.process
+    tc, nc = p.train, p.network
+    return {
+        "arch": job.arch,
+        "base_model": base_model,
+        "network": {"type": nc.type, "linear": nc.linear, "alpha": nc.alpha, "conv": nc.conv,
+                    "conv_alpha": nc.conv_alpha, "lokr_factor": nc.lokr_factor, "lokr_full_rank": nc.lokr_full_rank,
+                    "only_if_contains": nc.only_if_contains, "ignore_if_contains": nc.ignore_if_contains,
+                    "train_unet": tc.train_unet, "train_text_encoder": tc.train_text_encoder},
+        "optimizer": tc.optimizer,
+        "optimizer_params": dict(tc.optimizer_params),
+        "lr": tc.lr,
+        "text_encoder_lr": tc.text_encoder_lr,
+        "lr_scheduler": tc.lr_scheduler,
+        "lr_scheduler_params": dict(tc.lr_scheduler_params),
+        "lr_warmup_steps": tc.lr_warmup_steps,
+        "steps": tc.steps,
+        "max_grad_norm": tc.max_grad_norm,
+        "seed": tc.seed,
+        "batch_size": tc.batch_size,
+        "gradient_accumulation": tc.gradient_accumulation,
+        "dtype": tc.dtype,
+        "timestep_type": tc.timestep_type,
+        "datasets": [{k: v for k, v in vars(d).items()} for d in p.datasets],
+    }
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """`key: old -> new` for every key that differs (datasets compared item by item)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if key == "datasets" and isinstance(a, list) and isinstance(b, list):
+            for i in range(max(len(a), len(b))):
+                da = a[i] if i < len(a) else None
+                db = b[i] if i < len(b) else None
+                if da != db:
+                    if da is None or db is None:
+                        out.append(f"datasets[{i}]: {'added' if da is None else 'removed'}")
+                    else:
+                        for k in sorted(set(da) | set(db)):
+                            if da.get(k) != db.get(k):
+                                out.append(f"datasets[{i}].{k}: {da.get(k)!r} -> {db.get(k)!r}")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def split_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, applied) differences."""
+    changes = differences(saved, now)
+    refused = [c for c in changes if c.split(":", 1)[0].split(".", 1)[0] in FIXED]
+    return refused, [c for c in changes if c not in refused]
