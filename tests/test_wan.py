@@ -15,7 +15,7 @@ from helpers import job_dict
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.videos import make_video_dataset
 from trainer.demo.wan import wan_diffusers_config, write_wan_files
-from trainer.errors import ConfigError, DatasetError, ModelFileError
+from trainer.errors import ConfigError, ModelFileError
 from trainer.job import build_trainer, run_job
 from trainer.models.wan import I2V, T2V, VACE, load_wan
 from trainer.sampling import denoise, initial_noise
