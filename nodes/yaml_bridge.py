@@ -5,11 +5,12 @@ job files it wrote itself; Load reads `.yaml` / `.yml` files only."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ..trainer.config import parse_yaml_text
+from ..trainer.config import parse_yaml_text, resolve_job_paths
 from ..trainer.errors import ConfigError
 from ..trainer.fileio import write_text_atomic
 from ..trainer.paths import contained
@@ -44,8 +45,8 @@ class EriLoadJob(io.ComfyNode):
             raise ConfigError(f"Load Training Job path: {str(p)!r} is not a .yaml / .yml job file")
         if not p.is_file():
             raise ConfigError(f"{p}: job file not found")
-        model, datasets, network, settings, steps = parts_from_job(parse_yaml_text(p.read_text(encoding="utf-8"),
-                                                                                   str(p)))
+        data = parse_yaml_text(p.read_text(encoding="utf-8-sig"), str(p))
+        model, datasets, network, settings, steps = parts_from_job(data, Path(os.path.abspath(p)).parent)
         return io.NodeOutput(model, datasets, network, settings, steps)
 
 
@@ -72,6 +73,8 @@ class EriExportJob(io.ComfyNode):
                               " 'Training Model (by arch, from files)' to export a job `python -m trainer` runs")
         p = export_path(folder_paths.get_output_directory(), path)
         job = job_from_parts(training_model, datasets, network, settings, steps, "output")
+        # the graph's relative paths are ComfyUI's working folder's: written absolute, the job runs from anywhere
+        resolve_job_paths(job["config"]["process"][0], Path.cwd().resolve(), [])
         write_text_atomic(p, f"{EXPORT_MARK}\n" + yaml.safe_dump(job, sort_keys=False))
         return io.NodeOutput(str(p), ui=ui.PreviewText(f"wrote {p}: python -m trainer {p}"))
 

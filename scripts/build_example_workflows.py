@@ -149,7 +149,7 @@ def dataset(**over) -> dict:
              resolution="512, 768, 1024", caption_dropout_rate=0.05, num_repeats=1, flip_x=False,
              shuffle_tokens=False, keep_tokens=0, cache_latents_to_disk=True, control_path="", control_dropout=0.0,
              num_frames=1, frames="", shrink_video_to_frames=True, fps=0.0, clips_per_video=1, do_i2v=False,
-             mask_path="")
+             mask_path="", background_color="white")
     d.update(over)
     return d
 
@@ -190,7 +190,8 @@ def by_arch_workflow(name: str, model: dict, steps: int, note: str, ds: dict | N
 
 
 def twin_yaml(classes: dict, nodes: list[dict], steps: int, header: str, demo: bool) -> str:
-    """What EriExportJob writes for this graph; demo paths relative to the repository root."""
+    """What EriExportJob writes for this graph, with the paths as the workflow names them (relative to the ComfyUI
+    folder); the demo's relative to the YAML's own folder, so it runs from anywhere."""
     from EriDiffusion.trainer.config import dump_job_yaml, load_job_dict
     from EriDiffusion.trainer.session import job_from_parts
 
@@ -201,9 +202,9 @@ def twin_yaml(classes: dict, nodes: list[dict], steps: int, header: str, demo: b
     sets = _run(classes, "EriTrainSettings", w["EriTrainSettings"])
     job = job_from_parts(model, ds, net, sets, steps, "output/eridiffusion")
     text = dump_job_yaml(load_job_dict(job))
-    if demo:  # run from the repository root, writing into demo/output
-        text = text.replace("custom_nodes/EriDiffusion/", "").replace("training_folder: output/eridiffusion",
-                                                                        "training_folder: demo/output")
+    if demo:  # the repository's demo/ beside example_workflows/, writing into demo/output
+        text = text.replace("custom_nodes/EriDiffusion/", "../").replace("training_folder: output/eridiffusion",
+                                                                           "training_folder: ../demo/output")
     return header + text
 
 
@@ -327,7 +328,7 @@ def main() -> int:
         wf = build(name, nodes, edges, classes)
         (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n", encoding="utf-8")
         header = (f"# The YAML twin of {name}.json: the same run (what that workflow's \"Export Training Job (YAML)\"\n"
-                  f"# node writes{', with paths relative to this repository root' if demo else ''}).\n"
+                  f"# node writes{', with paths relative to this file' if demo else ''}).\n"
                   + ("#\n#   python -m trainer demo                                   # once: writes demo/models and demo/dataset\n"
                      f"#   python -m trainer example_workflows/{name}.yaml\n#\n"
                      "# from the repository root. The LoRA lands in demo/output/flux_demo_train/; run it again to resume.\n"
@@ -335,7 +336,8 @@ def main() -> int:
                      "# its \"Sample (training LoRA)\" node instead; to sample here, list sample.prompts.\n"
                      if demo else
                      f"#\n#   trainer custom_nodes/EriDiffusion/example_workflows/{name}.yaml   # from the ComfyUI folder\n"
-                     "#\n# Paths are relative to the ComfyUI folder: edit them to your files.\n"))
+                     "#\n# Paths are relative to the ComfyUI folder (relative paths not found beside this file are read\n"
+                     "# from the current folder, with a warning): edit them to your files, absolute paths work anywhere.\n"))
         (OUT / f"{name}.yaml").write_text(twin_yaml(classes, nodes, steps, header, demo), encoding="utf-8")
         print(f"wrote {name}.json and {name}.yaml")
 

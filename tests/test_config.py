@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from trainer.config import load_job_dict, load_job_file, parse_yaml_text
@@ -117,3 +119,60 @@ def test_numbers_are_finite_and_bounded():
     with pytest.raises(ConfigError, match=r"datasets\[0\].resolution\[0\]: must be at most 8192"):
         load_job_dict({"config": {"name": "r", "process": [{**base, "datasets": [{"folder_path": "d",
                                                                                    "resolution": [2**40]}]}]}})
+
+
+def test_typo_one_edit_from_a_known_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"config.process\[0\].train.stpes: unknown key; did you mean steps\?"):
+        load_job_dict(base(train={"stpes": 10}))
+    with pytest.raises(ConfigError, match=r"datasets\[0\].resolutoin: unknown key; did you mean resolution"):
+        load_job_dict(base(datasets=[{"folder_path": "/d", "resolutoin": 512}]))
+    job = load_job_dict(base(train={"stpes": 10}), allow_unknown_keys=True)
+    assert job.process.train.steps == 1000
+    assert "config.process[0].train.stpes: unknown key, ignored; did you mean steps?" in job.warnings
+    # further away: a warning that still suggests
+    job = load_job_dict(base(train={"learning_rat": 1e-4}))
+    assert any(w.startswith("config.process[0].train.learning_rat: unknown key, ignored") for w in job.warnings)
+
+
+def _write_job(path, proc):
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"job": "extension", "config": {"name": "n", "process": [proc]}}))
+    return path
+
+
+def test_relative_paths_are_read_from_the_job_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "project" / "models").mkdir()
+    (tmp_path / "project" / "models" / "f.safetensors").write_bytes(b"")
+    p = _write_job(tmp_path / "project" / "jobs" / "job.yaml", {
+        "model": {"name_or_path": "../models/f.safetensors", "arch": "flex2"},
+        "datasets": [{"folder_path": "../data", "control_path": "../ctrl"}],
+        "sample": {"samples": [{"prompt": "a", "ctrl_img": "../data/c.png"}]}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = load_job_file(p)
+    proj = (tmp_path / "project").resolve()
+    assert job.process.model.name_or_path == str(proj / "models" / "f.safetensors")
+    assert Path(job.process.datasets[0].folder_path).resolve() == proj / "data"
+    assert Path(job.process.datasets[0].control_path).resolve() == proj / "ctrl"  # missing: named where looked
+    assert Path(job.process.sample.samples[0].control_image).resolve() == proj / "data" / "c.png"
+    assert Path(job.process.training_folder) == proj / "jobs" / "output"  # outputs beside the job file
+    # the job copied into the run folder names the same files
+    assert job.raw["config"]["process"][0]["datasets"][0]["folder_path"] == job.process.datasets[0].folder_path
+    assert not job.warnings
+
+
+def test_relative_path_found_only_from_the_current_folder_warns(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    p = _write_job(tmp_path / "jobs" / "job.yaml", {"model": {"name_or_path": "org/some-model", "arch": "flux"},
+                                                     "datasets": [{"folder_path": "data"}]})
+    monkeypatch.chdir(tmp_path)
+    job = load_job_file(p)
+    assert Path(job.process.datasets[0].folder_path) == (tmp_path / "data").resolve()
+    assert job.warnings == [f"datasets[0].folder_path: not found beside the job file ({(tmp_path / 'jobs').resolve()}),"
+                            f" read from the current folder ({tmp_path}); relative paths in a job file are read from"
+                            " its folder"]
+    assert job.process.model.name_or_path == "org/some-model"  # a hub id is left for the loader to explain

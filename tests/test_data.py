@@ -115,3 +115,99 @@ def test_exif_orientation_respected(tmp_path):
     (folder / "r.txt").write_text("x")
     ds = scan_dataset(DatasetConfig(folder_path=str(folder), resolution=[64]), 0, None, 16)
     assert (ds.media[0].width, ds.media[0].height) == (32, 48)
+
+
+def _one_image_folder(tmp_path, img: Image.Image, name: str = "a.png", caption: bytes = b"x") -> "Path":
+    folder = tmp_path / "d"
+    folder.mkdir(exist_ok=True)
+    img.save(folder / name)
+    (folder / name).with_suffix(".txt").write_bytes(caption)
+    return folder
+
+
+def test_16_bit_png_converted_by_its_depth(tmp_path):
+    import numpy as np
+
+    from trainer.data.media import load_rgb
+
+    ramp = (np.arange(64, dtype=np.uint32).reshape(1, 64).repeat(8, 0) * 1040).astype(np.uint16)  # 0 .. 65520
+    im = Image.fromarray(ramp)
+    im.save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode.startswith("I")
+    got = np.asarray(load_rgb(tmp_path / "depth.png"))[0, :, 0].astype(int)
+    want = np.round(ramp[0] / 65535 * 255).astype(int)
+    assert np.abs(got - want).max() <= 1  # not clipped white: 8-bit by the real depth
+    assert got[0] == 0 and 120 < got[32] < 140 and got[-1] > 250
+
+
+def test_transparent_pixels_composited_on_white(tmp_path):
+    import numpy as np
+
+    from trainer.data.media import load_rgb
+
+    im = Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # red under full transparency
+    im.paste((0, 0, 255, 255), (0, 0, 8, 16))  # opaque blue on the left
+    im.save(tmp_path / "a.png")
+    arr = np.asarray(load_rgb(tmp_path / "a.png"))
+    assert (arr[:, :8] == [0, 0, 255]).all() and (arr[:, 8:] == 255).all()
+
+
+def test_caption_encodings(tmp_path, caplog):
+    texts = {"bom": ("a café, ümlaut".encode("utf-8-sig"), "a café, ümlaut"),
+             "utf16": ("a café".encode("utf-16"), "a café"),
+             "utf16_nobom": ("a café, two".encode("utf-16-le"), "a café, two"),
+             "latin": ("a café – naïve".encode("cp1252"), "a café – naïve"),
+             "plain": ("a dog".encode(), "a dog")}
+    folder = tmp_path / "d"
+    for name, (raw, _) in texts.items():
+        _one_image_folder(tmp_path, Image.new("RGB", (32, 32)), f"{name}.png", raw)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        ds = scan_dataset(DatasetConfig(folder_path=str(folder), resolution=[32]), 0, None, 16)
+    got = {m.path.stem: m.caption for m in ds.media}
+    assert got == {k: v for k, (_, v) in texts.items()}
+    assert "2 captions are not UTF-8" in caplog.text
+    assert "latin.txt (read as cp1252)" in caplog.text and "utf16_nobom.txt (read as utf-16-le)" in caplog.text
+    assert " bom.txt" not in caplog.text and "plain.txt" not in caplog.text
+
+
+def test_small_image_trains_once_across_resolutions(tmp_path):
+    folder = make_images(tmp_path / "d", n=1, size=(40, 40))
+    make_images(tmp_path / "big", n=1, size=(160, 160))
+    cfg = DatasetConfig(folder_path=str(folder), resolution=[32, 64, 128])
+    small = scan_dataset(cfg, 0, None, 16)
+    big = scan_dataset(replace(cfg, folder_path=str(tmp_path / "big")), 0, None, 16)
+    assert [e.bucket for e in small.entries] == [(32, 32)]  # 64 and 128 would not upscale it: the same bucket
+    assert sorted(e.bucket for e in big.entries) == [(32, 32), (64, 64), (128, 128)]
+
+
+def test_huge_images_downscaled_on_load_and_said_once(tmp_path, monkeypatch, caplog):
+    import trainer.data.media as media
+
+    monkeypatch.setattr(media, "MAX_LOAD_PIXELS", 100 * 100)
+    monkeypatch.setattr(media, "_said_downscaled", [])
+    for name in ("a", "b"):
+        Image.new("RGB", (400, 100), (10, 20, 30)).save(tmp_path / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        a, b = media.load_rgb(tmp_path / "a.png"), media.load_rgb(tmp_path / "b.png")
+    assert a.size == b.size == (200, 50)  # the aspect kept, the pixel count at the cap
+    assert caplog.text.count("downscaled as they load") == 1
+    assert Image.MAX_IMAGE_PIXELS is None  # PIL's decompression-bomb refusal is lifted: big photos load
+
+
+def test_background_color_goes_under_transparency_and_keys_the_cache(tmp_path):
+    from trainer.config import load_job_dict
+    from trainer.data.cache import LatentCache
+    from trainer.errors import ConfigError
+
+    im = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    folder = _one_image_folder(tmp_path, im)
+    white = scan_dataset(DatasetConfig(folder_path=str(folder), resolution=[32]), 0, None, 16)
+    black = scan_dataset(DatasetConfig(folder_path=str(folder), resolution=[32], background_color="#000000"), 0, None, 16)
+    assert (load_pixels(white.media[0], white.entries[0]) == 1).all()
+    assert (load_pixels(black.media[0], black.entries[0]) == -1).all()
+    cache = LatentCache([white, black], "vae")
+    assert cache.key(white, white.entries[0]) != cache.key(black, black.entries[0])
+    with pytest.raises(ConfigError, match=r"datasets\[0\].background_color: 'blak' is not a colour"):
+        load_job_dict({"config": {"name": "n", "process": [{"model": {"name_or_path": "/x", "arch": "flux"},
+                                                            "datasets": [{"folder_path": "/d",
+                                                                          "background_color": "blak"}]}]}})

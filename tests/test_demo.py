@@ -13,6 +13,9 @@ def test_demo_runs_offline(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lora = out / "output" / "demo_flux_lora" / "demo_flux_lora.safetensors"
     assert lora.exists() and "LoRA:" in r.stdout
+    # the end says which file goes into which ComfyUI folder, and which loader reads it
+    assert "models/diffusion_models/  flux_demo.safetensors   -> Load Diffusion Model" in r.stdout
+    assert r.stdout.count("-> DualCLIPLoader (type flux)") == 2 and "models/loras/" in r.stdout
     assert len(list((out / "output" / "demo_flux_lora" / "samples").glob("*.png"))) == 6
     with safe_open(str(out / "models" / "flux_demo.safetensors"), "pt") as f:
         # what ComfyUI's detection reads: hidden 3072 in 24 heads of 128, a guidance embedding

@@ -199,3 +199,64 @@ def test_run_folder_pieces_of_the_wrong_kind(tiny_flux, images, tmp_path):
     (tmp_path / "file_out" / "run").write_text("x")
     with pytest.raises(UserError, match="the run folder is a file"):
         build_trainer(load_job_dict(_job(tiny_flux, images, tmp_path / "file_out")), report=quiet)
+
+
+def _fifo_model(tiny_flux: dict, folder: Path) -> dict:
+    """The model's files as named pipes: opening one for reading blocks until a writer comes (none does), so a run
+    that opens a model file before it fails hangs, and the test's timeout catches it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = dict(tiny_flux)
+    for key in ("name_or_path", "vae_path"):
+        os.mkfifo(folder / Path(model[key]).name)
+        model[key] = str(folder / Path(model[key]).name)
+    model["text_encoder_paths"] = []
+    for p in tiny_flux["text_encoder_paths"]:
+        os.mkfifo(folder / Path(p).name)
+        model["text_encoder_paths"].append(str(folder / Path(p).name))
+    return model
+
+
+def _cli_job(tmp_path: Path, d: dict) -> subprocess.CompletedProcess:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(d))
+    return subprocess.run([sys.executable, "-m", "trainer", str(job)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bad_input_fails_before_any_model_file_is_opened(tiny_flux, images, tmp_path):
+    model = _fifo_model(tiny_flux, tmp_path / "pipes")
+    d = _job(model, tmp_path / "no_such_folder", tmp_path / "out")
+    r = _cli_job(tmp_path, d)
+    assert r.returncode == 2 and "datasets[0].folder_path" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # a job that fails validation creates no folders
+    d = _job(model, images, tmp_path / "out", optimizer="adamw8bit")
+    r = _cli_job(tmp_path, d)
+    assert r.returncode == 2 and "adamw8bit needs a CUDA device" in r.stderr, r.stderr
+    (images / "img_0.txt").unlink()
+    r = _cli_job(tmp_path, _job(model, images, tmp_path / "out"))
+    assert r.returncode == 2 and "1 files have no .txt caption (img_0.png)" in r.stderr, r.stderr
+    (images / "img_0.txt").write_text("a caption again")
+    d = _job({**model, "vae_path": str(tmp_path / "no_vae.safetensors")}, images, tmp_path / "out")
+    r = _cli_job(tmp_path, d)
+    assert r.returncode == 2 and "model.vae_path:" in r.stderr and "does not exist" in r.stderr, r.stderr
+
+
+def test_changed_network_on_resume_is_refused_before_the_model_loads(tiny_flux, images, tmp_path):
+    d = _job(tiny_flux, images, tmp_path / "out", steps=4)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    trainer.train(until=2)
+    trainer.run.unlock()
+    config_before = (tmp_path / "out" / "run" / "config.yaml").read_text()
+    changed = _job(_fifo_model(tiny_flux, tmp_path / "pipes"), images, tmp_path / "out", steps=4)
+    changed["config"]["process"][0]["network"]["linear"] = 8
+    r = _cli_job(tmp_path, changed)
+    assert r.returncode == 2 and "network.linear: 4 -> 8" in r.stderr, r.stderr
+    assert (tmp_path / "out" / "run" / "config.yaml").read_text() == config_before  # the refused job wrote nothing
+
+
+def test_a_run_needs_room_for_its_saves_and_state(tmp_path):
+    from trainer.job import check_disk_room
+
+    check_disk_room(tmp_path, 1_000_000, "float16")  # 28 MB
+    with pytest.raises(UserError, match=r"GiB free, and this run's saves and resume state need about 9313\d\d\.\d\d GiB"):
+        check_disk_room(tmp_path, 10**15 // 28, "float16")  # 1 PB: more than any disk here

@@ -21,9 +21,13 @@ def quiet(_msg: str) -> None:
     pass
 
 
-def test_end_to_end_run_folder(tiny_flux, images, tmp_path):
-    job = load_job_dict(job_dict(tiny_flux, images, tmp_path / "out", steps=4, cache_text_embeddings=True))
-    state = run_job(job, report=quiet)
+def test_end_to_end_run_folder(tiny_flux, images, tmp_path, caplog):
+    d = job_dict(tiny_flux, images, tmp_path / "out", steps=4, cache_text_embeddings=True)
+    d["config"]["process"][0]["sample"]["width"] = 34  # not a multiple of the tiny model's 4: rounded, with a message
+    job = load_job_dict(d)
+    with caplog.at_level("WARNING", logger="trainer"):
+        state = run_job(job, report=quiet)
+    assert "sample.samples[0]: 34x32 rounded to 32x32" in caplog.text
     run = tmp_path / "out" / "run"
     assert state.step == 4
     names = sorted(p.name for p in run.iterdir())
@@ -34,6 +38,9 @@ def test_end_to_end_run_folder(tiny_flux, images, tmp_path):
     assert all(set(m) >= {"loss", "lr", "s_per_step", "peak_mem_gib"} for m in metrics)
     samples = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert samples == ["000000000_00.png", "000000004_00.png"]
+    index = [json.loads(l) for l in (run / "samples" / "index.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["width"], r["height"], r["seed"], r["neg"], r["guidance_scale"], r["control_image"])
+            for r in index] == [(0, 32, 32, 42, "", 3.5, None), (4, 32, 32, 42, "", 3.5, None)]
     with safe_open(str(run / "run.safetensors"), "pt") as f:
         md = f.metadata()
         keys = set(f.keys())
@@ -217,5 +224,10 @@ def test_cli_trains_and_resumes_finished_run(tiny_flux, images, tmp_path):
     r = _cli([str(p)], tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "run" / "run.safetensors").exists()
+    # sampling says so, with its own progress, at step 0 and after the last step
+    assert "sampling 1 previews at step 0" in r.stdout and "sampling 1 previews at step 2" in r.stdout
+    assert r.stdout.count("preview 1/1 in") == 2
+    # one rate on the bar (the training step's) and the time left at it; not tqdm's wall-clock rate
+    assert " s/step, " in r.stderr and " left, loss " in r.stderr and "step/s" not in r.stderr
     r = _cli([str(p)], tmp_path)
     assert r.returncode == 0 and "already finished" in r.stdout

@@ -25,36 +25,42 @@ def _setup_logging() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
-    if argv and argv[0] == "demo":
-        p = argparse.ArgumentParser(prog="trainer demo", description="Train a LoRA on a small random model, offline.")
-        from .demo import DEMO_WRITERS
+def demo_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_WRITERS
 
-        p.add_argument("--arch", default="flux", help="the family: " + ", ".join(sorted(DEMO_WRITERS)))
-        p.add_argument("--out", default="demo", help="work folder (default ./demo)")
-        p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
-        a = p.parse_args(argv[1:])
-        try:
-            from .demo import run_demo
+    p = argparse.ArgumentParser(prog="trainer demo", description="Train a LoRA on a small random model, offline.")
+    p.add_argument("--arch", default="flux", help="the family: " + ", ".join(sorted(DEMO_WRITERS)))
+    p.add_argument("--out", default="demo", help="work folder (default ./demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    return p
 
-            return run_demo(a.arch, a.out, a.steps)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+
+def job_parser() -> argparse.ArgumentParser:
     from .models.registry import known_arches
 
     p = argparse.ArgumentParser(prog="trainer", description="Train a LoRA from an ai-toolkit style job file. Families"
                                 " (model.arch): " + ", ".join(known_arches()) + ". `trainer demo --help`: the demo.")
-    p.add_argument("job", help="job YAML file, or `demo`")
+    p.add_argument("job", help="job YAML file (relative paths in it are read from its folder), or `demo`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=10 (repeatable)")
     p.add_argument("--restart", action="store_true",
                    help="start the run over: its saved state and metrics are set aside (renamed), not resumed")
-    a = p.parse_args(argv)
+    p.add_argument("--allow-unknown-keys", action="store_true",
+                   help="run even when a key is one edit from a known key (otherwise: an error, e.g. `stpes`)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
     try:
-        return run_job_file(a.job, a.overrides, a.restart)
+        if argv and argv[0] == "demo":
+            a = demo_parser().parse_args(argv[1:])
+            from .demo import run_demo
+
+            return run_demo(a.arch, a.out, a.steps)
+        a = job_parser().parse_args(argv)
+        return run_job_file(a.job, a.overrides, a.restart, a.allow_unknown_keys)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

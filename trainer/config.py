@@ -1,13 +1,14 @@
 """The ai-toolkit job format (YAML) -> typed config.
 
 Every error names the key path (`config.process[0].train.lr: expected a number, got 'fast'`);
-unknown keys become warnings; `--set train.steps=10` overrides apply to process[0].
+unknown keys become warnings (errors one edit away from a known key); `--set train.steps=10` overrides apply to process[0].
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -15,7 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
-from .paths import plain_name
+from .paths import HUB_ID, plain_name
 from .schema import SchemaContext, build, spec
 
 DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
@@ -91,6 +92,7 @@ class DatasetConfig:
     # VACE: masks (1 where the model generates) with the items' names; items without one: the whole frame
     mask_path: Optional[str] = spec(None, help="VACE: mask images or videos with the items' file names")
     control_dropout: float = spec(0.0, ge=0, le=1, help="chance an item trains without its control image")
+    background_color: str = spec("white", help="under transparent pixels (RGBA images): a colour name or #rrggbb")
 
 
 @dataclass
@@ -265,12 +267,78 @@ def parse_yaml_text(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: YAML syntax error{where}: {problem}") from None
 
 
-def load_job_file(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+def load_job_file(path: str | Path, overrides: list[str] | None = None, allow_unknown_keys: bool = False) -> JobConfig:
+    """A job from its YAML file; relative paths in it are read from the file's folder."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: job file not found")
-    data = parse_yaml_text(p.read_text(encoding="utf-8"), str(p))
-    return load_job_dict(data, overrides, source=str(p))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the job file as UTF-8") from None
+    data = parse_yaml_text(text, str(p))
+    # the folder as named (not through links): a pack linked into custom_nodes reads ../ from where it is linked
+    return load_job_dict(data, overrides, source=str(p), base_dir=Path(os.path.abspath(p)).parent,
+                         allow_unknown_keys=allow_unknown_keys)
+
+
+# keys of process[0] that hold paths: (section, key names); a section ending in [] is a list of mappings
+PATH_KEYS = (
+    ("", ("training_folder",)),
+    ("model", ("name_or_path", "comfyui_path", "text_encoder_paths", "text_encoder_path", "vae_path",
+               "tokenizer_paths", "tokenizer_path", "clip_vision_path")),
+    ("network", ("pretrained_lora_path",)),
+    ("datasets[]", ("folder_path", "control_path", "mask_path")),
+    ("sample.samples[]", ("control_image", "ctrl_img")),
+)
+OUTPUT_KEYS = ("training_folder",)
+MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def resolve_job_paths(proc: dict, base: Path, warnings: list[str]) -> None:
+    """Relative paths of a job file made absolute against the file's folder (so the job runs the same from any
+    folder, and the copy in the run folder names the same files). A relative input that exists only from the
+    current folder is taken from there, with one warning naming the keys; outputs always go beside the job file."""
+    proc.setdefault("training_folder", "output")
+    from_cwd: list[str] = []
+
+    def fix(value: Any, key: str) -> Any:
+        if isinstance(value, list):
+            return [fix(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, str) or not value.strip():
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        beside = os.path.normpath(base / p)
+        if key.endswith(OUTPUT_KEYS) or Path(beside).exists():
+            return beside
+        if p.exists():
+            from_cwd.append(key.removeprefix("config.process[0]."))
+            return str(p.resolve())
+        if key.endswith("model.name_or_path") and HUB_ID.match(value) and p.suffix.lower() not in MODEL_SUFFIXES:
+            return value  # left as written: a hub id, which the loader explains (nothing is downloaded)
+        return beside
+
+    for section, keys in PATH_KEYS:
+        nodes: list[tuple[dict, str]] = [(proc, "config.process[0]")]
+        for part in [x for x in section.split(".") if x]:
+            nxt = []
+            for node, where in nodes:
+                name = part.rstrip("[]")
+                child = node.get(name)
+                if part.endswith("[]") and isinstance(child, list):
+                    nxt += [(c, f"{where}.{name}[{i}]") for i, c in enumerate(child) if isinstance(c, dict)]
+                elif not part.endswith("[]") and isinstance(child, dict):
+                    nxt.append((child, f"{where}.{name}"))
+            nodes = nxt
+        for node, where in nodes:
+            for k in keys:
+                if k in node:
+                    node[k] = fix(node[k], f"{where}.{k}")
+    if from_cwd and base != Path.cwd():
+        warnings.append(f"{', '.join(from_cwd)}: not found beside the job file ({base}), read from the current folder"
+                        f" ({Path.cwd()}); relative paths in a job file are read from its folder")
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -312,16 +380,24 @@ def apply_override(tree: dict, assignment: str) -> None:
             raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
 
 
-def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "job") -> JobConfig:
+def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "job", base_dir: Path | None = None,
+                  allow_unknown_keys: bool = False) -> JobConfig:
+    """A job from its YAML tree. `base_dir`: the folder relative paths are read from (the job file's); None:
+    paths are used as given. Unknown keys are warnings, with the closest known key; one a single edit away from a
+    known key (`stpes`) is an error unless `allow_unknown_keys`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with `job` and `config` at the top")
     data = copy.deepcopy(data)
     for o in overrides or []:
         apply_override(data, o)
-    ctx = SchemaContext()
+    ctx = SchemaContext(allow_unknown_keys)
+    if base_dir is not None:
+        procs = data.get("config", {}).get("process") if isinstance(data.get("config"), dict) else None
+        if isinstance(procs, list) and procs and isinstance(procs[0], dict):
+            resolve_job_paths(procs[0], base_dir, ctx.warnings)
     for key in data:
         if key not in ("job", "config", "meta"):
-            ctx.warnings.append(f"{key}: unknown key, ignored")
+            ctx.unknown(key, "", ("job", "config", "meta"))
     if data.get("job", "extension") not in ("extension", "train"):
         ctx.warnings.append(f"job: {data.get('job')!r} is not 'extension'; treated as a training job")
     cfg = data.get("config")
@@ -337,7 +413,7 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
             ctx.errors.append(str(e))
     for key in cfg:
         if key not in ("name", "process"):
-            ctx.warnings.append(f"config.{key}: unknown key, ignored")
+            ctx.unknown(key, "config", ("name", "process"))
     procs = cfg.get("process")
     if not isinstance(procs, list) or not procs:
         ctx.error("config.process", "is required (a list with one training process)")
@@ -349,6 +425,13 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
         ctx.raise_if_errors()
     proc = build(ProcessConfig, procs[0], "config.process[0]", ctx)
     ctx.raise_if_errors()
+    from .data.media import color_rgb
+
+    for i, d in enumerate(proc.datasets):
+        try:
+            color_rgb(d.background_color, f"config.process[0].datasets[{i}].background_color")
+        except ConfigError as e:
+            ctx.errors.append(str(e))
     if not proc.datasets:
         ctx.error("config.process[0].datasets", "needs at least one dataset (a `folder_path` of images)")
     tc = proc.train

@@ -15,18 +15,18 @@ import torch
 from .config import JobConfig, dump_job_yaml
 from .data.cache import LatentCache, TextCache
 from .data.dataset import Dataset, Geometry, check_dataset_folder, scan_dataset
-from .errors import ConfigError, UserError
+from .errors import ConfigError, ModelFileError, UserError
 from .fileio import write_text_atomic
 from .models import registry
 from .models.base import TrainingModel
-from .models.files import local_path, safetensors_shapes
+from .models.files import PICKLE_SUFFIXES, local_path, safetensors_shapes
 from .models.fingerprint import file_fingerprint, module_fingerprint
 from .networks.network import Network, build_network, read_network_file
 from .prepare import compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
 from .train.checkpoints import DTYPES, RunFolder
 from .train.loop import Trainer, TrainState
-from .train.run_identity import run_identity
+from .train.run_identity import check_job_fits_state, run_identity
 
 log = logging.getLogger("trainer")
 
@@ -94,10 +94,13 @@ def finished_run(job: JobConfig) -> Path | None:
     return final if isinstance(step, int) and step >= job.process.train.steps else None
 
 
-def check_before_loading(job: JobConfig) -> None:
-    """What can be checked from the config and the file system alone, before a model file is opened."""
+def check_before_loading(job: JobConfig, model_files: bool = True) -> None:
+    """What can be checked from the config and the file system alone, before a model file is opened.
+    `model_files`: the model loads from the job's files (not handed over by a host), so they must exist."""
     for i, d in enumerate(job.process.datasets):
         check_dataset_folder(d, i)
+    if model_files:
+        check_model_files(job.process.model)
     if job.process.network.pretrained_lora_path:
         local_path(job.process.network.pretrained_lora_path, "network.pretrained_lora_path")
     if job.process.train.optimizer == "adamw8bit":
@@ -105,6 +108,20 @@ def check_before_loading(job: JobConfig) -> None:
         if device.type != "cuda":
             raise ConfigError(f"config.process[0].train.optimizer: adamw8bit needs a CUDA device (bitsandbytes);"
                               f" use adamw on {device.type}")
+
+
+def check_model_files(mc) -> None:
+    """Every file the model section names exists and is not a pickle checkpoint (named by key)."""
+    named = [("model.name_or_path", mc.name_or_path), ("model.vae_path", mc.vae_path),
+             ("model.clip_vision_path", mc.clip_vision_path)]
+    named += [(f"model.text_encoder_paths[{i}]", p) for i, p in enumerate(mc.text_encoder_paths)]
+    named += [(f"model.tokenizer_paths[{i}]", p) for i, p in enumerate(mc.tokenizer_paths)]
+    for key, value in named:
+        if value:
+            path = local_path(value, key)
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ModelFileError(f"{key}: {path} is a pickle checkpoint ({path.suffix}), which this trainer never"
+                                     " loads (it can run code); use the .safetensors file of the same model")
 
 
 def load_datasets(job: JobConfig, model: TrainingModel) -> list[Dataset]:
@@ -157,11 +174,15 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     session that samples any prompt later; `extendable`: a session continues a run past its train.steps;
     `restart`: the run folder's state is set aside and the run starts over."""
     proc = job.process
-    check_before_loading(job)
+    check_before_loading(job, model_files=model is None)
     run = RunFolder(job.run_dir, job.name)
     run.lock()
     if restart:
         run.restart()
+    else:  # a changed job is refused now, not after a long model load
+        saved = run.load_state()
+        if saved is not None:
+            check_job_fits_state(job, saved, run.state_path, extendable)
     if model is None:
         device = pick_device(proc.device)
         dtype = pick_dtype(proc.train.dtype, device)
@@ -180,6 +201,7 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     network = make_network(job, model)
     compile_model(model, job, report)
     n_params = sum(p.numel() for p in network.parameters())
+    check_disk_room(run.root, n_params, proc.save.dtype)
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers"
            f" ({n_params / 1e6:.2f}M parameters)")
     trainer = Trainer(job, model, network, datasets, latents, texts, samples, run, identity)
@@ -190,6 +212,21 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
             report(f"  changed since the run began, applied from step {trainer.state.step}: {c}")
     write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
     return trainer
+
+
+def check_disk_room(folder: Path, n_params: int, save_dtype: str) -> None:
+    """Refuse a run whose folder cannot hold what it writes: two LoRA saves (a new one is written beside the last
+    before the older goes) and two resume states (the network in fp32 with AdamW's two moments), so a long run does
+    not end in a failed save."""
+    import shutil
+
+    save = n_params * DTYPES[save_dtype].itemsize
+    state = n_params * 4 * 3
+    need = 2 * save + 2 * state
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"{folder}: {free / 2**30:.2f} GiB free, and this run's saves and resume state need about"
+                        f" {need / 2**30:.2f} GiB; free some space or set training_folder to another disk")
 
 
 def run_job(job: JobConfig, report: Callable[[str], None] = print, progress=None) -> TrainState:

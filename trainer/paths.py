@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import ConfigError
+
+# `owner/name`: what a hub id looks like (this trainer never downloads; the loaders say so)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def plain_name(value: str, what: str, max_length: int = 200) -> str:

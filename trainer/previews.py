@@ -3,6 +3,7 @@ encoded), for the loop's scheduled samples and for a host's one-off sample alike
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from .data.captions import apply_trigger
 from .fileio import atomic_path
 from .models.base import SampleRequest, TrainingModel, batch_of_one, split_conditioning
 from .sampling import to_pil
+
+log = logging.getLogger("trainer")
 
 
 @dataclass
@@ -49,11 +52,17 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
     out = []
     for i, it in enumerate(items):
         frames = model.snap_frames(it.num_frames or 1)
-        req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=it.width,
-                            height=it.height, steps=steps or job.process.sample.sample_steps,
+        width, height = model.snap_size(it.width, it.height)
+        if (width, height) != (it.width, it.height) or frames != (it.num_frames or 1):
+            log.warning("%s[%d]: %dx%d%s rounded to %dx%d%s, the sizes the model takes (sides a multiple of %d%s)",
+                        key, i, it.width, it.height, f"x{it.num_frames or 1} frames" if model.is_video else "",
+                        width, height, f"x{frames} frames" if model.is_video else "", model.pixel_factor,
+                        f", {model.vae_temporal}k+1 frames" if model.is_video else "")
+        req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=width,
+                            height=height, steps=steps or job.process.sample.sample_steps,
                             guidance_scale=it.guidance_scale, seed=it.seed, frames=frames)
         if it.control_image:
-            extra = sample_conditions(model, it.control_image, it.width, it.height, frames,
+            extra = sample_conditions(model, it.control_image, width, height, frames,
                                       f"{key}[{i}].control_image")
             req.cond.update(extra)
             req.neg_cond.update(extra)  # the condition is not what guidance contrasts

@@ -6,6 +6,7 @@ network is saved at the step reached, and the same command resumes it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import sys
@@ -14,19 +15,31 @@ from .errors import UserError
 
 
 class ProgressBar:
-    """tqdm bar over training steps: loss, lr and the training step's own s/step (sampling time excluded)."""
+    """tqdm bar over training steps with one rate, the training step's own (saving and sampling excluded), and the
+    time left at that rate (the mean of the last steps)."""
 
     def __init__(self, total: int, initial: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.total = total
+        self.recent: collections.deque[float] = collections.deque(maxlen=20)
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def __call__(self, rec: dict) -> None:
-        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", s_step=f"{rec['s_per_step']:.2f}")
+        self.recent.append(rec["s_per_step"])
+        rate = sum(self.recent) / len(self.recent)
+        left = format_seconds(rate * (self.total - rec["step"]))
+        self.bar.set_postfix_str(f"{rate:.2f} s/step, {left} left, loss {rec['loss']:.4f}, lr {rec['lr']:.2e}")
         self.bar.update(rec["step"] - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 class Stopped(KeyboardInterrupt):
@@ -37,11 +50,11 @@ def _on_sigterm(signum, frame):
     raise Stopped()
 
 
-def run_job_file(path: str, overrides: list[str], restart: bool = False) -> int:
+def run_job_file(path: str, overrides: list[str], restart: bool = False, allow_unknown_keys: bool = False) -> int:
     from .config import load_job_file
     from .job import build_trainer, finished_run
 
-    job = load_job_file(path, overrides)
+    job = load_job_file(path, overrides, allow_unknown_keys)
     log = logging.getLogger("trainer")
     for w in job.warnings:
         log.warning(w)

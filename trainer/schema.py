@@ -5,12 +5,13 @@ Fields are declared as dataclass fields; constraints ride in `field(metadata=...
   aliases       other accepted names  required  must be given
   help          what the key does (the nodes' tooltips)
   ignored       accepted for ai-toolkit compatibility but not used: the reason, said as a warning when given
-Unknown keys are collected as warnings, never silently dropped. Numbers must be finite.
+Unknown keys are collected as warnings (errors when one edit from a known key), never silently dropped. Numbers must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -29,9 +30,23 @@ def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclass
 
 
 class SchemaContext:
-    def __init__(self) -> None:
+    def __init__(self, allow_unknown_keys: bool = False) -> None:
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.allow_unknown_keys = allow_unknown_keys
+
+    def unknown(self, key: str, path: str, known: "typing.Iterable[str]") -> None:
+        """An unknown key: a warning naming the closest known key, or an error when it is one edit (a typo) away
+        from one (`stpes` would otherwise train the default 1000 steps), unless unknown keys are allowed."""
+        where = f"{path}.{key}" if path else str(key)
+        known = sorted(known)
+        close = [k for k in known if edits(str(key), k) <= 1] if len(str(key)) >= 4 else []
+        if close and not self.allow_unknown_keys:
+            self.error(where, f"unknown key; did you mean {close[0]}? (--allow-unknown-keys to ignore it)")
+            return
+        near = close or difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        self.warnings.append(f"{where}: unknown key, ignored{hint}")
 
     def error(self, path: str, msg: str) -> None:
         self.errors.append(f"{path}: {msg}")
@@ -164,8 +179,23 @@ def build(cls: type, data: dict, path: str, ctx: SchemaContext) -> Any:
         kwargs[f.name] = _check(dict(f.metadata), value, fpath, ctx)
     for key in data:
         if key not in known:
-            ctx.warnings.append(f"{path}.{key}: unknown key, ignored" if path else f"{key}: unknown key, ignored")
+            ctx.unknown(key, path, known)
     return cls(**kwargs)
+
+
+def edits(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
+    a, b = a.lower(), b.lower()
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 @dataclasses.dataclass(frozen=True)

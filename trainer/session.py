@@ -8,6 +8,7 @@ sections (`model`, one `datasets[]` entry, `network`, and the train/save/sample 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -68,17 +69,18 @@ def job_from_parts(model_part: dict, datasets: list[dict], network: dict, settin
     return assemble_job(name, model, datasets, network, s)
 
 
-def parts_from_job(data: dict) -> tuple[dict, list[dict], dict, dict, int]:
-    """(model part, datasets, network, settings, steps) of a job dict, as the nodes pass them."""
-    name, model, datasets, network, settings = split_job(data)
+def parts_from_job(data: dict, base_dir: Path | None = None) -> tuple[dict, list[dict], dict, dict, int]:
+    """(model part, datasets, network, settings, steps) of a job dict, as the nodes pass them. `base_dir`: the job
+    file's folder, which its relative paths are read from."""
+    name, model, datasets, network, settings = split_job(data, base_dir)
     settings["name"] = name
     steps = int(settings.get("train", {}).pop("steps", 1000))
     return {"model": model}, datasets, network, settings, steps
 
 
-def split_job(data: dict) -> tuple[str, dict, list[dict], dict, dict]:
+def split_job(data: dict, base_dir: Path | None = None) -> tuple[str, dict, list[dict], dict, dict]:
     """The inverse of assemble_job: (name, model, datasets, network, settings) of a job dict."""
-    job = load_job_dict(data)  # validates, with key paths in the errors
+    job = load_job_dict(data, base_dir=base_dir)  # validates, with key paths in the errors
     proc = copy.deepcopy(job.raw["config"]["process"][0])
     trigger = proc.pop("trigger_word", None)
     datasets = proc.pop("datasets", [])

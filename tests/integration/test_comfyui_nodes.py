@@ -534,21 +534,24 @@ def test_example_workflow_is_the_yaml_twin(server, name):
     server.run(parts)
     exported = yaml.safe_load(out.read_text())
 
-    # paths: the demo workflow's are relative to ComfyUI's folder (custom_nodes/EriDiffusion/demo/...), its YAML's
-    # to the repository root (demo/...); the training folder: ComfyUI's output vs demo/output
+    # paths: Export writes them absolute (resolved in ComfyUI's working folder, as the nodes read them); the twin's
+    # are relative to ComfyUI's folder (the demo's: custom_nodes/EriDiffusion/demo/..., its YAML's to the repository
+    # root: demo/...); the training folder: ComfyUI's output vs demo/output
     def norm(job: dict) -> dict:
         proc = job["config"]["process"][0]
         proc.pop("training_folder", None)
-        text = json.dumps(job).replace("custom_nodes/EriDiffusion/", "")
+        text = json.dumps(job).replace(f"{server.comfy.resolve()}/", "").replace("custom_nodes/EriDiffusion/", "")
+        text = text.replace('"../demo/', '"demo/')  # the demo twin's paths are relative to its own folder
         return json.loads(text)
 
+    assert exported["config"]["process"][0]["datasets"][0]["folder_path"].startswith(str(server.comfy.resolve()))
     assert norm(exported) == norm(twin)
     if name == "flux_demo_train":
         from trainer.config import load_job_file
 
-        job = load_job_file(str(twin_path), [])
-        assert job.process.model.name_or_path == "demo/models/flux_demo.safetensors"
-        assert job.process.datasets[0].folder_path == "demo/dataset"
+        job = load_job_file(str(twin_path), [])  # from any folder: the paths are relative to the file
+        assert job.process.model.name_or_path == str(REPO / "demo" / "models" / "flux_demo.safetensors")
+        assert job.process.datasets[0].folder_path == str(REPO / "demo" / "dataset")
 
 
 def test_hostile_paths_are_refused_over_http(server):

@@ -19,7 +19,7 @@ from ..fileio import save_safetensors_atomic
 from ..models.base import Conditioning, TrainingModel, split_conditioning
 from .dataset import (BatchItem, Dataset, Entry, control_dropped, fit_pixels, load_control_pixels, load_mask_pixels,
                       load_pixels)
-from .media import clip_indices, probe, read_frames
+from .media import WHITE, clip_indices, probe, read_frames
 
 log = logging.getLogger("trainer")
 
@@ -53,6 +53,7 @@ class LatentCache:
         m = ds.media[e.item]
         ctrl = f"_c{m.control_digest}" if m.control is not None else ("_i2v" if ds.cfg.do_i2v else "")
         ctrl += f"_m{m.mask_digest}" if m.mask is not None else ""
+        ctrl += "_bg%02x%02x%02x" % m.background if m.background != WHITE else ""  # white: the keys of before
         clip = ""
         if m.info.is_video:
             clip = "_f" + hashlib.sha1(repr(e.indices).encode()).hexdigest()[:12] + f"x{e.frames}"

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import codecs
 import random
 from pathlib import Path
 
 
-def read_caption(image: Path, caption_ext: str) -> str | None:
+def read_caption(image: Path, caption_ext: str) -> tuple[str, str | None] | None:
+    """The caption of `image` with whitespace collapsed, and the encoding it was read with when that was a guess
+    (None: UTF-8 or a byte-order mark said so); None when there is no caption file."""
     ext = caption_ext.lstrip(".")
     p = image.with_suffix(f".{ext}")
     if not p.is_file():
         return None
-    return " ".join(p.read_text(encoding="utf-8", errors="replace").split())
+    text, guessed = decode_text(p.read_bytes())
+    return " ".join(text.split()), guessed
+
+
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """Text by its byte-order mark (UTF-8, UTF-16), else UTF-8; bytes that are neither are read as UTF-16 when
+    they look like it (every other byte zero) or as Windows-1252 / Latin-1, and that guess is returned."""
+    for bom, enc in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            return data[len(bom):].decode(enc, errors="replace"), None
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        pass
+    if len(data) >= 4 and data.count(0) * 3 >= len(data):  # UTF-16 without a mark: ASCII text has zero high bytes
+        enc = "utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"
+        return data.decode(enc, errors="replace"), enc
+    try:
+        return data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:  # the five bytes cp1252 leaves undefined
+        return data.decode("latin-1"), "latin-1"
 
 
 def apply_trigger(caption: str, trigger: str | None) -> str:

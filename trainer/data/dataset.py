@@ -22,8 +22,8 @@ from ..errors import DatasetError
 from ..seeds import step_rng
 from .buckets import bucket_for, resize_and_crop
 from .captions import apply_trigger, read_caption, training_caption
-from .media import (IMAGE_EXTS, MEDIA_EXTS, VIDEO_EXTS, MediaError, MediaInfo, clip_indices, load_rgb, probe,
-                    read_frames, resampled_length)
+from .media import (IMAGE_EXTS, MEDIA_EXTS, VIDEO_EXTS, WHITE, MediaError, MediaInfo, clip_indices, color_rgb,
+                    load_rgb, probe, read_frames, resampled_length)
 
 log = logging.getLogger("trainer")
 
@@ -57,6 +57,7 @@ class MediaFile:
     control_digest: str = ""
     mask: Path | None = None  # the mask image or video of the same stem (datasets[].mask_path: VACE)
     mask_digest: str = ""
+    background: tuple[int, int, int] = WHITE  # under transparent pixels (datasets[].background_color)
 
     @property
     def width(self) -> int:
@@ -116,6 +117,12 @@ def check_dataset_folder(cfg: DatasetConfig, index: int) -> list[Path]:
         value = getattr(cfg, name)
         if value is not None and not Path(value).expanduser().is_dir():
             raise DatasetError(f"{key}.{name}: folder {value!r} does not exist")
+    if cfg.default_caption is None:
+        ext = cfg.caption_ext.lstrip(".")
+        uncaptioned = [p.name for p in files if not p.with_suffix(f".{ext}").is_file()]
+        if uncaptioned:
+            raise DatasetError(f"{key}: {len(uncaptioned)} files have no .{ext} caption ({_shown(uncaptioned)}); add"
+                               f" caption files or set {key}.default_caption")
     return files
 
 
@@ -140,11 +147,12 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
     files = check_dataset_folder(cfg, index)
     controls = _by_stem(Path(cfg.control_path).expanduser(), MEDIA_EXTS) if cfg.control_path is not None else None
     masks = _by_stem(Path(cfg.mask_path).expanduser(), MEDIA_EXTS) if cfg.mask_path is not None else None
+    background = color_rgb(cfg.background_color, f"{key}.background_color")
     media: list[MediaFile] = []
-    uncaptioned: list[str] = []
     unreadable: list[str] = []
     no_control: list[str] = []
     videos_skipped: list[str] = []
+    not_utf8: list[str] = []
     for p in files:
         try:
             info = probe(p)
@@ -155,13 +163,15 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
         if info.is_video and not geometry.video:
             videos_skipped.append(p.name)
             continue
-        cap = read_caption(p, cfg.caption_ext)
-        if cap is None:
-            if cfg.default_caption is None:
-                uncaptioned.append(p.name)
-                continue
-            cap = cfg.default_caption
-        item = MediaFile(p, apply_trigger(cap, trigger), info, hashlib.sha256(p.read_bytes()).hexdigest()[:24])
+        read = read_caption(p, cfg.caption_ext)
+        if read is None:  # check_dataset_folder refused uncaptioned files unless there is a default caption
+            cap = cfg.default_caption or ""
+        else:
+            cap, guessed = read
+            if guessed:
+                not_utf8.append(f"{p.with_suffix('.' + cfg.caption_ext.lstrip('.')).name} (read as {guessed})")
+        item = MediaFile(p, apply_trigger(cap, trigger), info, hashlib.sha256(p.read_bytes()).hexdigest()[:24],
+                         background=background)
         if controls is not None:
             ctrl = controls.get(p.stem)
             if ctrl is None:
@@ -184,14 +194,12 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
                 item.mask = mask
                 item.mask_digest = hashlib.sha256(mask.read_bytes()).hexdigest()[:24]
         media.append(item)
+    if not_utf8:
+        log.warning("%s: %d captions are not UTF-8 and were decoded by a guess; check them, or save them as UTF-8:"
+                    " %s", key, len(not_utf8), _shown(not_utf8))
     if videos_skipped:
         log.warning("%s: %d videos skipped (%s): this model trains images", key, len(videos_skipped),
                     _shown(videos_skipped))
-    if uncaptioned:
-        raise DatasetError(
-            f"{key}: {len(uncaptioned)} files have no .{cfg.caption_ext.lstrip('.')} caption ({_shown(uncaptioned)});"
-            f" add caption files or set {key}.default_caption"
-        )
     if no_control:
         # a control folder that misses images is more likely a naming mistake than a wish to train some
         # items without control (that is control_dropout, or a second dataset without control_path)
@@ -256,16 +264,17 @@ def fit_pixels(img: Image.Image, size: tuple[int, int], flip: bool) -> torch.Ten
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def image_pixels(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+def image_pixels(path: Path, size: tuple[int, int], flip: bool = False,
+                 background: tuple[int, int, int] = WHITE) -> torch.Tensor:
     """An image file scaled to cover `size` (width, height) and center-cropped to it: (3, h, w) in [-1, 1]."""
-    return fit_pixels(load_rgb(path), size, flip)
+    return fit_pixels(load_rgb(path, background), size, flip)
 
 
 def load_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
     """The entry's pixels in [-1, 1]: (3, h, w) for an image, (3, f, h, w) for a clip."""
     if not item.info.is_video:
-        return image_pixels(item.path, entry.bucket, entry.flip)
-    frames = read_frames(item.path, list(entry.indices))
+        return image_pixels(item.path, entry.bucket, entry.flip, item.background)
+    frames = read_frames(item.path, list(entry.indices), item.background)
     return torch.stack([fit_pixels(f, entry.bucket, entry.flip) for f in frames], dim=1)
 
 
@@ -274,24 +283,25 @@ def load_control_pixels(item: MediaFile, entry: Entry) -> torch.Tensor:
     video (3, f, h, w) at the entry's own frames (the same clip as the training item)."""
     if item.control is None:
         raise ValueError(f"{item.path} has no control image")
-    return _companion_pixels(item.control, entry)
+    return _companion_pixels(item.control, entry, item.background)
 
 
 def load_mask_pixels(item: MediaFile, entry: Entry) -> torch.Tensor | None:
     """The item's mask (VACE: 1 where the model generates) in [0, 1]: (1, [f,] h, w), or None without one."""
     if item.mask is None:
         return None
-    pixels = _companion_pixels(item.mask, entry)
+    pixels = _companion_pixels(item.mask, entry, WHITE)  # a mask's transparency is "generate"
     return ((pixels.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
 
 
-def _companion_pixels(path: Path, entry: Entry) -> torch.Tensor:
+def _companion_pixels(path: Path, entry: Entry, background: tuple[int, int, int]) -> torch.Tensor:
     """A file that goes with a training item (control, mask): an image as it is, a video at the entry's frames."""
     info = probe(path)
     if not info.is_video:
-        return image_pixels(path, entry.bucket, entry.flip)
+        return image_pixels(path, entry.bucket, entry.flip, background)
     indices = [min(i, info.frames - 1) for i in entry.indices]
-    return torch.stack([fit_pixels(f, entry.bucket, entry.flip) for f in read_frames(path, indices)], dim=1)
+    frames = read_frames(path, indices, background)
+    return torch.stack([fit_pixels(f, entry.bucket, entry.flip) for f in frames], dim=1)
 
 
 @dataclass(frozen=True)

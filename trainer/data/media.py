@@ -24,6 +24,7 @@ MEDIA_EXTS = IMAGE_EXTS + VIDEO_EXTS
 # "decompression bomb" limit lifted so such images load instead of failing
 MAX_LOAD_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = None
+_said_downscaled: list[Path] = []  # the downscale is said once per process
 
 
 class MediaError(ValueError):
@@ -105,31 +106,50 @@ def clip_indices(info: MediaInfo, fps: float | None, frames: int, shrink: bool, 
     return [min(info.frames - 1, int(np.floor(p * scale + 0.5))) for p in pos]  # half up, not half to even
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """A still image as RGB, EXIF-rotated, transparency composited on white, 16-bit converted by its real depth,
-    and very large images downscaled (they never train at full size)."""
+WHITE = (255, 255, 255)
+
+
+def color_rgb(value: str, key: str) -> tuple[int, int, int]:
+    """A colour name (`white`, `black`, `gray` ...) or `#rrggbb` as an RGB triple."""
+    from PIL import ImageColor
+
+    from ..errors import ConfigError
+
+    try:
+        return ImageColor.getrgb(str(value).strip())[:3]
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not a colour (a name like white or black, or #rrggbb)") from None
+
+
+def load_rgb(path: Path, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """A still image as RGB, EXIF-rotated, transparency composited on `background`, 16-bit converted by its real
+    depth, and very large images downscaled (they never train at full size)."""
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.width * im.height > MAX_LOAD_PIXELS:
+            if not _said_downscaled:
+                _said_downscaled.append(path)
+                log.warning("%s (%dx%d) and other images over %d MP are downscaled as they load (no bucket trains"
+                            " that large)", path, im.width, im.height, MAX_LOAD_PIXELS // 1_000_000)
             scale = (MAX_LOAD_PIXELS / (im.width * im.height)) ** 0.5
             im = im.resize((max(1, int(im.width * scale)), max(1, int(im.height * scale))), Image.Resampling.LANCZOS)
-        return to_rgb(im)
+        return to_rgb(im, background)
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8)).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return im.convert("RGB")
 
 
-def read_frames(path: Path, indices: list[int]) -> list[Image.Image]:
+def read_frames(path: Path, indices: list[int], background: tuple[int, int, int] = WHITE) -> list[Image.Image]:
     """The frames at `indices` (source frame numbers, repeats allowed) as RGB images, decoding once in order."""
     wanted = sorted(set(indices))
     got: dict[int, Image.Image] = {}
@@ -149,7 +169,7 @@ def read_frames(path: Path, indices: list[int]) -> list[Image.Image]:
         with Image.open(path) as im:
             for i, frame in enumerate(ImageSequence.Iterator(im)):
                 if i in wanted:
-                    got[i] = to_rgb(frame.copy())
+                    got[i] = to_rgb(frame.copy(), background)
                 if i >= wanted[-1]:
                     break
     if len(got) < len(wanted):  # the header promised more frames than the file holds: repeat the last one

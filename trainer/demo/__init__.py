@@ -105,6 +105,29 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, contr
     }
 
 
+CLIP_LOADERS = {1: "Load CLIP", 2: "DualCLIPLoader", 3: "TripleCLIPLoader"}
+
+
+def comfyui_guide(model: dict, family, lora: Path) -> str:
+    """Which file goes into which ComfyUI models folder, and the loader nodes that read them."""
+    lines = ["In ComfyUI (random weights: the outputs are noise, the path is what is shown):"]
+    encoders = model.get("text_encoder_paths") or []
+    if encoders:
+        lines.append(f"  models/diffusion_models/  {Path(model['name_or_path']).name}   -> Load Diffusion Model")
+        loader = CLIP_LOADERS.get(len(encoders), "Load CLIP")
+        for p in encoders:
+            lines.append(f"  models/text_encoders/     {Path(p).name}   -> {loader} (type {family.comfy_clip_type})")
+        if model.get("vae_path"):
+            lines.append(f"  models/vae/               {Path(model['vae_path']).name}   -> Load VAE")
+    else:
+        lines.append(f"  models/checkpoints/       {Path(model['name_or_path']).name}   -> Load Checkpoint (model, CLIP"
+                     " and VAE in one file)")
+    if model.get("clip_vision_path"):
+        lines.append(f"  models/clip_vision/       {Path(model['clip_vision_path']).name}   -> Load CLIP Vision")
+    lines.append(f"  models/loras/             {lora.name}   -> LoraLoaderModelOnly on the MODEL")
+    return "\n".join(lines)
+
+
 def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
     from ..run import run_job_file
 
@@ -143,11 +166,7 @@ def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
         f"  samples:  {run / 'samples'}\n"
         f"  metrics:  {run / 'metrics.jsonl'}\n"
         f"  job:      {job_path}  (run it again with: python -m trainer {job_path})\n"
-        f"  model:    {model['name_or_path']}\n"
-        f"In ComfyUI: the model is in the layout its loaders read (a transformer or UNet file goes into\n"
-        f"models/diffusion_models, a full checkpoint into models/checkpoints) and the LoRA into models/loras;\n"
-        f"then Load Diffusion Model / Load Checkpoint -> LoraLoaderModelOnly. The model has random weights:\n"
-        f"samples are noise.",
+        + comfyui_guide(model, family, run / (name + ".safetensors")),
         flush=True,
     )
     return rc

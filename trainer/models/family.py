@@ -29,3 +29,5 @@ class Family:
     requires_control: str = ""
     # checked against the config before anything loads (model keys only this family reads, and their defaults)
     model_defaults: dict = field(default_factory=dict)
+    # the type ComfyUI's CLIP loaders take for its text encoder files ("" where they come inside a checkpoint)
+    comfy_clip_type: str = ""

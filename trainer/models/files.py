@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelFileError
+from ..paths import HUB_ID
 
 # Loading code below never reaches a hub; this makes libraries that could refuse to try.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def local_path(value: str, key: str) -> Path:
@@ -26,7 +25,7 @@ def local_path(value: str, key: str) -> Path:
     if p.exists():
         return p
     hint = ""
-    if _HUB_ID.match(str(value)) and not str(value).startswith((".", "/")):
+    if HUB_ID.match(str(value)) and not str(value).startswith((".", "/")):
         hint = (
             f" It looks like a hub id: this trainer never downloads. Point {key} at the local file or folder"
             " (e.g. ComfyUI/models/diffusion_models/flux1-dev.safetensors or a downloaded diffusers folder)."

@@ -406,12 +406,12 @@ def load_wan(mc: ModelConfig, device: torch.device, dtype: torch.dtype, variant:
 FAMILIES = [
     Family("wan21", "Wan 2.1 T2V (1.3B, 14B): UMT5-XXL, the Wan 2.1 VAE; video clips and images",
            lambda mc, device, dtype: load_wan(mc, device, dtype, T2V), video=True,
-           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
     Family("wan21_i2v", "Wan 2.1 I2V (14B 480p / 720p): as T2V plus the start image and CLIP vision H",
            lambda mc, device, dtype: load_wan(mc, device, dtype, I2V), video=True, takes_control=True,
-           requires_control=I2V_NEEDS, model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+           requires_control=I2V_NEEDS, model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
     Family("wan21_vace", "Wan 2.1 VACE (1.3B, 14B): as T2V plus control videos and masks",
            lambda mc, device, dtype: load_wan(mc, device, dtype, VACE), video=True, takes_control=True,
            takes_masks=True, requires_control=VACE_NEEDS,
-           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}),
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
 ]

@@ -23,7 +23,7 @@ from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
-from .run_identity import split_changes
+from .run_identity import changed_job_error, past_steps_error, split_changes
 from .timesteps import linear_timestep_weights
 
 log = logging.getLogger("trainer")
@@ -156,18 +156,13 @@ class Trainer:
             return None
         refused, applied = split_changes(st.get("identity") or {}, self.identity) if st.get("identity") else ([], [])
         if refused:
-            raise UserError(
-                f"{self.run.state_path}: this run was started with another model, network or optimizer, which its"
-                " saved state cannot continue:\n  " + "\n  ".join(refused) + "\nUse a new config.name, or run with"
-                " --restart to start this run over (its saves are kept until new ones replace them)."
-            )
+            raise changed_job_error(self.run.state_path, refused)
         check_resumable(st, self.network_shapes, self.model.arch, max(self.cfg.train.steps, st.get("step", 0)),
                         self.run.state_path)
         if st["step"] > self.cfg.train.steps and extendable:
             self.extend_to(st["step"])
         elif st["step"] > self.cfg.train.steps:
-            raise UserError(f"{self.run.state_path}: the run is at step {st['step']}, past train.steps"
-                            f" {self.cfg.train.steps}; raise train.steps to continue it, or use a new config.name")
+            raise past_steps_error(self.run.state_path, st["step"], self.cfg.train.steps)
         self.network.load_state_dict(st["network"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.state.step = st["step"]
@@ -287,8 +282,11 @@ class Trainer:
         self.model.set_train_hooks(False)
         images = []
         try:
-            for s in self.samples:
+            for k, s in enumerate(self.samples, 1):
+                t0 = time.perf_counter()
                 images.append(self._sample_one(s))
+                if report is not None:
+                    report(f"  preview {k}/{len(self.samples)} in {time.perf_counter() - t0:.1f}s")
         finally:
             self.model.set_train_hooks(True)
             self.network.train()

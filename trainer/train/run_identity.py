@@ -7,9 +7,11 @@ parameters, clipping, data, seed, batch, saves and samples) applies from the res
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig
+from ..errors import UserError
 
 # keys whose change the saved state cannot take
 FIXED = ("arch", "base_model", "network", "optimizer")
@@ -71,3 +73,29 @@ def split_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     changes = differences(saved, now)
     refused = [c for c in changes if c.split(":", 1)[0].split(".", 1)[0] in FIXED]
     return refused, [c for c in changes if c not in refused]
+
+
+def changed_job_error(state_path: Path, refused: list[str]) -> UserError:
+    return UserError(
+        f"{state_path}: this run was started with another model, network or optimizer, which its saved state cannot"
+        " continue:\n  " + "\n  ".join(refused) + "\nUse a new config.name, or run with --restart to start this run"
+        " over (its saves are kept until new ones replace them)."
+    )
+
+
+def past_steps_error(state_path: Path, step: int, steps: int) -> UserError:
+    return UserError(f"{state_path}: the run is at step {step}, past train.steps {steps}; raise train.steps to"
+                     " continue it, or use a new config.name")
+
+
+def check_job_fits_state(job: JobConfig, state: dict, state_path: Path, extendable: bool = False) -> None:
+    """The changes the saved state cannot take, refused from the job alone (before the model loads): every fixed
+    key but the base model, which is compared once it is loaded."""
+    saved = state.get("identity")
+    if isinstance(saved, dict):
+        refused, _ = split_changes(saved, run_identity(job, saved.get("base_model")))
+        if refused:
+            raise changed_job_error(state_path, refused)
+    step = state.get("step")
+    if isinstance(step, int) and step > job.process.train.steps and not extendable:
+        raise past_steps_error(state_path, step, job.process.train.steps)
