@@ -170,6 +170,20 @@ def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
         return model.eval().requires_grad_(False)
 
     sd = _read(ef, dtype)
+    try:
+        cfg = T5Config(**t5_config_of(sd))
+    except KeyError as e:
+        raise ModelFileError(f"{ef.path}: not a complete T5 encoder (missing {e.args[0]})") from None
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    _load_checked(model, sd, ef.path, allowed_missing=())
+    return model.eval().requires_grad_(False)
+
+
+def t5_config_of(sd: dict) -> dict:
+    """T5 / UMT5 encoder config keys from a state dict's shapes (the tied embedding filled in where a file keeps only
+    one of `shared` / `encoder.embed_tokens`); a KeyError names a missing tensor."""
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
@@ -177,24 +191,12 @@ def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
     heads = rel.shape[1]
     inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    wi = "wi_0" if gated else "wi"
-    cfg = T5Config(
-        vocab_size=sd["shared.weight"].shape[0],
-        d_model=sd["shared.weight"].shape[1],
-        d_kv=inner // heads,
-        d_ff=sd[f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight"].shape[0],
-        num_layers=_count(sd, "encoder.block.{}."),
-        num_heads=heads,
-        relative_attention_num_buckets=rel.shape[0],
-        feed_forward_proj="gated-gelu" if gated else "relu",
-        is_encoder_decoder=False,
-        use_cache=False,
+    return dict(
+        vocab_size=sd["shared.weight"].shape[0], d_model=sd["shared.weight"].shape[1], d_kv=inner // heads,
+        d_ff=sd[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"].shape[0],
+        num_layers=_count(sd, "encoder.block.{}."), num_heads=heads, relative_attention_num_buckets=rel.shape[0],
+        feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False,
     )
-    with torch.device("meta"):
-        model = T5EncoderModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    _load_checked(model, sd, ef.path, allowed_missing=())
-    return model.eval().requires_grad_(False)
 
 
 def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
@@ -207,18 +209,7 @@ def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
         return model.eval().requires_grad_(False)
     sd = _read(ef, dtype)
     try:
-        if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-            sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-        sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-        rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        heads = rel.shape[1]
-        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
-        cfg = UMT5Config(
-            vocab_size=sd["shared.weight"].shape[0], d_model=sd["shared.weight"].shape[1], d_kv=inner // heads,
-            d_ff=sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-            num_layers=_count(sd, "encoder.block.{}."), num_heads=heads, relative_attention_num_buckets=rel.shape[0],
-            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-        )
+        cfg = UMT5Config(**t5_config_of(sd))
     except KeyError as e:
         raise ModelFileError(f"{ef.path}: not a complete UMT5 encoder (missing {e.args[0]})") from None
     with torch.device("meta"):
