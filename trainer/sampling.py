@@ -17,8 +17,9 @@ def initial_noise(model: TrainingModel, width: int, height: int, seed: int, fram
 @torch.no_grad()
 def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: Conditioning | None, steps: int,
             guidance_scale: float) -> torch.Tensor:
-    sigmas = model.sample_sigmas(steps, tuple(noise.shape))
-    x = model.objective.initial(noise.float(), sigmas[0])
+    # the noise is drawn on the CPU (the same for a seed on any device); the steps run where the model is
+    sigmas = model.sample_sigmas(steps, tuple(noise.shape)).to(model.device)
+    x = model.objective.initial(noise.float().to(model.device), sigmas[0])
     cfg = (not model.distilled_guidance) and guidance_scale > 1.0 and neg is not None
     for i in range(steps):
         s = sigmas[i].reshape(1).expand(x.shape[0])

@@ -284,7 +284,14 @@ class Trainer:
         try:
             for k, s in enumerate(self.samples, 1):
                 t0 = time.perf_counter()
-                images.append(self._sample_one(s))
+                try:
+                    images.append(self._sample_one(s))
+                except torch.cuda.OutOfMemoryError:
+                    # a preview larger than what training left free: skipped, the run goes on
+                    torch.cuda.empty_cache()
+                    log.warning("preview %d/%d at step %d skipped: out of memory on the card (smaller"
+                                " sample.width / height / num_frames fit)", k, len(self.samples), self.state.step)
+                    continue
                 if report is not None:
                     report(f"  preview {k}/{len(self.samples)} in {time.perf_counter() - t0:.1f}s")
         finally:

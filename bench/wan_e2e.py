@@ -1,0 +1,103 @@
+"""End to end through `python -m trainer` for Wan 2.1 1.3B at its real size: random weights in ComfyUI's file
+layouts (transformer at full size, the Wan 2.1 VAE at full size, UMT5 at full width with one layer: its captions are
+cached before training, so its depth does not change a step), 81-frame 832x480 clips made here, a job as a user
+writes it, and the trainer's own metrics.jsonl. Optionally under a memory cap, as a smaller card.
+
+    python3 bench/wan_e2e.py --work /tmp/wan_e2e --steps 12 [--variants bf16 bf16_cap24 compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+VARIANTS = {
+    "bf16": {},
+    "bf16_cap24": {"cap_gib": 24},
+    "compile": {"compile": True},
+}
+
+# runs the CLI in this interpreter with the card capped, as a smaller card would be
+CAPPED = ("import sys, runpy, torch; torch.cuda.set_per_process_memory_fraction(float(sys.argv.pop(1)) /"
+          " (torch.cuda.get_device_properties(0).total_memory / 2**30)); sys.argv[0] = 'trainer';"
+          " runpy.run_module('trainer', run_name='__main__')")
+
+
+def build_files(folder: Path) -> dict:
+    from trainer.demo import tiny
+    from trainer.demo.videos import make_video_dataset
+    from trainer.demo.wan import make_wan_file, make_wan_vae_file, wan_diffusers_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {n: folder / f"wan21_1.3b_{n}.safetensors" for n in ("transformer", "umt5", "vae")}
+    t0 = time.time()
+    if not paths["transformer"].exists():
+        make_wan_file(paths["transformer"], wan_diffusers_config(dim=1536, layers=30, ffn=8960, text_dim=4096),
+                      dtype=torch.bfloat16)
+        tiny.make_umt5_file(paths["umt5"], d_model=4096, layers=1, heads=64, d_kv=64, d_ff=10240, dtype=torch.bfloat16)
+        make_wan_vae_file(paths["vae"], base_dim=96, dtype=torch.bfloat16)
+        make_video_dataset(folder / "clips", n=4, size=(832, 480), frames=81, fps=16)
+        print(f"# files written in {time.time() - t0:.0f}s", flush=True)
+    return {"arch": "wan21", "name_or_path": str(paths["transformer"]), "text_encoder_paths": [str(paths["umt5"])],
+            "vae_path": str(paths["vae"])}
+
+
+def job(name: str, model: dict, folder: Path, steps: int, extra: dict) -> dict:
+    train = {"steps": steps, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True,
+             "cache_text_embeddings": True, "skip_first_sample": True}
+    train.update({k: v for k, v in extra.items() if k != "cap_gib"})
+    return {"job": "extension", "config": {"name": name, "process": [{
+        "training_folder": str(folder / "runs"), "device": "cuda",
+        "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
+        "save": {"dtype": "bf16", "save_every": 100000},
+        "datasets": [{"folder_path": str(folder / "clips"), "resolution": [640], "num_frames": 81,
+                      "caption_ext": "txt"}],
+        "train": train, "model": model,
+        # the final preview: a 33-frame clip in 8 steps, written as .mp4
+        "sample": {"sample_every": 100000, "width": 832, "height": 480, "num_frames": 33, "sample_steps": 8,
+                   "guidance_scale": 5.0, "prompts": ["a red circle moving on a blue background"]}}]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/wan_e2e")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    a = ap.parse_args()
+    folder = Path(a.work)
+    model = build_files(folder)
+    for v in a.variants:
+        name = f"wan_e2e_{v}"
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(job(name, model, folder, a.steps, VARIANTS[v])))
+        cap = VARIANTS[v].get("cap_gib")
+        cmd = [sys.executable, "-c", CAPPED, str(cap), str(path)] if cap else [sys.executable, "-m", "trainer", str(path)]
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.time() - t0
+        if r.returncode != 0:
+            print(json.dumps({"variant": v, "error": (r.stderr or r.stdout)[-2500:]}), flush=True)
+            continue
+        run = folder / "runs" / name
+        m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        steady = [x["s_per_step"] for x in m[a.warmup:]]
+        videos = sorted(p.name for p in (run / "samples").glob("*.mp4"))
+        entries = next((l for l in r.stdout.splitlines() if "training entries" in l), "")
+        print(json.dumps({"variant": v, "size": "832x480x81", "median_s_per_step": round(statistics.median(steady), 3),
+                          "first_step_s": round(m[0]["s_per_step"], 2),
+                          "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
+                          "cap_gib": cap, "entries": entries, "preview_videos": videos,
+                          "device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
