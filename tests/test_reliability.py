@@ -219,8 +219,9 @@ def _fifo_model(tiny_flux: dict, folder: Path) -> dict:
 def _cli_job(tmp_path: Path, d: dict) -> subprocess.CompletedProcess:
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(d))
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}  # no ComfyUI install to find tokenizers in
     return subprocess.run([sys.executable, "-m", "trainer", str(job)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def test_bad_input_fails_before_any_model_file_is_opened(tiny_flux, images, tmp_path):
@@ -236,6 +237,10 @@ def test_bad_input_fails_before_any_model_file_is_opened(tiny_flux, images, tmp_
     r = _cli_job(tmp_path, _job(model, images, tmp_path / "out"))
     assert r.returncode == 2 and "1 files have no .txt caption (img_0.png)" in r.stderr, r.stderr
     (images / "img_0.txt").write_text("a caption again")
+    empty = tmp_path / "not_a_tokenizer"
+    empty.mkdir()
+    r = _cli_job(tmp_path, _job({**model, "tokenizer_paths": [str(empty), str(empty)]}, images, tmp_path / "out"))
+    assert r.returncode == 2 and "no CLIP tokenizer found" in r.stderr, r.stderr
     d = _job({**model, "vae_path": str(tmp_path / "no_vae.safetensors")}, images, tmp_path / "out")
     r = _cli_job(tmp_path, d)
     assert r.returncode == 2 and "model.vae_path:" in r.stderr and "does not exist" in r.stderr, r.stderr

@@ -101,6 +101,8 @@ def check_before_loading(job: JobConfig, model_files: bool = True) -> None:
         check_dataset_folder(d, i)
     if model_files:
         check_model_files(job.process.model)
+        if job.process.model.backend == "diffusers":
+            check_tokenizers(job)
     if job.process.network.pretrained_lora_path:
         local_path(job.process.network.pretrained_lora_path, "network.pretrained_lora_path")
     if job.process.train.optimizer == "adamw8bit":
@@ -122,6 +124,18 @@ def check_model_files(mc) -> None:
             if path.suffix.lower() in PICKLE_SUFFIXES:
                 raise ModelFileError(f"{key}: {path} is a pickle checkpoint ({path.suffix}), which this trainer never"
                                      " loads (it can run code); use the .safetensors file of the same model")
+
+
+def check_tokenizers(job: JobConfig) -> None:
+    """The tokenizers the family's loader will look for are there (a missing one is said before a long load)."""
+    from .models.sources import ModelSources
+
+    fam = registry.get_family(job.arch)
+    if not fam.tokenizers:
+        return
+    src = ModelSources(job.process.model, job.arch)
+    for kind, index, component in fam.tokenizers:
+        src.tokenizer_folder(kind, src.tokenizer_path(index), component)
 
 
 def load_datasets(job: JobConfig, model: TrainingModel) -> list[Dataset]:

@@ -194,5 +194,5 @@ def load_chroma(mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> Ch
 
 FAMILIES = [
     Family("chroma", "Chroma (Flux-layout blocks, pruned modulation): T5-XXL only, 16-channel Flux VAE, true CFG",
-           load_chroma, comfy_clip_type="chroma"),
+           load_chroma, comfy_clip_type="chroma", tokenizers=(("t5", -1, "tokenizer"),)),
 ]

@@ -31,3 +31,6 @@ class Family:
     model_defaults: dict = field(default_factory=dict)
     # the type ComfyUI's CLIP loaders take for its text encoder files ("" where they come inside a checkpoint)
     comfy_clip_type: str = ""
+    # tokenizers its loader must find: (kind, index in model.tokenizer_paths, diffusers folder component), checked
+    # before any model file is read
+    tokenizers: tuple[tuple[str, int, str], ...] = ()

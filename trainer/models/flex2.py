@@ -72,5 +72,6 @@ FAMILIES = [
     Family("flex2", "Flex.2 (Flux layout, img_in fed noisy + inpaint + mask + control latents): control images"
            " from datasets[].control_path, guidance embedding bypassed in training",
            lambda mc, device, dtype: load_flux(mc, device, dtype, FLEX2), takes_control=True,
-           model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux"),
+           model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux",
+           tokenizers=(("clip", 0, "tokenizer"), ("t5", 1, "tokenizer_2"))),
 ]

@@ -231,8 +231,10 @@ def load_flux(mc: ModelConfig, device: torch.device, dtype: torch.dtype, variant
 
 FAMILIES = [
     Family("flux", "FLUX.1 dev / schnell (and Flux-layout derivatives): CLIP-L + T5-XXL, 16-channel VAE",
-           lambda mc, device, dtype: load_flux(mc, device, dtype, FLUX), comfy_clip_type="flux"),
+           lambda mc, device, dtype: load_flux(mc, device, dtype, FLUX), comfy_clip_type="flux",
+           tokenizers=(("clip", 0, "tokenizer"), ("t5", 1, "tokenizer_2"))),
     Family("flex1", "Flex.1 (Flux layout, 8 double blocks): trained with the guidance embedding bypassed",
            lambda mc, device, dtype: load_flux(mc, device, dtype, FLEX1),
-           model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux"),
+           model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux",
+           tokenizers=(("clip", 0, "tokenizer"), ("t5", 1, "tokenizer_2"))),
 ]

@@ -327,5 +327,5 @@ def load_sd3(mc: ModelConfig, device: torch.device, dtype: torch.dtype, arch: st
 
 FAMILIES = [
     Family("sd3", "Stable Diffusion 3 / 3.5 (Medium, Large, Large-Turbo): CLIP-L + CLIP-G (+ optional T5-XXL),"
-           " 16-channel VAE", load_sd3, comfy_clip_type="sd3"),
+           " 16-channel VAE", load_sd3, comfy_clip_type="sd3", tokenizers=(("clip", 0, "tokenizer"),)),
 ]

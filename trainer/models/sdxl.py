@@ -420,5 +420,5 @@ def load_sdxl(mc: ModelConfig, device: torch.device, dtype: torch.dtype, arch: s
 
 FAMILIES = [
     Family("sdxl", "Stable Diffusion XL (eps or v-prediction): CLIP-L + OpenCLIP-G, 4-channel VAE", load_sdxl,
-           text_encoder_training=True, comfy_clip_type="sdxl"),
+           text_encoder_training=True, comfy_clip_type="sdxl", tokenizers=(("clip", 0, "tokenizer"),)),
 ]

@@ -69,8 +69,12 @@ class ModelSources:
     # --- tokenizers ------------------------------------------------------------------------------
     def tokenizer(self, kind: str, explicit: Path | None, component: str | None):
         """A tokenizer: the explicit path, the pipeline folder's `component`, or a ComfyUI install's."""
+        return load_tokenizer(self.tokenizer_folder(kind, explicit, component))
+
+    def tokenizer_folder(self, kind: str, explicit: Path | None, component: str | None) -> Path:
+        """Where `tokenizer` reads from (found without reading it: the check before anything loads)."""
         candidates = [self.folder / component] if self.folder is not None and component else []
-        return load_tokenizer(find_tokenizer(kind, explicit, candidates, self.near))
+        return find_tokenizer(kind, explicit, candidates, self.near)
 
     def tokenizer_path(self, index: int) -> Path | None:
         return self.tokenizer_paths[index] if -len(self.tokenizer_paths) <= index < len(self.tokenizer_paths) else None

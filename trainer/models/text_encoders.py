@@ -301,7 +301,8 @@ def find_tokenizer(kind: str, explicit: Path | None, folder_candidates: list[Pat
     name = {"clip": "CLIP", "t5": "T5"}[kind]
     raise ModelFileError(
         f"no {name} tokenizer found (looked in: {', '.join(tried) or 'nothing'}). Set model.tokenizer_paths to a"
-        f" local tokenizer folder, or run from a ComfyUI install (its comfy/ folder ships the tokenizers)."
+        f" local tokenizer folder, keep the model files inside a ComfyUI install, or set COMFYUI_PATH to a ComfyUI"
+        f" checkout (its comfy/ folder ships the tokenizers)."
     )
 
 
