@@ -107,14 +107,7 @@ def load_clip_text_model(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int 
         bos_token_id=0,
         pad_token_id=eos_token_id if eos_token_id is not None else 1,
     )
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    # transformers 4.x nests the tower under `text_model.`; 5.x does not
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
-        sd = {k[len("text_model."):]: v for k, v in sd.items()}
-    _load_checked(model, sd, ef.path, allowed_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
-    return model.eval().requires_grad_(False)
+    return materialize(CLIPTextModel, cfg, sd, dtype, "text_model.", ef.path, "CLIP text encoder")
 
 
 def load_clip_projected(ef: EncoderFile, dtype: torch.dtype, eos_token_id: int | None, role: str,
@@ -174,11 +167,7 @@ def load_t5_encoder(ef: EncoderFile, dtype: torch.dtype):
         cfg = T5Config(**t5_config_of(sd))
     except KeyError as e:
         raise ModelFileError(f"{ef.path}: not a complete T5 encoder (missing {e.args[0]})") from None
-    with torch.device("meta"):
-        model = T5EncoderModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    _load_checked(model, sd, ef.path, allowed_missing=())
-    return model.eval().requires_grad_(False)
+    return materialize(T5EncoderModel, cfg, sd, dtype, "", ef.path, "T5 encoder")
 
 
 def t5_config_of(sd: dict) -> dict:
@@ -212,11 +201,7 @@ def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
         cfg = UMT5Config(**t5_config_of(sd))
     except KeyError as e:
         raise ModelFileError(f"{ef.path}: not a complete UMT5 encoder (missing {e.args[0]})") from None
-    with torch.device("meta"):
-        model = UMT5EncoderModel(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    _load_checked(model, sd, ef.path, allowed_missing=())
-    return model.eval().requires_grad_(False)
+    return materialize(UMT5EncoderModel, cfg, sd, dtype, "", ef.path, "UMT5 encoder")
 
 
 def spiece_tokenizer(path: Path):
@@ -256,17 +241,6 @@ def materialize(cls, cfg, sd: dict, dtype: torch.dtype, level: str, path: Path, 
         if name.endswith("position_ids"):
             buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
     return model.eval().requires_grad_(False)
-
-
-def _load_checked(model: torch.nn.Module, sd: dict, path: Path, allowed_missing: tuple[str, ...]) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=False)
-    missing = [k for k in missing if k not in allowed_missing]
-    if missing:
-        raise ModelFileError(f"{path}: incomplete text encoder, missing {len(missing)} tensors (e.g. {missing[0]})")
-    # buffers that the file need not hold (position ids) are rebuilt
-    for name, buf in model.named_buffers():
-        if name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
 
 
 # --- tokenizers -------------------------------------------------------------------------------
