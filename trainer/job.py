@@ -193,10 +193,10 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     run.lock()
     if restart:
         run.restart()
-    else:  # a changed job is refused now, not after a long model load
-        saved = run.load_state()
-        if saved is not None:
-            check_job_fits_state(job, saved, run.state_path, extendable)
+    # read once: a changed job is refused now, not after a long model load; the Trainer resumes from it
+    saved = None if restart else run.load_state()
+    if saved is not None:
+        check_job_fits_state(job, saved, run.state_path, extendable)
     if model is None:
         device = pick_device(proc.device)
         dtype = pick_dtype(proc.train.dtype, device)
@@ -219,7 +219,7 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers"
            f" ({n_params / 1e6:.2f}M parameters)")
     trainer = Trainer(job, model, network, datasets, latents, texts, samples, run, identity)
-    changes = trainer.resume(extendable)
+    changes = trainer.resume(saved, extendable)
     if changes is not None:
         report(f"resuming {run.root} from step {trainer.state.step}")
         for c in changes:

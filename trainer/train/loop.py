@@ -147,11 +147,10 @@ class Trainer:
             "identity": self.identity,
         })
 
-    def resume(self, extendable: bool = False) -> list[str] | None:
-        """Continue from the run folder's state. Returns the job changes applied from the resume step (empty: the
-        same job), or raises with the changes the saved state cannot take; None when there is nothing to resume.
+    def resume(self, st: dict | None, extendable: bool = False) -> list[str] | None:
+        """Continue from `st`, the run folder's state as read (None: nothing to resume). Returns the job changes
+        applied from the resume step (empty: the same job), or raises with the changes the saved state cannot take.
         `extendable`: a state past train.steps extends the run (a session that trains on) instead of an error."""
-        st = self.run.load_state()
         if st is None:
             return None
         refused, applied = split_changes(st.get("identity") or {}, self.identity) if st.get("identity") else ([], [])
