@@ -15,11 +15,11 @@ import torch
 from .config import JobConfig, dump_job_yaml
 from .data.cache import LatentCache, TextCache
 from .data.dataset import Dataset, Geometry, check_dataset_folder, scan_dataset
-from .errors import ConfigError, ModelFileError, UserError
+from .errors import ConfigError, UserError
 from .fileio import write_text_atomic
 from .models import registry
 from .models.base import TrainingModel
-from .models.files import PICKLE_SUFFIXES, local_path, safetensors_shapes
+from .models.files import local_path, refuse_pickle, safetensors_shapes
 from .models.fingerprint import file_fingerprint, module_fingerprint
 from .networks.network import Network, build_network, read_network_file
 from .prepare import compile_model, prepare_for_encoding, prepare_for_training
@@ -120,10 +120,7 @@ def check_model_files(mc) -> None:
     named += [(f"model.tokenizer_paths[{i}]", p) for i, p in enumerate(mc.tokenizer_paths)]
     for key, value in named:
         if value:
-            path = local_path(value, key)
-            if path.suffix.lower() in PICKLE_SUFFIXES:
-                raise ModelFileError(f"{key}: {path} is a pickle checkpoint ({path.suffix}), which this trainer never"
-                                     " loads (it can run code); use the .safetensors file of the same model")
+            refuse_pickle(local_path(value, key), key)
 
 
 def check_tokenizers(job: JobConfig) -> None:

@@ -36,11 +36,16 @@ def local_path(value: str, key: str) -> Path:
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def refuse_pickle(path: Path, key: str = "") -> None:
+    """A pickle checkpoint is refused by its name, before it is opened."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelFileError(f"{key + ': ' if key else ''}{path}: a pickle checkpoint ({Path(path).suffix}), which this"
+                             " trainer never loads (it can run code); use the .safetensors file of the same model")
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a .safetensors header, without reading the weights."""
-    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelFileError(f"{path}: a pickle checkpoint ({Path(path).suffix}), which this trainer never loads (it can"
-                             " run code); use the .safetensors file of the same model")
+    refuse_pickle(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
