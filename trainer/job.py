@@ -84,14 +84,16 @@ def finished_run(job: JobConfig) -> Path | None:
     state = run_dir / "training_state.safetensors"
     if not (final.is_file() and state.is_file()):
         return None
-    from .train.state_file import StateFileError, read_state
+    from .train.state_file import read_state_step
 
-    try:
-        step = read_state(state).get("step")
-        safetensors_shapes(final)
-    except (StateFileError, UserError):
+    step = read_state_step(state)
+    if step is None or step < job.process.train.steps:
         return None
-    return final if isinstance(step, int) and step >= job.process.train.steps else None
+    try:
+        safetensors_shapes(final)
+    except UserError:
+        return None
+    return final
 
 
 def check_before_loading(job: JobConfig, model_files: bool = True) -> None:

@@ -76,6 +76,20 @@ class StateFileError(ValueError):
     """The file is not a state this version wrote, or its checksum does not match."""
 
 
+def read_state_step(path: str | os.PathLike) -> int | None:
+    """The step a state file records, from its header alone (no tensors read, no checksum: for "is this run
+    finished?", which the final file's own check completes); None when the header does not say."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        step = json.loads(meta["state"]).get("step") if meta.get("format") == FORMAT else None
+    except Exception:  # an unreadable or foreign header: not a finished run; the full read names the problem
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def read_state(path: str | os.PathLike) -> dict:
     from safetensors import safe_open
 
