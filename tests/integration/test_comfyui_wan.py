@@ -1,6 +1,6 @@
-"""Wan 2.1 against real ComfyUI: the trainer's Wan files (T2V, I2V) are detected as WAN21_T2V / WAN21_I2V and run
+"""Wan 2.1 against real ComfyUI: the trainer's Wan files (T2V, I2V, VACE) are detected as their variant and run
 by ComfyUI with the trainer's outputs; every network type loads with zero unloaded keys and computes what the
-trainer computed; ComfyUI's own WanImageToVideo node builds the I2V condition the trainer builds, and its CLIP
+trainer computed; ComfyUI's own WanImageToVideo and WanVaceToVideo nodes build the conditions the trainer builds, and its CLIP
 preprocessing is the trainer's.
 
 One ComfyUI process per variant (comfy_check_wan.py) loads the model with comfy.sd.load_diffusion_model and runs
@@ -44,9 +44,32 @@ def _comfy_side(python, comfy, tmp: Path, model: str, files: dict, inputs: dict,
     return json.loads(report.read_text()), load_file(str(out))
 
 
+_RUNS: dict[str, dict] = {}  # one ComfyUI run per variant, shared by the fixtures below
+
+
 @pytest.fixture(scope="module", params=["t2v", "i2v", "vace"])
 def wan_run(request, tmp_path_factory):
-    comfy, python = comfy_install(f"ComfyUI Wan test ({request.param})")
+    return _run_variant(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def i2v_run(tmp_path_factory):
+    return _run_variant("i2v", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def vace_run(tmp_path_factory):
+    return _run_variant("vace", tmp_path_factory)
+
+
+def _run_variant(variant: str, tmp_path_factory) -> dict:
+    if variant not in _RUNS:
+        _RUNS[variant] = _build_and_compare(variant, tmp_path_factory)
+    return _RUNS[variant]
+
+
+def _build_and_compare(variant: str, tmp_path_factory) -> dict:
+    comfy, python = comfy_install(f"ComfyUI Wan test ({variant})")
     from trainer.config import ModelConfig
     from trainer.data.dataset import fit_pixels
     from trainer.demo.wan import write_wan_files
@@ -54,10 +77,10 @@ def wan_run(request, tmp_path_factory):
     from trainer.models.wan import I2V, T2V, VACE, load_wan
     from trainer.networks.network import Network
 
-    i2v, vace = request.param == "i2v", request.param == "vace"
-    tmp = tmp_path_factory.mktemp(f"comfy_wan_{request.param}")
+    i2v, vace = variant == "i2v", variant == "vace"
+    tmp = tmp_path_factory.mktemp(f"comfy_wan_{variant}")
     torch.set_num_threads(1)
-    cfg = write_wan_files(tmp / "models", i2v=i2v, vace=vace, name=request.param)
+    cfg = write_wan_files(tmp / "models", i2v=i2v, vace=vace, name=variant)
     model = load_wan(ModelConfig(**cfg), torch.device("cpu"), torch.float32, I2V if i2v else VACE if vace else T2V)
     targets = model.targets()
     g = torch.Generator().manual_seed(11)
@@ -131,11 +154,10 @@ def test_network_type_loads_fully_and_matches(wan_run, case):
     assert err < TOL and wan_run["effect"][case] > 100 * err
 
 
-def test_i2v_condition_equals_comfyuis_node(wan_run):
+def test_i2v_condition_equals_comfyuis_node(i2v_run):
     """WanImageToVideo (start image, gray frames after it, the mask) and ComfyUI's CLIP preprocessing give what the
     trainer feeds: the 4 mask channels and the 16 image channels of `image_cond`, and CLIP's input pixels."""
-    if not wan_run["i2v"]:
-        pytest.skip("T2V takes no image condition")
+    wan_run = i2v_run
     theirs, ours = wan_run["theirs"], wan_run["inputs"]["image_cond"][0]
     mask = theirs["node_mask"][0]
     assert torch.equal(mask.expand(4, *mask.shape[1:]), ours[:4])
@@ -147,12 +169,10 @@ def test_i2v_condition_equals_comfyuis_node(wan_run):
     assert image_err < TOL and clip_err < 1e-5
 
 
-def test_vace_condition_equals_comfyuis_node(wan_run):
+def test_vace_condition_equals_comfyuis_node(vace_run):
     """WanVaceToVideo (control video, mask: inactive and reactive latents, the 8x8-folded mask) gives what the trainer
     feeds VACE's blocks."""
-    if not wan_run["vace"]:
-        pytest.skip("only VACE takes a control video")
-    ours, theirs = wan_run["inputs"]["vace"][0], wan_run["theirs"]["node_vace"][0]
+    ours, theirs = vace_run["inputs"]["vace"][0], vace_run["theirs"]["node_vace"][0]
     assert ours.shape == theirs.shape == (96, 3, 6, 4)
     assert torch.equal(ours[32:], theirs[32:])
     err = _rel_err(ours[:32], theirs[:32])
