@@ -71,3 +71,39 @@ def job_dict(model: dict, dataset: Path, out: Path, name: str = "run", **train) 
             }],
         },
     }
+
+
+def run_through_and_resumed(d: dict, tmp_path: Path, stop_at: int = 2) -> tuple[dict, dict]:
+    """The final LoRA of job `d` run through (into tmp_path/a), and of the same job stopped by Ctrl-C after
+    `stop_at` steps and run again (into tmp_path/b), which must resume at `stop_at` from the save the stop wrote."""
+    import copy
+
+    import pytest
+    from safetensors.torch import load_file
+
+    from trainer.config import load_job_dict
+    from trainer.job import build_trainer, run_job
+
+    def quiet(_msg: str) -> None:
+        pass
+
+    a, b = copy.deepcopy(d), copy.deepcopy(d)
+    a["config"]["process"][0]["training_folder"] = str(tmp_path / "a")
+    b["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
+    name = d["config"]["name"]
+    run_job(load_job_dict(a), report=quiet)
+    trainer = build_trainer(load_job_dict(b), report=quiet)
+
+    def interrupt(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(on_step=interrupt)
+    run_b = tmp_path / "b" / name
+    assert (run_b / f"{name}_{stop_at:09d}.safetensors").exists() and not (run_b / f"{name}.safetensors").exists()
+    trainer = build_trainer(load_job_dict(b), report=quiet)
+    assert trainer.state.step == stop_at
+    trainer.train()
+    return (load_file(str(tmp_path / "a" / name / f"{name}.safetensors")),
+            load_file(str(run_b / f"{name}.safetensors")))

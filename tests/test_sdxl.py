@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images
+from helpers import job_dict, make_images, run_through_and_resumed
 from sdxl_helpers import comfy_to_kohya, euler_scheduler, load, pipeline, rel_err, write_tiny_sdxl
 from trainer.config import load_job_dict
 from trainer.errors import ConfigError, ModelFileError, UserError
@@ -460,21 +460,7 @@ def test_text_encoder_resume_and_pretrained(sdxl_full, tmp_path):
     the file continues as network.pretrained_lora_path; a te file without train_text_encoder is a clear error."""
     data = make_images(tmp_path / "data", n=3)
     d = _te_job(sdxl_full, data, tmp_path / "a", steps=4, lr=1e-2, text_encoder_lr=5e-3, lr_scheduler="cosine")
-    run_job(load_job_dict(d), report=quiet)
-
-    d["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-
-    def interrupt(step, loss):
-        if step == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(on_step=interrupt)
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-    assert trainer.state.step == 2
-    trainer.train()
-    a = load_file(str(tmp_path / "a" / "run" / "run.safetensors"))
-    b = load_file(str(tmp_path / "b" / "run" / "run.safetensors"))
+    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
     assert a.keys() == b.keys() and any(k.startswith("lora_te2_") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

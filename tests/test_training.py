@@ -11,7 +11,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images
+from helpers import job_dict, make_images, run_through_and_resumed
 from trainer.config import load_job_dict
 from trainer.errors import TrainingDiverged
 from trainer.job import build_trainer, run_job
@@ -62,10 +62,6 @@ def test_target_filters(tiny_flux, images, tmp_path):
     assert "diffusion_model.double_blocks.0.txt_mlp.0" in keys
 
 
-def _final_weights(path: Path) -> dict:
-    return load_file(str(path))
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_matches_uninterrupted(tiny_flux, tmp_path, accum):
     """Killed at step 2 (Ctrl-C saves), run again: the same final weights as a run never stopped."""
@@ -73,23 +69,7 @@ def test_resume_matches_uninterrupted(tiny_flux, tmp_path, accum):
     extra = dict(steps=4, gradient_accumulation=accum, lr_scheduler="cosine", lr_warmup_steps=1)
     d = job_dict(tiny_flux, data, tmp_path / "a", **extra)
     d["config"]["process"][0]["datasets"][0].update(caption_dropout_rate=0.3, flip_x=True)
-    run_job(load_job_dict(d), report=quiet)
-
-    d["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-
-    def interrupt(step, loss):
-        if step == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(on_step=interrupt)
-    assert (tmp_path / "b" / "run" / "run_000000002.safetensors").exists()
-    assert not (tmp_path / "b" / "run" / "run.safetensors").exists()
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-    assert trainer.state.step == 2
-    trainer.train()
-    a = _final_weights(tmp_path / "a" / "run" / "run.safetensors")
-    b = _final_weights(tmp_path / "b" / "run" / "run.safetensors")
+    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

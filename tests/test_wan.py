@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import job_dict
+from helpers import job_dict, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.videos import make_video_dataset
 from trainer.demo.wan import wan_diffusers_config, write_wan_files
@@ -257,21 +257,7 @@ def test_resume_on_video_clips_matches_uninterrupted(wan_t2v, clips, tmp_path):
     d = _video_job(wan_t2v, clips, tmp_path / "a", **extra)
     d["config"]["process"][0]["datasets"][0].update(frames=[1, 5], shrink_video_to_frames=False, clips_per_video=2,
                                                     flip_x=True)
-    run_job(load_job_dict(d), report=quiet)
-    d["config"]["process"][0]["training_folder"] = str(tmp_path / "b")
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-
-    def interrupt(step, loss):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(on_step=interrupt)
-    trainer = build_trainer(load_job_dict(d), report=quiet)
-    assert trainer.state.step == 2
-    trainer.train()
-    a = load_file(str(tmp_path / "a" / "run" / "run.safetensors"))
-    b = load_file(str(tmp_path / "b" / "run" / "run.safetensors"))
+    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
