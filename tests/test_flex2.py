@@ -220,10 +220,10 @@ def test_control_errors(flex2, tiny_flux, tmp_path):
     flux = _load(tiny_flux, "flux")
     with pytest.raises(DatasetError, match="model.arch 'flux' takes no control images"):
         LatentCache([ds], "x").prepare(flux)
-    with pytest.raises(ConfigError, match="takes no control image"):
-        sample_conditions(flux, str(controls / "img_0.png"), 32, 32, 1, "sample.samples[0].control_image")
+    with pytest.raises(ConfigError, match=r"samples\[0\]\.control_image: model.arch 'flux' takes no control image"):
+        sample_conditions(flux, str(controls / "img_0.png"), 32, 32, 1, "sample.samples[0]")
     with pytest.raises(ConfigError, match="control image .* does not exist"):
-        sample_conditions(flex2, str(tmp_path / "missing.png"), 32, 32, 1, "sample.samples[0].control_image")
+        sample_conditions(flex2, str(tmp_path / "missing.png"), 32, 32, 1, "sample.samples[0]")
 
 
 def test_batch_controls_dropout_and_mixed_datasets(flex2, tmp_path):

@@ -15,7 +15,7 @@ from helpers import job_dict, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.videos import make_video_dataset
 from trainer.demo.wan import wan_diffusers_config, write_wan_files
-from trainer.errors import ConfigError, ModelFileError
+from trainer.errors import ConfigError, DatasetError, ModelFileError
 from trainer.job import build_trainer, run_job
 from trainer.models.wan import I2V, T2V, VACE, load_wan
 from trainer.sampling import denoise, initial_noise
@@ -337,7 +337,7 @@ def test_vace_sampler_matches_pipeline(wan_vace):
     video, masks = _frames(9), _mask_frames(9)
     control = torch.stack([fit_pixels(f, (32, 32), False) for f in video], dim=1)
     mask = torch.stack([fit_pixels(f, (32, 32), False) for f in masks], dim=1).mean(0, keepdim=True).add(1).div(2)
-    cond = {**model.encode_text(["a red circle"]), "vace": model.vace_condition(control, mask, 9)[None]}
+    cond = {**model.encode_text(["a red circle"]), "vace": model.vace_condition(control, mask, 9)["vace"][None]}
     assert cond["vace"].shape == (1, 96, 3, 4, 4)
     neg = {**model.encode_text([""]), "vace": cond["vace"]}
     noise = initial_noise(model, 32, 32, seed=9, frames=9)
@@ -349,6 +349,69 @@ def test_vace_sampler_matches_pipeline(wan_vace):
                   output_type="latent").frames
     err = float((ours - theirs).abs().max() / theirs.abs().max())
     assert err < 1e-3, err
+
+
+def test_vace_reference_image_sampling_matches_pipeline(wan_vace):
+    """WanVACEPipeline with a reference image beside the control video: the reference's latent frame goes before the
+    control's and the noise has one latent frame more (dropped before decoding); our condition and leading noise
+    frame give its latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline
+
+    from trainer.data.dataset import fit_pixels
+    from trainer.sampling import leading_frames
+
+    model = _load(wan_vace, VACE)
+    video, masks = _frames(9), _mask_frames(9)
+    ref = _frames(1, seed=7)[0]
+    control = torch.stack([fit_pixels(f, (32, 32), False) for f in video], dim=1)
+    mask = torch.stack([fit_pixels(f, (32, 32), False) for f in masks], dim=1).mean(0, keepdim=True).add(1).div(2)
+    vc = {k: v[None] for k, v in model.vace_condition(control, mask, 9, fit_pixels(ref, (32, 32), False)).items()}
+    assert vc["vace"].shape == (1, 96, 4, 4, 4) and vc["vace_reference"].shape == (1, 16, 1, 4, 4)
+    cond = {**model.encode_text(["a red circle"]), **vc}
+    neg = {**model.encode_text([""]), **vc}
+    assert leading_frames(model, cond) == 1
+    noise = initial_noise(model, 32, 32, seed=9, frames=9, leading=1)
+    assert noise.shape[2] == 4
+    ours = denoise(model, noise, cond, neg, steps=3, guidance_scale=2.5)
+    pipe = WanVACEPipeline(tokenizer=model.tokenizer, text_encoder=model.umt5, vae=model.vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=model.sample_shift), transformer=model.denoiser)
+    theirs = pipe(video=video, mask=masks, reference_images=[ref], prompt_embeds=cond["context"],
+                  negative_prompt_embeds=neg["context"], height=32, width=32, num_frames=9, num_inference_steps=3,
+                  guidance_scale=2.5, latents=noise, output_type="latent").frames
+    assert theirs.shape == ours.shape == (1, 16, 4, 4, 4)  # diffusers drops the reference frame when it decodes
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert err < 1e-3, err
+
+
+def test_vace_trains_with_reference_images(wan_vace, clips, tmp_path):
+    """datasets[].reference_path: each clip's reference image is encoded as a latent frame trained on before the
+    clip's (control dropout leaves it), previews with sample.samples[].reference_image come out at the clip's
+    length, and an item without a reference is one clear error."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    stems = sorted(p.stem for p in clips.glob("*.mp4"))
+    for i, stem in enumerate(stems):
+        _frames(1, seed=20 + i)[0].save(refs / f"{stem}.png")
+    d = _video_job(wan_vace, clips, tmp_path / "out", steps=2, cache_text_embeddings=True, sample_every=2)
+    p = d["config"]["process"][0]
+    p["datasets"][0].update(reference_path=str(refs), control_dropout=1.0)
+    p["sample"].update(samples=[{"prompt": "a red circle", "reference_image": str(refs / f"{stems[0]}.png")}])
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    latents, noise, sigmas, cond = trainer.batch_inputs(0, torch.Generator().manual_seed(0))
+    assert latents.shape[2] == 3 and noise.shape == latents.shape  # 5 frames = 2 latent frames, the reference first
+    assert torch.equal(latents[:, :, :1], cond["vace_reference"]) and bool(cond["vace_reference"].abs().sum() > 0)
+    assert not bool(cond["vace"].any())  # dropout took the control, not the reference frame
+    trainer.train()
+    index = (tmp_path / "out" / "run" / "samples" / "index.jsonl").read_text().splitlines()
+    assert '"frames": 5' in index[-1] and f"{stems[0]}.png" in index[-1]
+    (refs / f"{stems[1]}.png").unlink()
+    p["training_folder"] = str(tmp_path / "out2")
+    with pytest.raises(DatasetError, match=r"reference_path: 1 items have no reference image.*" + stems[1]):
+        build_trainer(load_job_dict(d), report=quiet)
+    t2v = _video_job(wan_vace | {"arch": "wan21"}, clips, tmp_path / "x", steps=1)
+    t2v["config"]["process"][0]["datasets"][0]["reference_path"] = str(refs)
+    with pytest.raises(ConfigError, match="reference_path: model.arch 'wan21' takes no reference images"):
+        load_job_dict(t2v)
 
 
 def test_vace_trains_on_control_videos_and_masks(wan_vace, clips, tmp_path):

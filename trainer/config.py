@@ -91,6 +91,8 @@ class DatasetConfig:
     control_path: Optional[str] = spec(None, help="control images (or videos: VACE) with the items' file names")
     # VACE: masks (1 where the model generates) with the items' names; items without one: the whole frame
     mask_path: Optional[str] = spec(None, help="VACE: mask images or videos with the items' file names")
+    # VACE: a reference image per item (the subject or look to keep), trained as a latent frame before the clip's
+    reference_path: Optional[str] = spec(None, help="VACE: reference images with the items' file names")
     control_dropout: float = spec(0.0, ge=0, le=1, help="chance an item trains without its control image")
     background_color: str = spec("white", help="under transparent pixels (RGBA images): a colour name or #rrggbb")
 
@@ -184,6 +186,8 @@ class SampleItem:
     guidance_scale: Optional[float] = spec(None, ge=0, le=100)
     # an image the model is conditioned on (families that take control images: flex2; the start image: wan21_i2v)
     control_image: Optional[str] = spec(None, aliases=("ctrl_img",))
+    # VACE: a reference image the preview keeps (ComfyUI's WanVaceToVideo reference_image)
+    reference_image: Optional[str] = spec(None)
     # video families: frames of the preview clip (snapped to the model's rule); unset: sample.num_frames
     num_frames: Optional[int] = spec(None, ge=1, le=1025)
 
@@ -219,6 +223,7 @@ class SampleConfig:
                     neg=self.neg if it.neg is None else it.neg,
                     guidance_scale=self.guidance_scale if it.guidance_scale is None else it.guidance_scale,
                     control_image=it.control_image,
+                    reference_image=it.reference_image,
                     num_frames=it.num_frames or self.num_frames,
                 )
             )
@@ -288,8 +293,8 @@ PATH_KEYS = (
     ("model", ("name_or_path", "comfyui_path", "text_encoder_paths", "text_encoder_path", "vae_path",
                "tokenizer_paths", "tokenizer_path", "clip_vision_path")),
     ("network", ("pretrained_lora_path",)),
-    ("datasets[]", ("folder_path", "control_path", "mask_path")),
-    ("sample.samples[]", ("control_image", "ctrl_img")),
+    ("datasets[]", ("folder_path", "control_path", "mask_path", "reference_path")),
+    ("sample.samples[]", ("control_image", "ctrl_img", "reference_image")),
 )
 OUTPUT_KEYS = ("training_folder",)
 MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin")
@@ -507,8 +512,15 @@ def check_family_keys(job: JobConfig) -> None:
         if d.mask_path is not None and not fam.takes_masks:
             raise ConfigError(f"config.process[0].datasets[{i}].mask_path: model.arch {job.arch!r} takes no masks"
                               " (wan21_vace does)")
-        if fam.requires_control and d.control_path is None and not d.do_i2v:
+        if d.reference_path is not None and not fam.takes_references:
+            raise ConfigError(f"config.process[0].datasets[{i}].reference_path: model.arch {job.arch!r} takes no"
+                              " reference images (wan21_vace does)")
+        if fam.requires_control and d.control_path is None and not d.do_i2v and d.reference_path is None:
             raise ConfigError(f"config.process[0].datasets[{i}]: {fam.requires_control}")
+    for i, it in enumerate(job.process.sample.samples):
+        if it.reference_image and not fam.takes_references:
+            raise ConfigError(f"config.process[0].sample.samples[{i}].reference_image: model.arch {job.arch!r}"
+                              " takes no reference image (wan21_vace does)")
     if not fam.takes_control:
         for i, d in enumerate(job.process.datasets):
             if d.control_path is not None:

@@ -135,6 +135,7 @@ DATASET_OPTIONAL_WIDGETS = [
     _w("clips_per_video", DatasetConfig, "clips_per_video"),
     _w("do_i2v", DatasetConfig, "do_i2v"),
     _w("mask_path", DatasetConfig, "mask_path"),
+    _w("reference_path", DatasetConfig, "reference_path"),
     _w("background_color", DatasetConfig, "background_color"),
 ]
 

@@ -27,6 +27,7 @@ class PreparedSample:
     request: SampleRequest
     neg: str = ""  # the negative prompt, re-encoded with the prompt where the text encoders train
     control_image: str | None = None
+    reference_image: str | None = None
 
 
 def sample_items(job: JobConfig) -> list[SampleItem]:
@@ -61,15 +62,15 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
         req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=width,
                             height=height, steps=steps or job.process.sample.sample_steps,
                             guidance_scale=it.guidance_scale, seed=it.seed, frames=frames)
-        if it.control_image:
-            extra = sample_conditions(model, it.control_image, width, height, frames,
-                                      f"{key}[{i}].control_image")
+        if it.control_image or it.reference_image:
+            extra = sample_conditions(model, it.control_image, width, height, frames, f"{key}[{i}]",
+                                      it.reference_image)
             req.cond.update(extra)
             req.neg_cond.update(extra)  # the condition is not what guidance contrasts
         elif model.requires_conditions() and not conditioned:
             raise ConfigError(f"{key}[{i}].control_image: {model.requires_conditions()}; previews need a start image"
                               " (sample.samples[].control_image)")
-        out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image))
+        out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image, it.reference_image))
     return out
 
 

@@ -9,9 +9,20 @@ from .models.base import Conditioning, SampleRequest, TrainingModel
 from .seeds import torch_generator
 
 
-def initial_noise(model: TrainingModel, width: int, height: int, seed: int, frames: int = 1) -> torch.Tensor:
-    """The starting noise of a preview: the family's latent shape at this size (rounded as buckets are)."""
-    return torch.randn(model.latent_shape(width, height, frames), generator=torch_generator(seed))
+def initial_noise(model: TrainingModel, width: int, height: int, seed: int, frames: int = 1,
+                  leading: int = 0) -> torch.Tensor:
+    """The starting noise of a preview: the family's latent shape at this size (rounded as buckets are), with
+    `leading` latent frames more before the clip's (VACE's reference frames), drawn in one go as the pipelines do."""
+    shape = list(model.latent_shape(width, height, frames))
+    if leading:
+        shape[2] += leading
+    return torch.randn(shape, generator=torch_generator(seed))
+
+
+def leading_frames(model: TrainingModel, cond: Conditioning) -> int:
+    """How many latent frames before the clip's own the conditioning brings (VACE's reference images)."""
+    key = model.leading_frames_key
+    return int(cond[key].shape[2]) if key is not None and key in cond else 0
 
 
 @torch.no_grad()
@@ -36,9 +47,10 @@ def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: 
 def sample(model: TrainingModel, req: SampleRequest) -> torch.Tensor:
     """One image (3, h, w) or clip (3, f, h, w) in [-1, 1]."""
     model.ensure_loaded()
-    noise = initial_noise(model, req.width, req.height, req.seed, req.frames)
+    lead = leading_frames(model, req.cond)
+    noise = initial_noise(model, req.width, req.height, req.seed, req.frames, lead)
     lat = denoise(model, noise, req.cond, req.neg_cond, req.steps, req.guidance_scale)
-    return model.decode(lat)[0]
+    return model.decode(lat[:, :, lead:])[0]  # the reference frames are dropped, as ComfyUI's TrimVideoLatent does
 
 
 def to_pil(img: torch.Tensor):

@@ -91,6 +91,7 @@ def main() -> int:
         outputs["node_mask"] = (1.0 - values["concat_mask"].float()).contiguous()
         outputs["clip_pixels"] = comfy.clip_model.clip_preprocess(start, size=28).float().contiguous()
 
+    extra_report = {}
     if a.vae and "control_video" in inputs:
         from comfy_extras.nodes_wan import WanVaceToVideo
 
@@ -105,11 +106,24 @@ def main() -> int:
         for i in range(0, frames.shape[1], 16):
             frames[:, i:i + 16] = patcher.model.process_latent_in(frames[:, i:i + 16])
         outputs["node_vace"] = torch.cat([frames, mask], dim=1).contiguous()
+        if "reference_image" in inputs:  # the same with a reference image: its latent frame first, trimmed later
+            out = WanVaceToVideo.execute([[torch.zeros(1, 4, 4096), {}]], [[torch.zeros(1, 4, 4096), {}]], vae, w, h,
+                                         video.shape[0], 1, 1.0, control_video=video,
+                                         control_masks=inputs["control_mask"].float(),
+                                         reference_image=inputs["reference_image"].float())
+            args = out.args if hasattr(out, "args") else out
+            pos = args[0]
+            frames, mask = pos[0][1]["vace_frames"][0].float().clone(), pos[0][1]["vace_mask"][0].float()
+            for i in range(0, frames.shape[1], 16):
+                frames[:, i:i + 16] = patcher.model.process_latent_in(frames[:, i:i + 16])
+            outputs["node_vace_ref"] = torch.cat([frames, mask], dim=1).contiguous()
+            extra_report["vace_ref_trim"] = int(args[3])
+            extra_report["vace_ref_latent_frames"] = int(args[2]["samples"].shape[2])
 
     report = {"model_class": type(patcher.model.model_config).__name__, "model_type": patcher.model.model_type.name,
               "shift": float(patcher.model.model_sampling.shift),
               "timesteps": [float(t) for t in patcher.model.model_sampling.timestep(sigma)], "loras": loras,
-              "latent_format": type(patcher.model.latent_format).__name__}
+              "latent_format": type(patcher.model.latent_format).__name__, **extra_report}
     save_file(outputs, a.out)
     with open(a.report, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

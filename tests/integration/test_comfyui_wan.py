@@ -108,8 +108,15 @@ def _build_and_compare(variant: str, tmp_path_factory) -> dict:
         control = torch.stack([fit_pixels(f, (32, 48), False) for f in frames], dim=1)
         mask = torch.zeros(1, 9, 48, 32)
         mask[:, 3:, :, 16:] = 1.0
-        inputs.update(vace=model.vace_condition(control, mask, 9)[None],
-                      control_video=((control + 1) / 2).permute(1, 2, 3, 0).contiguous(), control_mask=mask[0])
+        from PIL import Image
+
+        ref = Image.new("RGB", (32, 48), (200, 60, 220))
+        ref.paste((20, 200, 240), (6, 8, 26, 30))
+        reference = fit_pixels(ref, (32, 48), False)
+        inputs.update(vace=model.vace_condition(control, mask, 9)["vace"][None],
+                      vace_ref=model.vace_condition(control, mask, 9, reference)["vace"][None],
+                      control_video=((control + 1) / 2).permute(1, 2, 3, 0).contiguous(), control_mask=mask[0],
+                      reference_image=((reference + 1) / 2).permute(1, 2, 0)[None].contiguous())
         cond["vace"] = inputs["vace"]
 
     def predict() -> torch.Tensor:
@@ -177,4 +184,17 @@ def test_vace_condition_equals_comfyuis_node(vace_run):
     assert torch.equal(ours[32:], theirs[32:])
     err = _rel_err(ours[:32], theirs[:32])
     print(f"VACE latents rel err {err:.2e}")
+    assert err < TOL
+
+
+def test_vace_reference_image_equals_comfyuis_node(vace_run):
+    """WanVaceToVideo with a reference image: its latent frame (beside zeros, the mask 0 there) comes first, and the
+    node asks for one latent frame more, trimmed after sampling: the trainer builds the same."""
+    ours, theirs = vace_run["inputs"]["vace_ref"][0], vace_run["theirs"]["node_vace_ref"][0]
+    assert ours.shape == theirs.shape == (96, 4, 6, 4)
+    assert vace_run["report"]["vace_ref_trim"] == 1 and vace_run["report"]["vace_ref_latent_frames"] == 4
+    assert torch.equal(ours[32:], theirs[32:]) and not bool(ours[32:, 0].any())
+    assert not bool(ours[16:32, 0].any())  # the zeros beside the reference latent
+    err = _rel_err(ours[:32], theirs[:32])
+    print(f"VACE reference latents rel err {err:.2e}")
     assert err < TOL

@@ -18,7 +18,7 @@ from ..errors import DatasetError
 from ..fileio import save_safetensors_atomic
 from ..models.base import Conditioning, TrainingModel, split_conditioning
 from .dataset import (BatchItem, Dataset, Entry, control_dropped, fit_pixels, load_control_pixels, load_mask_pixels,
-                      load_pixels)
+                      load_pixels, load_reference_pixels)
 from .media import WHITE, clip_indices, probe, read_frames
 
 log = logging.getLogger("trainer")
@@ -53,6 +53,7 @@ class LatentCache:
         m = ds.media[e.item]
         ctrl = f"_c{m.control_digest}" if m.control is not None else ("_i2v" if ds.cfg.do_i2v else "")
         ctrl += f"_m{m.mask_digest}" if m.mask is not None else ""
+        ctrl += f"_r{m.reference_digest}" if m.reference is not None else ""
         ctrl += "_bg%02x%02x%02x" % m.background if m.background != WHITE else ""  # white: the keys of before
         clip = ""
         if m.info.is_video:
@@ -67,10 +68,13 @@ class LatentCache:
             key = f"config.process[0].datasets[{ds.index}]"
             if ds.cfg.mask_path is not None and not model.takes_masks:
                 raise DatasetError(f"{key}.mask_path: model.arch {model.arch!r} takes no masks (wan21_vace does)")
+            if ds.cfg.reference_path is not None and not model.takes_references:
+                raise DatasetError(f"{key}.reference_path: model.arch {model.arch!r} takes no reference images"
+                                   " (wan21_vace does)")
             if ds.cfg.control_path is not None and not model.takes_control:
                 raise DatasetError(f"{key}.control_path: model.arch {model.arch!r} takes no control images (flex2,"
                                    " wan21_i2v do); remove control_path or use a family that takes them")
-            if need and ds.cfg.control_path is None and not ds.cfg.do_i2v:
+            if need and ds.cfg.control_path is None and not ds.cfg.do_i2v and ds.cfg.reference_path is None:
                 raise DatasetError(f"{key}: {need}")
 
     def _condition_image(self, ds: Dataset, e: Entry, pixels: torch.Tensor) -> torch.Tensor | None:
@@ -86,7 +90,8 @@ class LatentCache:
         m = ds.media[e.item]
         pixels = load_pixels(m, e)
         lat = model.encode_pixels(pixels[None])[0].contiguous()
-        cond = model.encode_conditions(pixels, self._condition_image(ds, e, pixels), load_mask_pixels(m, e))
+        cond = model.encode_conditions(pixels, self._condition_image(ds, e, pixels), load_mask_pixels(m, e),
+                                       load_reference_pixels(m, e))
         return lat, ({k: v.contiguous() for k, v in cond.items()} if cond else None)
 
     def _disk_dir(self, ds: Dataset) -> Path:
@@ -129,7 +134,8 @@ class LatentCache:
         """The conditions of the `index`-th batch, stacked; empty when no item has any.
 
         An item without them (its dataset has none, or control_dropout chose it) gets zeros: the "no control" input
-        of the families that take control latents (Flex.2's reference pipeline)."""
+        of the families that take control latents (Flex.2's reference pipeline). Dropout never zeroes the leading
+        frames (VACE's reference): they are part of what the item trains on, not a condition."""
         conds = [self.get_conditions(it.dataset, it.entry, model) for it in batch]
         if all(c is None for c in conds):
             return {}
@@ -137,7 +143,8 @@ class LatentCache:
         dropped = control_dropped(self.datasets, batch, seed, index)
         out = {}
         for name, t in like.items():
-            out[name] = torch.stack([torch.zeros_like(t) if c is None or drop else c[name]
+            keep = name == model.leading_frames_key
+            out[name] = torch.stack([torch.zeros_like(t) if c is None or (drop and not keep) else c[name]
                                      for c, drop in zip(conds, dropped)]).float()
         return out
 
@@ -226,36 +233,58 @@ class TextCache:
         return self.mem[caption]
 
 
-def sample_conditions(model: TrainingModel, path: str, width: int, height: int, frames: int, key: str) -> Conditioning:
-    """A preview's conditions from its control image file (scaled and center-cropped to the sample's size, rounded
-    as the sampler rounds it), encoded as the training items' are: batch of one, on the CPU."""
+def sample_conditions(model: TrainingModel, control_path: str | None, width: int, height: int, frames: int, key: str,
+                      reference_path: str | None = None) -> Conditioning:
+    """A preview's conditions from its control file and reference image (scaled and center-cropped to the sample's
+    size, rounded as the sampler rounds it), encoded as the training items' are: batch of one, on the CPU. `key`
+    names the sample (errors name its control_image or reference_image)."""
     from ..errors import ConfigError
     from .dataset import image_pixels
 
-    if not model.takes_control:
-        raise ConfigError(f"{key}: model.arch {model.arch!r} takes no control image (flex2, wan21_i2v do)")
+    size = model.snap_size(width, height)
+    control = reference = None
+    if control_path:
+        if not model.takes_control:
+            raise ConfigError(f"{key}.control_image: model.arch {model.arch!r} takes no control image (flex2,"
+                              " wan21_i2v do)")
+        p = _preview_file(control_path, f"{key}.control_image", "control image")
+        try:
+            info = probe(p)
+            if info.is_video:  # a control video (VACE): its first frames at the model's rate
+                idx = clip_indices(info, model.native_fps, model.snap_frames(frames), False, 0, 1)
+                control = torch.stack([fit_pixels(f, size, False) for f in read_frames(p, idx)], dim=1)
+            else:
+                control = image_pixels(p, size)
+        except Exception as e:  # PIL and PyAV raise many kinds for broken files
+            raise ConfigError(f"{key}.control_image: control file {p} cannot be read ({e})") from None
+    if reference_path:
+        if not model.takes_references:
+            raise ConfigError(f"{key}.reference_image: model.arch {model.arch!r} takes no reference image"
+                              " (wan21_vace does)")
+        p = _preview_file(reference_path, f"{key}.reference_image", "reference image")
+        try:
+            reference = image_pixels(p, size)
+        except Exception as e:
+            raise ConfigError(f"{key}.reference_image: reference image {p} cannot be read ({e})") from None
+    return conditions_of_image(model, control, frames, reference, size)
+
+
+def _preview_file(path: str, key: str, what: str) -> Path:
+    from ..errors import ConfigError
+
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"{key}: control image {str(p)!r} does not exist")
-    size = model.snap_size(width, height)
-    try:
-        info = probe(p)
-        if info.is_video:  # a control video (VACE): its first frames at the model's rate
-            frames = model.snap_frames(frames)
-            idx = clip_indices(info, model.native_fps, frames, False, 0, 1)
-            control = torch.stack([fit_pixels(f, size, False) for f in read_frames(p, idx)], dim=1)
-        else:
-            control = image_pixels(p, size)
-    except Exception as e:  # PIL and PyAV raise many kinds for broken files
-        raise ConfigError(f"{key}: control file {p} cannot be read ({e})") from None
-    return conditions_of_image(model, control, frames)
+        raise ConfigError(f"{key}: {what} {str(p)!r} does not exist")
+    return p
 
 
-def conditions_of_image(model: TrainingModel, control: torch.Tensor, frames: int) -> Conditioning:
-    """A preview's conditions from a control image (3, h, w) or video (3, f, h, w) in [-1, 1] at the sample's size."""
+def conditions_of_image(model: TrainingModel, control: torch.Tensor | None, frames: int,
+                        reference: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> Conditioning:
+    """A preview's conditions from a control image (3, h, w) or video (3, f, h, w) and / or a reference image (3, h, w),
+    in [-1, 1] at the sample's size (width, height)."""
     frames = model.snap_frames(frames)
-    h, w = control.shape[-2:]
+    h, w = control.shape[-2:] if control is not None else reference.shape[-2:] if reference is not None else size[::-1]
     shape = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)
     with torch.no_grad():
-        cond = model.encode_conditions(shape, control) or {}
+        cond = model.encode_conditions(shape, control, None, reference) or {}
     return {k: v[None].float().cpu() for k, v in cond.items()}

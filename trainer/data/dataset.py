@@ -57,6 +57,8 @@ class MediaFile:
     control_digest: str = ""
     mask: Path | None = None  # the mask image or video of the same stem (datasets[].mask_path: VACE)
     mask_digest: str = ""
+    reference: Path | None = None  # the reference image of the same stem (datasets[].reference_path: VACE)
+    reference_digest: str = ""
     background: tuple[int, int, int] = WHITE  # under transparent pixels (datasets[].background_color)
 
     @property
@@ -113,7 +115,7 @@ def check_dataset_folder(cfg: DatasetConfig, index: int) -> list[Path]:
     if not files:
         raise DatasetError(f"{key}.folder_path: no images ({', '.join(IMAGE_EXTS)}) or videos"
                            f" ({', '.join(VIDEO_EXTS)}) in {folder}")
-    for name in ("control_path", "mask_path"):
+    for name in ("control_path", "mask_path", "reference_path"):
         value = getattr(cfg, name)
         if value is not None and not Path(value).expanduser().is_dir():
             raise DatasetError(f"{key}.{name}: folder {value!r} does not exist")
@@ -147,10 +149,12 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
     files = check_dataset_folder(cfg, index)
     controls = _by_stem(Path(cfg.control_path).expanduser(), MEDIA_EXTS) if cfg.control_path is not None else None
     masks = _by_stem(Path(cfg.mask_path).expanduser(), MEDIA_EXTS) if cfg.mask_path is not None else None
+    refs = _by_stem(Path(cfg.reference_path).expanduser(), IMAGE_EXTS) if cfg.reference_path is not None else None
     background = color_rgb(cfg.background_color, f"{key}.background_color")
     media: list[MediaFile] = []
     unreadable: list[str] = []
     no_control: list[str] = []
+    no_reference: list[str] = []
     videos_skipped: list[str] = []
     not_utf8: list[str] = []
     for p in files:
@@ -193,6 +197,17 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
                     raise DatasetError(f"{key}.mask_path: mask {mask} cannot be read ({e})") from None
                 item.mask = mask
                 item.mask_digest = hashlib.sha256(mask.read_bytes()).hexdigest()[:24]
+        if refs is not None:
+            ref = refs.get(p.stem)
+            if ref is None:
+                no_reference.append(p.name)
+                continue
+            try:
+                probe(ref)
+            except MediaError as e:
+                raise DatasetError(f"{key}.reference_path: reference image {ref} cannot be read ({e})") from None
+            item.reference = ref
+            item.reference_digest = hashlib.sha256(ref.read_bytes()).hexdigest()[:24]
         media.append(item)
     if not_utf8:
         log.warning("%s: %d captions are not UTF-8 and were decoded by a guess; check them, or save them as UTF-8:"
@@ -206,6 +221,12 @@ def scan_dataset(cfg: DatasetConfig, index: int, trigger: str | None, geometry: 
         raise DatasetError(
             f"{key}.control_path: {len(no_control)} images have no control image of the same name in"
             f" {cfg.control_path} ({_shown(no_control)})"
+        )
+    if no_reference:
+        # a reference frame is part of what the item trains on: items with and without one cannot share a batch
+        raise DatasetError(
+            f"{key}.reference_path: {len(no_reference)} items have no reference image of the same name in"
+            f" {cfg.reference_path} ({_shown(no_reference)}); put items without one in a dataset of their own"
         )
     if not media:
         raise DatasetError(f"{key}: none of the {len(files)} files in {folder} could be read ({_shown(unreadable)})")
@@ -294,6 +315,14 @@ def load_mask_pixels(item: MediaFile, entry: Entry) -> torch.Tensor | None:
     return ((pixels.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
 
 
+def load_reference_pixels(item: MediaFile, entry: Entry) -> torch.Tensor | None:
+    """The item's reference image (VACE) at the entry's size, scaled and center-cropped as ComfyUI's WanVaceToVideo
+    frames it (and mirrored with the item), in [-1, 1]: (3, h, w), or None without one."""
+    if item.reference is None:
+        return None
+    return image_pixels(item.reference, entry.bucket, entry.flip, item.background)
+
+
 def _companion_pixels(path: Path, entry: Entry, background: tuple[int, int, int]) -> torch.Tensor:
     """A file that goes with a training item (control, mask): an image as it is, a video at the entry's frames."""
     info = probe(path)
@@ -316,11 +345,13 @@ class BatchPlan:
     def __init__(self, datasets: list[Dataset], batch_size: int, seed: int) -> None:
         self.seed = seed
         self.batch_size = batch_size
-        groups: dict[tuple[int, int, int], list[BatchItem]] = {}
+        groups: dict[tuple, list[BatchItem]] = {}
         for di, ds in enumerate(datasets):
+            # items with a reference frame (VACE) train on one latent frame more: they batch only with their kind
+            kind = (ds.cfg.reference_path is not None,)
             for e in ds.entries:
                 for _ in range(ds.cfg.num_repeats):
-                    groups.setdefault(e.key, []).append(BatchItem(di, e))
+                    groups.setdefault((*e.key, *kind), []).append(BatchItem(di, e))
         self.groups = [groups[k] for k in sorted(groups)]
         self.batches_per_epoch = sum((len(g) + batch_size - 1) // batch_size for g in self.groups)
 

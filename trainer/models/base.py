@@ -100,6 +100,12 @@ class TrainingModel(ABC):
     takes_control: bool = False
     # datasets[].mask_path: masks beside the control (VACE)
     takes_masks: bool = False
+    # datasets[].reference_path / samples[].reference_image: reference images (VACE)
+    takes_references: bool = False
+    # the conditioning key of clean latent frames the denoiser takes before the item's own (VACE's reference images):
+    # training prepends them to the target (the model was trained so); previews add as many noise frames and drop
+    # them after sampling, as ComfyUI's TrimVideoLatent does
+    leading_frames_key: str | None = None
     # the frame rate clips are resampled to unless a dataset says otherwise (video families)
     native_fps: float | None = None
     # attributes that hold the text encoders: released or moved off the card by the prepare step
@@ -178,10 +184,11 @@ class TrainingModel(ABC):
         return decode_latents(self.vae, latents)
 
     def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
-                          mask: torch.Tensor | None = None) -> Conditioning | None:
+                          mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> Conditioning | None:
         """Per-item conditions cached with the item's latent, for families that take more than a caption.
         `pixels`: the item (3, [f,] h, w); `control`: its condition image (3, h, w) or video (3, f, h, w) (the control
-        file, or the clip's first frame with do_i2v), or None; `mask`: (1, [f,] h, w) in [0, 1] (VACE), or None.
+        file, or the clip's first frame with do_i2v), or None; `mask`: (1, [f,] h, w) in [0, 1] (VACE), or None;
+        `reference`: a reference image (3, h, w) at the item's size (VACE), or None.
         Default: a control latent for families that take one."""
         if self.takes_control and control is not None:
             return {"control": self.encode_pixels(control[None])[0]}

@@ -25,6 +25,8 @@ class Family:
     video: bool = False
     # datasets[].mask_path (VACE)
     takes_masks: bool = False
+    # datasets[].reference_path and sample.samples[].reference_image (VACE's reference images)
+    takes_references: bool = False
     # why a dataset without control_path (or do_i2v) cannot train this family, or "" when it can
     requires_control: str = ""
     # checked against the config before anything loads (model keys only this family reads, and their defaults)

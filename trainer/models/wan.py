@@ -62,7 +62,8 @@ VARIANTS = {v.kind: v for v in (T2V, I2V, VACE)}
 I2V_NEEDS = ("Wan 2.1 I2V trains on a start image: set datasets[].do_i2v: true (the clip's first frame) or"
              " datasets[].control_path (start images with the clips' names)")
 VACE_NEEDS = ("Wan 2.1 VACE trains on control data: set datasets[].control_path (control videos or images with the"
-              " clips' names; masks in mask_path), or train on the Wan 2.1 T2V base instead, whose LoRA applies to VACE")
+              " clips' names; masks in mask_path) and / or datasets[].reference_path (reference images), or train on"
+              " the Wan 2.1 T2V base instead, whose LoRA applies to VACE")
 
 
 def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
@@ -191,7 +192,8 @@ class WanModel(TrainingModel):
         self.text_encoder_attrs = ("umt5",)
         # control_path: I2V's start image (else do_i2v: the clip's first frame); VACE's control video, with masks
         self.takes_control = self.i2v or self.vace
-        self.takes_masks = self.vace
+        self.takes_masks = self.takes_references = self.vace
+        self.leading_frames_key = "vace_reference" if self.vace else None
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -282,32 +284,36 @@ class WanModel(TrainingModel):
         return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
-                          mask: torch.Tensor | None = None) -> Conditioning | None:
+                          mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> Conditioning | None:
         """I2V's inputs from the item's start image (its control image, or the clip's first frame with do_i2v);
-        VACE's from its control video (or image) and mask."""
+        VACE's from its control video (or image), mask and reference image."""
         frames = pixels.shape[1] if pixels.dim() == 4 else 1
-        if control is None:
-            return None
-        if self.i2v:
+        if self.i2v and control is not None:
             return self.image_condition(control if control.dim() == 3 else control[:, 0], frames)
-        if self.vace:
-            return {"vace": self.vace_condition(control, mask, frames)}
+        if self.vace and (control is not None or reference is not None):
+            return self.vace_condition(control, mask, frames, reference, pixels.shape[-2:])
         return None
 
     @torch.no_grad()
-    def vace_condition(self, control: torch.Tensor, mask: torch.Tensor | None, frames: int) -> torch.Tensor:
+    def vace_condition(self, control: torch.Tensor | None, mask: torch.Tensor | None, frames: int,
+                       reference: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> Conditioning:
         """VACE's 96 input channels, as ComfyUI's WanVaceToVideo builds them: the control video where the mask is 0
         ("inactive") and where it is 1 ("reactive"), each VAE-encoded (16 + 16 channels), and the mask folded 8x8
         into 64 channels at the latent's frame count. `control` (3, f, h, w) in [-1, 1]: a control video; (3, h, w):
-        an image that is the clip's first frame (the rest gray and generated: VACE's image-to-video, `do_i2v`).
-        `mask` (1, [f,] h, w) in [0, 1], 1 where the model generates; None: everywhere (but a first-frame image)."""
-        h, w = control.shape[-2:]
-        if control.dim() == 3:
+        an image that is the clip's first frame (the rest gray and generated: VACE's image-to-video, `do_i2v`);
+        None: all gray (a reference image alone). `mask` (1, [f,] h, w) in [0, 1], 1 where the model generates;
+        None: everywhere (but a first-frame image). `reference` (3, h, w): a reference image, encoded as one latent
+        frame put before the control's (beside zeros, its mask 0) and returned as `vace_reference`, the clean frame
+        training prepends to the target."""
+        h, w = control.shape[-2:] if control is not None else size
+        first_frame = control is not None and control.dim() == 3
+        if control is None:
+            video = torch.zeros(3, frames, h, w)  # 0 in [-1, 1]: ComfyUI's gray 0.5
+        elif first_frame:
             video = torch.zeros(3, frames, h, w)
             video[:, 0] = control
-            first_frame = True
         else:
-            video, first_frame = _fit_frames(control, frames), False
+            video = _fit_frames(control, frames)
         if mask is None:
             m = torch.ones(1, frames, h, w)
             if first_frame:
@@ -320,7 +326,12 @@ class WanModel(TrainingModel):
         folded = m[0].reshape(frames, h // s, s, w // s, s).permute(2, 4, 0, 1, 3).reshape(s * s, frames, h // s, w // s)
         t = inactive.shape[1]
         folded = F.interpolate(folded[None], size=(t, h // s, w // s), mode="nearest-exact")[0]
-        return torch.cat([inactive, reactive, folded], dim=0)
+        vace = torch.cat([inactive, reactive, folded], dim=0)
+        if reference is None:
+            return {"vace": vace}
+        ref = self.encode_pixels(reference[None, :, None])[0]  # (16, 1, h/8, w/8)
+        lead = torch.cat([ref, torch.zeros_like(ref), torch.zeros_like(folded[:, :1])], dim=0)
+        return {"vace": torch.cat([lead, vace], dim=1), "vace_reference": ref}
 
     def requires_conditions(self) -> str | None:
         return I2V_NEEDS if self.i2v else VACE_NEEDS if self.vace else None
@@ -412,6 +423,6 @@ FAMILIES = [
            requires_control=I2V_NEEDS, model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
     Family("wan21_vace", "Wan 2.1 VACE (1.3B, 14B): as T2V plus control videos and masks",
            lambda mc, device, dtype: load_wan(mc, device, dtype, VACE), video=True, takes_control=True,
-           takes_masks=True, requires_control=VACE_NEEDS,
+           takes_masks=True, takes_references=True, requires_control=VACE_NEEDS,
            model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
 ]

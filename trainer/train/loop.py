@@ -211,6 +211,9 @@ class Trainer:
         cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
         # per-item conditions (control latents, I2V start images) of families that take them
         cond = {**cond, **self.latents.conditions_for_batch(batch, self.model, tc.seed, micro)}
+        lead = self.model.leading_frames_key
+        if lead is not None and lead in cond:  # reference frames (VACE) are trained on before the item's own
+            latents = torch.cat([cond[lead], latents], dim=2)
         noise = torch.randn(latents.shape, generator=gen)
         if tc.noise_offset:
             # one offset per sample and channel, over every spatial (and frame) position
@@ -312,6 +315,7 @@ class Trainer:
             "step": self.state.step, "index": s.index, "prompt": s.prompt, "neg": s.neg, "seed": request.seed,
             "width": img.width, "height": img.height, "frames": out.shape[1] if out.dim() == 4 else 1,
             "steps": request.steps, "guidance_scale": request.guidance_scale, "control_image": s.control_image,
+            "reference_image": s.reference_image,
             "file": files[0].name, **({"video": files[1].name, "fps": fps} if len(files) > 1 else {}),
         })
         return img
