@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--preview-frames", type=int, default=33)
     ap.add_argument("--files-only", action="store_true")
     a = ap.parse_args()
-    folder = Path(a.work)
+    folder = Path(a.work).resolve()  # a job file reads relative paths from its own folder
     t0 = time.time()
     model = build_files(folder, a.size)
     if a.files_only:
@@ -99,8 +99,9 @@ def main() -> None:
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
+        swap = next((l.strip() for l in r.stdout.splitlines() if "block swap" in l or "blocks_to_swap" in l), "")
         if r.returncode != 0:
-            print(json.dumps({"variant": v, "error": (r.stderr or r.stdout)[-2500:]}), flush=True)
+            print(json.dumps({"variant": v, "swap": swap, "error": (r.stderr or r.stdout)[-1500:]}), flush=True)
             continue
         run = folder / "runs" / name
         m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -110,7 +111,7 @@ def main() -> None:
         print(json.dumps({"variant": v, "model": a.size, "size": "832x480x81", "median_s_per_step": round(statistics.median(steady), 3),
                           "first_step_s": round(m[0]["s_per_step"], 2),
                           "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
-                          "cap_gib": cap, "entries": entries, "preview_videos": videos,
+                          "cap_gib": cap, "entries": entries, "swap": swap, "preview_videos": videos,
                           "device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
 
 

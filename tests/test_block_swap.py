@@ -71,3 +71,20 @@ def test_auto_and_ai_toolkit_names(tiny_flux, images, tmp_path):
 
     with pytest.raises(ConfigError, match="blocks_to_swap: expected a number of blocks or auto"):
         load_job_dict(job_dict(tiny_flux, images, tmp_path, blocks_to_swap="lots"))
+
+
+def test_auto_leaves_room_for_the_largest_training_size(tiny_flux, images, tmp_path):
+    """blocks_to_swap auto reserves the activations of the largest bucket: more tokens reserve more, and the blocks'
+    saved inputs count unless train.offload_activations keeps them in host memory."""
+    from trainer.job import load_model
+    from trainer.prepare import ACTIVATION_BYTES_PER_TOKEN_UNIT, activation_bytes
+
+    job = load_job_dict(job_dict(tiny_flux, images, tmp_path, offload_activations=True))
+    model = load_model(job, torch.device("cpu"), torch.float32)
+    blocks = model.repeated_blocks()
+    small, big = activation_bytes(model, blocks, (32, 32, 1), job), activation_bytes(model, blocks, (64, 64, 1), job)
+    tokens = model.latent_shape(32, 32)[2] * model.latent_shape(32, 32)[3] // model.patch ** 2
+    hidden, rest = divmod(small, tokens * ACTIVATION_BYTES_PER_TOKEN_UNIT)
+    assert rest == 0 and hidden == model.denoiser.inner_dim and big == 4 * small
+    kept = load_job_dict(job_dict(tiny_flux, images, tmp_path))
+    assert activation_bytes(model, blocks, (32, 32, 1), kept) == small + tokens * hidden * 2 * len(blocks)

@@ -10,6 +10,8 @@ Two phases, around the encoding of the dataset:
 
 from __future__ import annotations
 
+import math
+
 import logging
 from typing import Callable
 
@@ -51,15 +53,16 @@ def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[
 
 
 def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: bool, keep_text_encoders: bool,
-                         report: Callable[[str], None]) -> BlockSwap | None:
-    """Everything after the dataset is encoded, before the network is attached."""
+                         report: Callable[[str], None], largest: tuple[int, int, int] | None = None) -> BlockSwap | None:
+    """Everything after the dataset is encoded, before the network is attached. `largest`: the biggest training
+    size (width, height, frames), which block swap's auto setting leaves room for."""
     tc = job.process.train
     if texts_cached and not tc.train_text_encoder:
         if keep_text_encoders:
             model.place_text_encoders("cpu")  # back on the card only while a new prompt is encoded
         else:
             model.release_text_encoders()
-    swap = install_block_swap(model, job, report)  # before placement: swapped weights never reach the card at once
+    swap = install_block_swap(model, job, report, largest)  # before placement: swapped weights never reach the card at once
     model.place_denoiser()  # after the encoders had the card to themselves
     if tc.offload_activations:
         offload_activations(model.denoiser)
@@ -78,7 +81,8 @@ def swap_setting(job: JobConfig) -> int | str:
     return 0
 
 
-def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> BlockSwap | None:
+def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[str], None],
+                       largest: tuple[int, int, int] | None = None) -> BlockSwap | None:
     setting = swap_setting(job)
     if setting == 0:
         return None
@@ -89,7 +93,7 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
     if isinstance(setting, str) and setting.startswith("fraction:"):
         n = round(float(setting.split(":", 1)[1]) * len(blocks))
     elif setting == "auto":
-        n = auto_blocks_to_swap(model, blocks)
+        n = auto_blocks_to_swap(model, blocks, largest and activation_bytes(model, blocks, largest, job))
     else:
         n = int(setting)
     n = min(n, len(blocks))
@@ -106,9 +110,32 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
     return swap
 
 
-def auto_blocks_to_swap(model: TrainingModel, blocks: list) -> int:
+# bytes a training step holds per token and hidden unit beside the resident weights (a checkpointed block's recompute:
+# norms, q/k/v, attention, the 4x MLP; swap slots, gradients), fitted to Wan 14B at 832x480x81 with fp8 blocks and
+# offloaded activations (26 of 40 blocks swapped peaked at 17.4 GiB: ~12.5 GiB beside the resident blocks), plus ~2 GiB
+ACTIVATION_BYTES_PER_TOKEN_UNIT = 96
+
+
+def activation_bytes(model: TrainingModel, blocks: list, largest: tuple[int, int, int], job: JobConfig) -> int:
+    """What a training step at the largest size needs beside the weights: one block's recompute (tokens x hidden x
+    a fitted constant) times the batch, plus the blocks' saved inputs unless they are offloaded to host memory."""
+    shape = model.latent_shape(*largest)
+    tokens = math.prod(shape[2:]) // max(1, model.patch) ** 2
+    mats = [tuple(p.shape) for p in blocks[0].parameters() if p.dim() == 2]
+    if not mats:
+        return 0
+    hidden = min(max(mats, key=lambda s: s[0] * s[1]))  # the MLP's widest matrix: (4 x hidden, hidden)
+    batch = job.process.train.batch_size
+    need = batch * tokens * hidden * ACTIVATION_BYTES_PER_TOKEN_UNIT
+    if not job.process.train.offload_activations:
+        need += batch * tokens * hidden * 2 * len(blocks)  # each block's input, kept for its recompute
+    return need
+
+
+def auto_blocks_to_swap(model: TrainingModel, blocks: list, activations: int | None = None) -> int:
     """How many blocks to swap so the rest fits the card's free memory (within its per-process cap), leaving
-    max(4 GiB, a quarter of it) for activations: a heuristic; set a number where it guesses wrong."""
+    room for the activations (`activations` bytes, at least max(4 GiB, a quarter of the budget)): a heuristic; set a
+    number where it guesses wrong."""
     if model.device.type != "cuda":
         return 0
     device = model.device if model.device.index is not None else torch.device("cuda", torch.cuda.current_device())
@@ -117,7 +144,7 @@ def auto_blocks_to_swap(model: TrainingModel, blocks: list) -> int:
     budget = min(free, fraction * total - torch.cuda.memory_reserved(device))
     sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
     rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
-    room = budget - rest - max(4 * 2**30, budget / 4)
+    room = budget - rest - max(4 * 2**30, budget / 4, activations or 0)
     n, resident = 0, sum(sizes)
     while resident > room and n < len(blocks):
         n += 1
