@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import torch
 from torch import nn
@@ -24,23 +23,74 @@ from .schedules import linear_mu
 
 log = logging.getLogger("trainer")
 
-# Layers inside a model's repeated blocks (double_blocks.3, blocks.12, input_blocks.4, middle_block.1 ...)
-BLOCK_RE = re.compile(r"(^|\.)([a-z_]*blocks?|middle_block)\.\d+\.")
+# Layers left out of the default targets, by ComfyUI's diffusion-model class (its MRO is walked), as the peers train
+# these families: HiDream's routed MoE experts (the router is a bare weight, never a target)
+EXCLUDED = {"HiDreamImageTransformer2DModel": (".experts.",)}
+
+
+def _linear_count(module: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules())
+
+
+def block_stacks(diffusion_model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """The model's stacks of repeated blocks, by name, in definition order: every top-level ModuleList of blocks,
+    whatever it is called (double_blocks, blocks, joint_blocks, layers, noise_refiner, context_refiner ...), and a
+    UNet's middle_block. A list of single projections (HiDream's caption_projection) is not a stack of blocks, and
+    stacks nested inside other modules (HunyuanVideo's token refiner in txt_in) are not the model's."""
+    out = []
+    for name, child in diffusion_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and all(_linear_count(b) >= 2 for b in child):
+            out.append((name, list(child)))
+        elif name == "middle_block":
+            out.append((name, [child]))
+    return out
+
+
+def excluded_patterns(diffusion_model: nn.Module) -> tuple[str, ...]:
+    for cls in type(diffusion_model).__mro__:
+        if cls.__name__ in EXCLUDED:
+            return EXCLUDED[cls.__name__]
+    return ()
 
 
 def default_targets(diffusion_model: nn.Module) -> list[Target]:
-    """Every Linear (and Conv2d, as a conv target) inside the repeated blocks, named by ComfyUI's keys."""
+    """Every Linear (and Conv2d, as a conv target) inside the model's stacks of blocks, named by ComfyUI's keys,
+    less the family's exclusions."""
     out = []
-    for name, mod in diffusion_model.named_modules():
-        if not BLOCK_RE.search(name + "."):
-            continue
-        if isinstance(mod, nn.Linear):
-            out.append(Target(f"diffusion_model.{name}", mod.in_features, mod.out_features,
-                              [TargetMember(mod, slice(0, mod.out_features))]))
-        elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            out.append(Target(f"diffusion_model.{name}", mod.in_channels, mod.out_channels,
-                              [TargetMember(mod, slice(0, mod.out_channels))], kind="conv"))
+    skip = excluded_patterns(diffusion_model)
+    for stack, blocks in block_stacks(diffusion_model):
+        prefix = stack if stack == "middle_block" else None
+        for i, block in enumerate(blocks):
+            base = prefix or f"{stack}.{i}"
+            for name, mod in block.named_modules():
+                key = f"{base}.{name}" if name else base
+                if any(p in f".{key}." for p in skip):
+                    continue
+                if isinstance(mod, nn.Linear):
+                    out.append(Target(f"diffusion_model.{key}", mod.in_features, mod.out_features,
+                                      [TargetMember(mod, slice(0, mod.out_features))]))
+                elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
+                    out.append(Target(f"diffusion_model.{key}", mod.in_channels, mod.out_channels,
+                                      [TargetMember(mod, slice(0, mod.out_channels))], kind="conv"))
     return out
+
+
+# ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
+FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
+
+def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> float | None:
+    """The training shift (as mu) of a model on ComfyUI's Flux schedule: Flux.1's resolution formula for Flux.1 and
+    Chroma, whose 2x2-patch token counts and constants it was fitted to; the shift its ComfyUI config samples with for
+    the others on that schedule (Flux.2, LTX-Video); None for the rest (SD3, Wan ...: `flux_shift` is then the fixed
+    shift 3)."""
+    import comfy.model_sampling as ms
+
+    if not isinstance(sampling, ms.ModelSamplingFlux):
+        return None
+    if type(model_config).__name__ not in FLUX_RESOLUTION_SHIFT:
+        return float(sampling.shift)
+    h, w = latent_shape[-2:]
+    return linear_mu((h // 2) * (w // 2))
 
 
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
@@ -78,17 +128,11 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 
 def repeated_layers(diffusion_model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks in depth order (double_blocks, single_blocks, blocks, joint_blocks ...).
-    A UNet's input/middle/output blocks are sequences that ComfyUI iterates itself, calling each layer
-    (resnet, transformer, up/downsample) directly: their layers are the units."""
+    """The model's repeated blocks in depth order (the stacks of block_stacks). A UNet's input/middle/output blocks
+    are sequences that ComfyUI iterates itself, calling each layer (resnet, transformer, up/downsample) directly:
+    their layers are the units."""
     out: list[nn.Module] = []
-    for name, child in diffusion_model.named_children():
-        if isinstance(child, nn.ModuleList) and name.endswith("blocks"):
-            items = list(child)
-        elif name == "middle_block":
-            items = [child]
-        else:
-            continue
+    for _, items in block_stacks(diffusion_model):
         for item in items:
             out.extend(item.children() if type(item).__name__ == "TimestepEmbedSequential" else [item])
     return out
@@ -317,14 +361,7 @@ class ComfyModel(TrainingModel):
         return t / (self.sampling.sigmas.shape[0] - 1)
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
-        import comfy.model_sampling as ms
-
-        # Flux's resolution-dependent shift only where the model samples with it (Flux, Chroma); other flow
-        # models (SD3, Wan ...) take `flux_shift` as the fixed shift 3
-        if not isinstance(self.sampling, ms.ModelSamplingFlux):
-            return None
-        h, w = latent_shape[-2:]
-        return linear_mu((h // 2) * (w // 2))
+        return flow_shift_mu(self.base.model_config, self.sampling, latent_shape)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
