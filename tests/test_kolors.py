@@ -87,6 +87,9 @@ def test_layouts_and_folder_load_the_same_model(kolors, model, tmp_path):
     ldm = load(write_tiny_kolors(tmp_path / "ldm", layout="ldm"))
     folder = tmp_path / "kolors_diffusers"
     pipeline(model).save_pretrained(str(folder), safe_serialization=True)
+    # the UNet as Kolors-diffusers ships it: the fp16 variant's file name only
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_file.rename(unet_file.with_name("diffusion_pytorch_model.fp16.safetensors"))
     from_folder = load({"arch": "kolors", "name_or_path": str(folder)})
     for other in (ldm, from_folder):
         for name in ("denoiser", "vae", "chatglm"):
@@ -155,6 +158,11 @@ def test_wrong_files_are_one_clear_error(kolors, tiny_flux, tmp_path):
 
     with pytest.raises(ModelFileError, match="kolors checkpoint, but model.arch is 'sdxl'"):
         load_sdxl(dict(sdxl, name_or_path=kolors["name_or_path"]))
+    pickles = tmp_path / "text_encoder"
+    pickles.mkdir()
+    (pickles / "pytorch_model-00001-of-00007.bin").write_bytes(b"not read")
+    with pytest.raises(ModelFileError, match=r"pickle shards \(.bin\), which this trainer never loads"):
+        load(dict(kolors, text_encoder_paths=[str(pickles)]))
     with pytest.raises(ModelFileError, match="is not a ChatGLM3 text encoder"):
         load(dict(kolors, text_encoder_paths=[sdxl["text_encoder_paths"][0]]))
     with pytest.raises(ModelFileError, match="Kolors needs ChatGLM3"):

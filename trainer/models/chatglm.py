@@ -32,6 +32,9 @@ COMFY_TOKENIZER_DIRS = ("custom_nodes/ComfyUI-Kolors-MZ/configs/tokenizer",)
 
 
 def _files(path: Path) -> list[Path]:
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ModelFileError(f"{path}: ChatGLM3 as pickle shards (.bin), which this trainer never loads (they can run"
+                             " code); point model.text_encoder_paths at chatglm3-fp16.safetensors (ComfyUI's models/LLM)")
     return find_weights_file(path) if path.is_dir() else [path]
 
 
@@ -98,13 +101,15 @@ def dequantize(sd: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> 
 
 
 def _read(path: Path, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors in `dtype` (converted one by one as they are read: 6B weights are never held twice)."""
     sd: dict[str, torch.Tensor] = {}
     for f in _files(path):
-        sd.update(load_state_dict(f, None, prefix))
-    sd = {k: v for k, v in sd.items() if not k.startswith(("output_layer.", "rotary_pos_emb."))}
+        sd.update(load_state_dict(f, dtype, prefix))
+    for k in [k for k in sd if k.startswith(("output_layer.", "rotary_pos_emb."))]:
+        del sd[k]
     if any(k.endswith(".weight_scale") for k in sd):
         sd = dequantize(sd, dtype, str(path))
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
 
 
 def load_chatglm(path: Path, dtype: torch.dtype):

@@ -272,7 +272,11 @@ def load_sdxl_unet(path: Path, dtype: torch.dtype, arch: str = "sdxl", family: s
 
     if path.is_dir():
         folder = diffusers_component(path, "unet", "SDXL")
-        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        # a folder holding only the fp16 variant (Kolors-diffusers ships so) is read as that variant
+        variant = "fp16" if not any(folder.glob("diffusion_pytorch_model.safetensors*")) \
+            and any(folder.glob("diffusion_pytorch_model.fp16.safetensors*")) else None
+        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                    variant=variant)
     shapes = safetensors_shapes(path)
     require_family(path, shapes, family, arch)
     if "conv_in.weight" in shapes:  # diffusers' names
