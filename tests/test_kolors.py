@@ -165,6 +165,8 @@ def test_wrong_files_are_one_clear_error(kolors, tiny_flux, tmp_path):
         load(dict(kolors, text_encoder_paths=[str(pickles)]))
     with pytest.raises(ModelFileError, match="is not a ChatGLM3 text encoder"):
         load(dict(kolors, text_encoder_paths=[sdxl["text_encoder_paths"][0]]))
+    with pytest.raises(ModelFileError, match="Kolors has one text encoder"):
+        load(dict(kolors, text_encoder_paths=kolors["text_encoder_paths"] * 2))
     with pytest.raises(ModelFileError, match="Kolors needs ChatGLM3"):
         load({k: v for k, v in kolors.items() if k != "text_encoder_paths"})
     with pytest.raises(ModelFileError, match="no ChatGLM tokenizer found"):
@@ -316,13 +318,13 @@ def test_resume_equals_run_through(kolors, tmp_path):
 
 def test_demo_runs(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "trainer", "demo", "--arch", "kolors", "--out", str(out), "--steps", "2"]
+    cmd = [sys.executable, "-m", "trainer", "demo", "--arch", "kolors", "--out", str(out), "--steps", "1"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    print(f"kolors demo, 2 steps: {time.perf_counter() - t0:.0f}s")
+    print(f"kolors demo, 1 step: {time.perf_counter() - t0:.0f}s")
     run = out / "output" / "demo_kolors_lora"
     assert (run / "demo_kolors_lora.safetensors").exists()
     assert len(list((run / "samples").glob("*.png"))) == 4  # before training and at step 1, two prompts
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == [1]

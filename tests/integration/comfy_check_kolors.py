@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from comfy_boot import boot
 
@@ -126,7 +125,8 @@ def main() -> int:
 
     hook.KolorsSupported, full_size = TinyKolors, hook.KolorsSupported
     hook.kolors_unet_config_from_diffusers_unet = tiny_detection
-    unet_dir = tempfile.mkdtemp()
+    unet_dir = os.path.join(os.path.dirname(os.path.abspath(a.out)), "models_unet")  # beside the outputs, not in /tmp
+    os.makedirs(unet_dir, exist_ok=True)
     shutil.copy(a.unet, os.path.join(unet_dir, "kolors_tiny.safetensors"))
     folder_paths.add_model_folder_path("unet", unet_dir)
     mark = len(capture.messages)
