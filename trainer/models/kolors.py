@@ -121,9 +121,12 @@ class KolorsModel(TrainingModel):
 # --- loading -------------------------------------------------------------------------------------
 
 def _text_encoder_path(src: ModelSources) -> Path:
-    for i, p in enumerate(src.text_encoder_paths):
+    if len(src.text_encoder_paths) > 1:
+        raise ModelFileError("model.text_encoder_paths: Kolors has one text encoder (ChatGLM3); list only"
+                             " chatglm3-fp16.safetensors")
+    for p in src.text_encoder_paths:
         if chatglm_prefix(p) is None:
-            raise ModelFileError(f"model.text_encoder_paths[{i}]: {p} is not a ChatGLM3 text encoder; Kolors reads"
+            raise ModelFileError(f"model.text_encoder_paths[0]: {p} is not a ChatGLM3 text encoder; Kolors reads"
                                  " chatglm3-fp16.safetensors (ComfyUI's models/LLM)")
         return p
     folder = src.component("text_encoder")
