@@ -11,6 +11,8 @@ SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hunyuan_video", ("double_blocks.0.img_attn_qkv.weight",)),
     ("flux", ("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight")),
     ("sd3", ("joint_blocks.0.x_block.attn.qkv.weight",)),
+    ("kolors", ("encoder_hid_proj.weight", "label_emb.0.0.weight")),  # an SDXL UNet with a text projection
+    ("kolors", ("encoder_hid_proj.weight", "add_embedding.linear_1.weight")),  # the same in diffusers' names
     ("sdxl", ("input_blocks.0.0.weight", "label_emb.0.0.weight")),
     ("sd1", ("input_blocks.0.0.weight",)),
     ("wan", ("blocks.0.self_attn.q.weight", "patch_embedding.weight")),

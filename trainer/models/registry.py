@@ -20,6 +20,7 @@ FAMILY_MODULES: dict[str, str] = {
     "chroma": "chroma",
     "sd3": "sd3",
     "sdxl": "sdxl",
+    "kolors": "kolors",
     "wan21": "wan",
     "wan21_i2v": "wan",
     "wan21_vace": "wan",

@@ -41,6 +41,7 @@ from .sdxl_layout import (
     ldm_names,
     ldm_to_diffusers,
     transformers_to_open_clip,
+    unet_config_from_diffusers,
     unet_config_from_ldm,
 )
 from .text_encoders import EncoderFile, identify_text_encoder, load_clip_projected, load_clip_text_model
@@ -60,11 +61,101 @@ CLIP_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 TEXT_ENCODER_KEYS = (("clip_l", "lora_te1_"), ("clip_g", "lora_te2_"))
 
 
-def ddpm_sigmas() -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..999, computed as diffusers' schedulers do (float32)."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+def ddpm_sigmas(beta_start: float = BETA_START, beta_end: float = BETA_END,
+                steps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..steps-1 over scaled-linear betas, computed as diffusers'
+    schedulers do (float32). The defaults are SDXL's schedule."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
     abar = torch.cumprod(1.0 - betas, dim=0)
     return ((1 - abar) / abar) ** 0.5
+
+
+# --- the UNet side, shared with the SDXL-layout families (Kolors) by composition ----------------------
+
+def unet_targets(unet: nn.Module) -> list[Target]:
+    """Linears of the spatial transformers (attn1/attn2 q/k/v/out, ff, proj_in/out); resnet and resampler convs
+    as conv targets. Keys are ComfyUI's LDM names (`diffusion_model.input_blocks.4.1...`)."""
+    to_ldm = ldm_names(unet.config)
+    out = []
+    for name, mod in unet.named_modules():
+        is_conv = isinstance(mod, nn.Conv2d)
+        if isinstance(mod, nn.Linear) and ".attentions." in name:
+            kind, fin, fout = "linear", mod.in_features, mod.out_features
+        elif is_conv and ".attentions." in name:  # 1x1 conv projections (SD1-style UNets)
+            kind, fin, fout = "conv", mod.in_channels, mod.out_channels
+        elif is_conv and (".resnets." in name or "samplers." in name) and mod.groups == 1:
+            kind, fin, fout = "conv", mod.in_channels, mod.out_channels
+        else:
+            continue
+        ldm = to_ldm(name)
+        if ldm is None:
+            raise RuntimeError(f"no ComfyUI name for UNet module {name}")
+        out.append(Target(f"diffusion_model.{ldm}", fin, fout, [TargetMember(mod, slice(0, fout))], kind=kind,
+                          aliases=(f"unet.{name}",)))
+    return out
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's resnets and transformer blocks, in module order (checkpointing, quantizing, compiling)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+
+
+def table_timesteps(log_sigmas: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table."""
+    ls = sigmas.double().cpu().clamp_min(1e-10).log()
+    hi = torch.searchsorted(log_sigmas, ls).clamp(1, log_sigmas.shape[0] - 1)
+    lo = hi - 1
+    w = ((ls - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])).clamp(0, 1)
+    return (lo + w).float()
+
+
+def discrete_train_sigmas(table: torch.Tensor, kind: str | None, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """Sigmas of discrete DDPM timesteps. Unset or `linear`: uniform over the table, as SDXL was trained (kohya,
+    ai-toolkit). Otherwise the flow families' distribution of u in (0, 1] is drawn and mapped to the timestep
+    floor(u * steps), as OneTrainer's timestep distributions do for SDXL: `sigmoid` logit-normal (dense in the
+    middle), `shift` uniform shifted by 3 toward noise, `flux_shift` the same (no resolution shift here)."""
+    steps = table.shape[0]
+    if kind in (None, "linear"):
+        t = torch.randint(0, steps, (batch,), generator=gen)
+    else:
+        u = sample_flow_sigmas(kind, batch, gen, None)
+        t = (u * steps).long().clamp(0, steps - 1)
+    return table[t]
+
+
+def leading_sigmas(table: torch.Tensor, steps: int, offset: int = STEPS_OFFSET) -> torch.Tensor:
+    """EulerDiscreteScheduler's sigmas with "leading" spacing: timesteps every len(table) // steps, + offset, then 0."""
+    import numpy as np
+
+    n = table.shape[0]
+    steps = max(1, min(int(steps), n))
+    ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.int64) + offset
+    return torch.cat([table[torch.from_numpy(ts.copy())], torch.zeros(1)])
+
+
+def predict_unet(unet: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, timesteps,
+                 vae_scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The UNet's output for k-diffusion latents: input scaled by 1 / sqrt(sigma^2 + 1), at `timesteps(sigmas)`,
+    with the pooled text and SDXL's six size ids (the bucket as original and target size, no crop, unless `cond`
+    carries `time_ids`)."""
+    b, _, h, w = noisy.shape
+    s = sigmas.float().reshape(-1).expand(b) if sigmas.numel() == 1 else sigmas.float().reshape(-1)
+    t = timesteps(s).to(device)
+    c_in = torch.rsqrt(s.to(device) ** 2 + 1).view(-1, 1, 1, 1)
+    x = (noisy.to(device, torch.float32) * c_in).to(dtype)
+    time_ids = cond.get("time_ids")
+    if time_ids is None:
+        # original size = target size = the bucket, no crop (what the pipeline does at sampling)
+        H, W = h * vae_scale, w * vae_scale
+        time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).expand(b, NUM_TIME_IDS)
+    return unet(
+        x, t, encoder_hidden_states=cond["crossattn"].to(device, dtype),
+        added_cond_kwargs={"text_embeds": cond["pooled"].to(device, dtype), "time_ids": time_ids.to(device, dtype)},
+        return_dict=False,
+    )[0]
 
 
 class SDXLModel(TrainingModel):
@@ -87,26 +178,7 @@ class SDXLModel(TrainingModel):
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
-        """Linears of the spatial transformers (attn1/attn2 q/k/v/out, ff, proj_in/out); resnet and
-        resampler convs as conv targets. Keys are ComfyUI's LDM names (`diffusion_model.input_blocks.4.1...`)."""
-        to_ldm = ldm_names(self.denoiser.config)
-        out = []
-        for name, mod in self.denoiser.named_modules():
-            is_conv = isinstance(mod, nn.Conv2d)
-            if isinstance(mod, nn.Linear) and ".attentions." in name:
-                kind, fin, fout = "linear", mod.in_features, mod.out_features
-            elif is_conv and ".attentions." in name:  # 1x1 conv projections (SD1-style UNets)
-                kind, fin, fout = "conv", mod.in_channels, mod.out_channels
-            elif is_conv and (".resnets." in name or "samplers." in name) and mod.groups == 1:
-                kind, fin, fout = "conv", mod.in_channels, mod.out_channels
-            else:
-                continue
-            ldm = to_ldm(name)
-            if ldm is None:
-                raise RuntimeError(f"no ComfyUI name for UNet module {name}")
-            out.append(Target(f"diffusion_model.{ldm}", fin, fout, [TargetMember(mod, slice(0, fout))], kind=kind,
-                              aliases=(f"unet.{name}",)))
-        return out
+        return unet_targets(self.denoiser)
 
     def text_encoder_targets(self) -> list[Target]:
         """q/k/v/out projections and MLP fc1/fc2 of every layer of CLIP-L and CLIP-G, keyed as ComfyUI reads them:
@@ -130,10 +202,7 @@ class SDXLModel(TrainingModel):
         return self.denoiser.config.in_channels
 
     def repeated_blocks(self) -> list[nn.Module]:
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnet import ResnetBlock2D
-
-        return [m for m in self.denoiser.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+        return unet_blocks(self.denoiser)
 
     # --- encoders ------------------------------------------------------------------------------
     @staticmethod
@@ -164,56 +233,20 @@ class SDXLModel(TrainingModel):
 
     # --- denoising -----------------------------------------------------------------------------
     def sigma_to_t(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table."""
-        ls = sigmas.double().cpu().clamp_min(1e-10).log()
-        table = self._log_sigmas
-        hi = torch.searchsorted(table, ls).clamp(1, table.shape[0] - 1)
-        lo = hi - 1
-        w = ((ls - table[lo]) / (table[hi] - table[lo])).clamp(0, 1)
-        return (lo + w).float()
+        return table_timesteps(self._log_sigmas, sigmas)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
-        b, _, h, w = noisy.shape
-        dev, dt = self.device, self.dtype
-        s = sigmas.float().reshape(-1).expand(b) if sigmas.numel() == 1 else sigmas.float().reshape(-1)
-        t = self.sigma_to_t(s).to(dev)
-        c_in = torch.rsqrt(s.to(dev) ** 2 + 1).view(-1, 1, 1, 1)
-        x = (noisy.to(dev, torch.float32) * c_in).to(dt)
-        time_ids = cond.get("time_ids")
-        if time_ids is None:
-            # original size = target size = the bucket, no crop (what the pipeline does at sampling)
-            H, W = h * self.vae_scale, w * self.vae_scale
-            time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).expand(b, NUM_TIME_IDS)
-        out = self.denoiser(
-            x, t, encoder_hidden_states=cond["crossattn"].to(dev, dt),
-            added_cond_kwargs={"text_embeds": cond["pooled"].to(dev, dt), "time_ids": time_ids.to(dev, dt)},
-            return_dict=False,
-        )[0]
-        return out
+        return predict_unet(self.denoiser, noisy, sigmas, cond, self.sigma_to_t, self.vae_scale, self.device, self.dtype)
 
     def schedule_position(self, sigmas: torch.Tensor) -> torch.Tensor:
         return self.sigma_to_t(sigmas) / (NUM_TRAIN_TIMESTEPS - 1)
 
     def train_sigmas(self, kind: str | None, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """Sigmas of discrete DDPM timesteps. Unset or `linear`: uniform over 0..999, as SDXL was trained (kohya,
-        ai-toolkit). Otherwise the flow families' distribution of u in (0, 1] is drawn and mapped to the timestep
-        floor(u * 1000), as OneTrainer's timestep distributions do for SDXL: `sigmoid` logit-normal (dense in the
-        middle), `shift` uniform shifted by 3 toward noise, `flux_shift` the same (SDXL has no resolution shift)."""
-        if kind in (None, "linear"):
-            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=gen)
-        else:
-            u = sample_flow_sigmas(kind, batch, gen, None)
-            t = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
-        return self.sigma_table[t]
+        return discrete_train_sigmas(self.sigma_table, kind, batch, gen)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """EulerDiscreteScheduler's sigmas for SDXL: "leading" timesteps (every 1000 // steps, + 1), then 0."""
-        import numpy as np
-
-        steps = max(1, min(int(steps), NUM_TRAIN_TIMESTEPS))
-        ratio = NUM_TRAIN_TIMESTEPS // steps
-        ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + STEPS_OFFSET
-        return torch.cat([self.sigma_table[torch.from_numpy(ts.copy())], torch.zeros(1)])
+        return leading_sigmas(self.sigma_table, steps)
 
     def save_metadata(self) -> dict[str, str]:
         return {
@@ -231,15 +264,34 @@ def _unet_prefix(shapes) -> str | None:
     return next((p for p in UNET_PREFIXES if f"{p}input_blocks.0.0.weight" in shapes), None)
 
 
-def load_sdxl_unet(path: Path, dtype: torch.dtype, arch: str = "sdxl"):
-    """UNet2DConditionModel from an LDM-layout single file (full checkpoint or bare UNet) or a diffusers folder."""
+def load_sdxl_unet(path: Path, dtype: torch.dtype, arch: str = "sdxl", family: str = "sdxl"):
+    """UNet2DConditionModel from a single file — the LDM layout (full checkpoint or bare UNet) or diffusers' (a
+    pipeline's unet/diffusion_pytorch_model.safetensors) — with its config from the shapes, or a diffusers folder.
+    `family`: what the file's keys must say it is (detect.SIGNATURES), so another family's file is one clear error."""
     from diffusers import UNet2DConditionModel
 
     if path.is_dir():
         folder = diffusers_component(path, "unet", "SDXL")
-        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        # a folder holding only the fp16 variant (Kolors-diffusers ships so) is read as that variant
+        variant = "fp16" if not any(folder.glob("diffusion_pytorch_model.safetensors*")) \
+            and any(folder.glob("diffusion_pytorch_model.fp16.safetensors*")) else None
+        return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                    variant=variant)
     shapes = safetensors_shapes(path)
-    require_family(path, shapes, "sdxl", arch)
+    require_family(path, shapes, family, arch)
+    if "conv_in.weight" in shapes:  # diffusers' names
+        cfg = unet_config_from_diffusers(shapes, str(path))
+        with torch.device("meta"):
+            model = UNet2DConditionModel(**cfg)
+        sd = load_state_dict(path, dtype)
+        missing = sorted(set(model.state_dict()) - set(sd))
+        unknown = sorted(set(sd) - set(model.state_dict()))
+        if missing or unknown:
+            what = f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else f"{len(unknown)} unknown" \
+                f" tensors (e.g. {unknown[0]})"
+            raise ModelFileError(f"{path}: not a complete diffusers-layout UNet: {what}")
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
     prefix = _unet_prefix(shapes)
     # a bare UNet keeps every key; a full checkpoint's other parts sit under other prefixes
     unet_shapes = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}

@@ -124,21 +124,27 @@ def unet_config_from_ldm(shapes: dict[str, tuple[int, ...]], source: str) -> dic
     )
     if time_dim != 4 * widths[0]:
         cfg["time_embedding_dim"] = time_dim
+    if "encoder_hid_proj.weight" in shapes:
+        # a text projection in front of every cross-attention (Kolors: ChatGLM's 4096 -> 2048)
+        proj = need("encoder_hid_proj.weight")
+        if proj[0] != context:
+            raise ModelFileError(f"{source}: encoder_hid_proj gives {proj[0]} channels, the cross-attention takes {context}")
+        cfg.update(encoder_hid_dim=proj[1], encoder_hid_dim_type="text_proj")
     if conv_in[0] != widths[0]:
         raise ModelFileError(f"{source}: conv_in width {conv_in[0]} differs from the first level's {widths[0]}")
     return cfg
 
 
-def _levels(cfg) -> tuple[list[int], list[bool], int]:
-    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+def _levels(cfg) -> tuple[list[int], list[bool], int, bool]:
+    get = cfg.get if isinstance(cfg, dict) else lambda k, default=None: getattr(cfg, k, default)
     widths = list(get("block_out_channels"))
     attn = [t.startswith("CrossAttn") for t in get("down_block_types")]
-    return widths, attn, int(get("layers_per_block"))
+    return widths, attn, int(get("layers_per_block")), get("encoder_hid_dim") is not None
 
 
 def module_map(cfg) -> dict[str, str]:
     """LDM module path -> diffusers module path, for every module that holds weights (transformers whole)."""
-    widths, attn, layers = _levels(cfg)
+    widths, attn, layers, text_proj = _levels(cfg)
     m: dict[str, str] = {
         "time_embed.0": "time_embedding.linear_1",
         "time_embed.2": "time_embedding.linear_2",
@@ -148,6 +154,8 @@ def module_map(cfg) -> dict[str, str]:
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+    if text_proj:
+        m["encoder_hid_proj"] = "encoder_hid_proj"  # the same name in both layouts (ComfyUI-Kolors-MZ's UNet)
 
     def resnet(ldm: str, dif: str) -> None:
         for a, b in RESNET_LEAVES:
@@ -210,6 +218,33 @@ def ldm_to_diffusers(sd: dict[str, torch.Tensor], cfg, model_keys: set[str], sou
     if unknown:
         raise ModelFileError(f"{source}: {len(unknown)} UNet tensors this SDXL layout does not have (e.g. {unknown[0]})")
     return out
+
+
+def unet_config_from_diffusers(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """UNet2DConditionModel config from the shapes of a diffusers-layout SDXL UNet file (a pipeline's
+    `unet/diffusion_pytorch_model.safetensors`, without its config.json): the levels are read from diffusers'
+    names, the shapes renamed to the LDM layout by the same module table, and the config read from those."""
+    levels = _count(shapes, "down_blocks.{}.")
+    try:
+        outline = dict(
+            block_out_channels=[shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels)],
+            down_block_types=["CrossAttnDownBlock2D" if f"down_blocks.{i}.attentions.0.proj_in.weight" in shapes
+                              else "DownBlock2D" for i in range(levels)],
+            layers_per_block=_count(shapes, "down_blocks.0.resnets.{}."),
+            encoder_hid_dim=shapes["encoder_hid_proj.weight"][1] if "encoder_hid_proj.weight" in shapes else None,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{source}: not a complete SDXL-layout UNet (missing {e.args[0]})") from None
+    if not levels:
+        raise ModelFileError(f"{source}: no down_blocks; not a diffusers-layout UNet")
+    inv = {v: k for k, v in module_map(outline).items()}
+    ldm_shapes = {}
+    for k, v in shapes.items():
+        nk = _rename(k, inv)
+        if nk is None:
+            raise ModelFileError(f"{source}: UNet tensor {k} is not part of an SDXL-layout UNet")
+        ldm_shapes[nk] = v
+    return unet_config_from_ldm(ldm_shapes, source)
 
 
 def diffusers_to_ldm(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
