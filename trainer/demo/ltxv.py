@@ -68,14 +68,15 @@ def make_ltxv_checkpoint(path: Path, cfg: dict, positions: Positions = Positions
 
 
 def write_ltxv_files(folder: Path, name: str = "ltxv", inner: int = 64, heads: int = 2, layers: int = 2,
-                     t5_dim: int = 64, causal: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+                     t5_dim: int = 64, causal: bool = False, dtype: torch.dtype = torch.float32,
+                     vae_config: dict = TINY_VAE) -> dict:
     """A random LTX-Video in the files users keep. Returns the `model:` config."""
     folder.mkdir(parents=True, exist_ok=True)
     ckpt, t5, tok = folder / f"{name}.safetensors", folder / f"{name}_t5.safetensors", folder / f"{name}_tokenizer_t5"
     t5_tok = tiny.build_tokenizer(tok, "t5")
     tiny.make_t5_file(t5, len(t5_tok), d_model=t5_dim, layers=1, dtype=dtype)
     make_ltxv_checkpoint(ckpt, ltxv_diffusers_config(inner, heads, layers, t5_dim), Positions(causal=causal),
-                         dtype=dtype)
+                         vae_config, dtype=dtype)
     return {"arch": "ltxv", "name_or_path": str(ckpt), "text_encoder_paths": [str(t5)], "tokenizer_paths": [str(tok)]}
 
 
