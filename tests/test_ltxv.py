@@ -155,6 +155,32 @@ def test_loads_a_lightricks_checkpoint_and_refuses_other_files(ltxv, model, tiny
         _load(dict(ltxv, text_encoder_paths=[]))
 
 
+def test_loads_a_diffusers_folder(model, tmp_path):
+    """A local diffusers folder (transformer, vae, text_encoder, tokenizer) loads to the same model; its positions
+    follow the VAE (0.9.5-style, as the demo's: the first frame counted causally, as LTXConditionPipeline does)."""
+    import json
+
+    from trainer.models.ltxv import LTXVModel
+    from trainer.models.ltxv_layout import Positions
+
+    folder = tmp_path / "ltx_diffusers"
+    model.denoiser.save_pretrained(folder / "transformer")
+    model.vae.save_pretrained(folder / "vae")
+    model.t5.save_pretrained(folder / "text_encoder")
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "LTXConditionPipeline"}))
+    loaded = _load({"arch": "ltxv", "name_or_path": str(folder), "t5_max_length": T5_LEN})
+    assert loaded.positions.causal
+    same = LTXVModel(model.denoiser, model.vae, model.t5, model.tokenizer, torch.device("cpu"), torch.float32,
+                     Positions(causal=True), T5_LEN)
+    cond = loaded.encode_text(["a red circle"])
+    torch.testing.assert_close(cond["context"], same.encode_text(["a red circle"])["context"], rtol=0, atol=0)
+    x = torch.randn(1, 128, 3, 2, 1, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict(x, torch.tensor([0.4]), cond), same.predict(x, torch.tensor([0.4]), cond),
+                                   rtol=0, atol=1e-6)
+
+
 # --- against the reference pipelines --------------------------------------------------------------------------
 
 def test_prompt_encoding_is_t5_with_its_mask(model):
@@ -280,7 +306,8 @@ def test_trains_on_clips_and_saves_comfyui_keys_diffusers_reloads(ltxv, clips, t
 
 
 def test_resume_on_clips_matches_uninterrupted(ltxv, clips, tmp_path):
-    extra = dict(steps=4, lr_scheduler="cosine", cache_text_embeddings=True, disable_sampling=True)
+    extra = dict(steps=4, lr_scheduler="cosine", cache_text_embeddings=True, disable_sampling=True,
+                 gradient_checkpointing=True)
     d = _video_job(ltxv, clips, tmp_path / "a", **extra)
     d["config"]["process"][0]["datasets"][0].update(frames=[1, 9], shrink_video_to_frames=False, clips_per_video=2,
                                                     flip_x=True, do_i2v=True)
@@ -328,5 +355,8 @@ def test_i2v_training_gives_the_start_frame_and_leaves_it_out_of_the_loss(ltxv, 
     assert torch.equal(seen["tokens"][0, 0], first[:, 0, 0, 0]) and seen["t"][0, 0] == 0 and seen["t"][0, 1] > 0
     assert loss(shift_tokens(0)) == base
     assert loss(shift_tokens(1)) > base + 1.0
+    # a one-frame item (an image, a clip's 1-frame bucket) has nothing to generate from a start image: marked not given
+    one = trainer.model.encode_conditions(torch.zeros(3, 1, 32, 32), torch.zeros(3, 32, 32))
+    assert float(one["first_frame_given"]) == 0.0
     trainer.train()
     assert (tmp_path / "out" / "run" / "run.safetensors").exists()

@@ -224,12 +224,15 @@ class LTXVModel(TrainingModel):
     @torch.no_grad()
     def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
                           mask: torch.Tensor | None = None) -> Conditioning | None:
-        """The start image's latent (one latent frame), for a clip with a start image; an image item (one frame)
-        has nothing left to generate from one, and gets none."""
-        if control is None or pixels.dim() == 3 or pixels.shape[1] == 1:
+        """The start image's latent (one latent frame), for a clip with a start image. An image item (one frame)
+        has nothing left to generate from one: it gets the condition marked not given (cached like the clips')."""
+        if control is None:
             return None
         start = control if control.dim() == 3 else control[:, 0]
-        return {"first_frame": self.encode_pixels(start[None])[0], "first_frame_given": torch.ones(1)}
+        first = self.encode_pixels(start[None])[0]
+        if pixels.dim() == 3 or pixels.shape[1] == 1:
+            return {"first_frame": torch.zeros_like(first), "first_frame_given": torch.zeros(1)}
+        return {"first_frame": first, "first_frame_given": torch.ones(1)}
 
     def known_latents(self, cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first latent frame is the start image's latent where the item has one (`first_frame_given`: 0 for
