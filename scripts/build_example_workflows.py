@@ -323,6 +323,23 @@ def main() -> int:
                                                "sample.samples[].control_image in the YAML."), start_image="example.png"),
                   False))
 
+    specs.append(("ltxv_2b_train", dict(arch="ltxv", name_or_path="models/checkpoints/ltx-video-2b-v0.9.5.safetensors",
+                                        text_encoder_paths="models/text_encoders/t5xxl_fp16.safetensors",
+                                        vae_path="", tokenizer_paths="", t5_max_length=0, quantize=False,
+                                        clip_vision_path=""), 2000, dict(
+        ds=dataset(resolution="512", num_frames=97, caption_dropout_rate=0.05),
+        sets=settings("ltxv_2b_train", lr=1e-4, guidance_scale=3.0, sample_steps=30, sample_width=768,
+                      sample_height=512, sample_num_frames=97, sample_prompts="[trigger] walking through a forest"),
+        sample=dict(prompt="sks walking through a forest", negative="", width=768, height=512, steps=30, guidance=3.0,
+                    seed=42, frames=97),
+        note=real_note.format(what="a LoRA for LTX-Video 2B (0.9.x) on video clips.", name="ltxv_2b_train",
+                              extra="The Lightricks checkpoint (models/checkpoints) holds the transformer and the VAE: "
+                                    "leave vae_path empty. The dataset holds videos (.mp4 ...) with .txt captions; "
+                                    "clips of 97 frames (8k+1) at 25 fps, sides multiples of 32. Image-to-video: set "
+                                    "do_i2v (each clip's first frame is its start image). 13B (ltxv-13b-0.9.x-dev): "
+                                    "set quantize and blocks_to_swap auto. Speed and memory: not measured yet.")),
+                  False))
+
     for name, model, steps, kw, demo in specs:
         nodes, edges = by_arch_workflow(name, model, steps, kw.pop("note"), **kw)
         wf = build(name, nodes, edges, classes)

@@ -32,7 +32,12 @@ def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: 
     sigmas = model.sample_sigmas(steps, tuple(noise.shape)).to(model.device)
     x = model.objective.initial(noise.float().to(model.device), sigmas[0])
     cfg = (not model.distilled_guidance) and guidance_scale > 1.0 and neg is not None
+    known = model.known_latents(cond, x)
+    if known is not None:  # given frames (I2V's start frame) stay what the conditioning says at every step
+        values, given = (t.to(x.device, x.dtype) for t in known)
     for i in range(steps):
+        if known is not None:
+            x = x * (1 - given) + values * given
         s = sigmas[i].reshape(1).expand(x.shape[0])
         v = model.predict(x, s, cond, guidance=guidance_scale).float()
         if cfg:
@@ -40,6 +45,8 @@ def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: 
             v = v_neg + guidance_scale * (v - v_neg)
         # an objective whose target is not dx/dsigma (v-prediction) turns the output into it
         v = model.objective.derivative(x, v, sigmas[i])
+        if known is not None:
+            v = v * (1 - given)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 

@@ -194,6 +194,13 @@ class TrainingModel(ABC):
             return {"control": self.encode_pixels(control[None])[0]}
         return None
 
+    def known_latents(self, cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Latent values the conditioning gives rather than the model generates (an image-to-video start frame), for
+        latents shaped like `like`: (values, given), both broadcastable to it, `given` 1 where a value is given and 0
+        where the model generates; None (the default) when nothing is given. The loop puts the values into the noisy
+        latents and leaves them out of the loss; the sampler keeps them at every step."""
+        return None
+
     def requires_conditions(self) -> str | None:
         """Why items without a condition image cannot train (a message), or None when they can."""
         return None

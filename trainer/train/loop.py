@@ -236,9 +236,19 @@ class Trainer:
         latents, noise, sigmas, cond = self.batch_inputs(micro, gen)
         obj = self.model.objective
         noisy = obj.add_noise(latents, noise, sigmas)
+        known = self.model.known_latents(cond, latents)
+        if known is not None:  # frames the conditioning gives (I2V's start frame) go in clean
+            values, given = (t.to(latents.device, latents.dtype) for t in known)
+            noisy = noisy * (1 - given) + values * given
         pred = self.model.predict(noisy, sigmas, cond, guidance=1.0).float()
         target = obj.target(latents, noise, sigmas)
-        per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
+        err = (pred - target) ** 2
+        dims = tuple(range(1, pred.dim()))
+        if known is None:
+            per_sample = err.mean(dim=dims)
+        else:  # the mean over what the model generates: given frames teach nothing
+            free = (1 - given).expand_as(err)
+            per_sample = (err * free).sum(dim=dims) / free.sum(dim=dims).clamp_min(1.0)
         return (per_sample * self.loss_weights(sigmas)).mean()
 
     def step(self) -> float:
