@@ -233,7 +233,7 @@ class Trainer:
         latents, noise, sigmas, cond = self.batch_inputs(micro, gen)
         obj = self.model.objective
         noisy = obj.add_noise(latents, noise, sigmas)
-        pred = self.model.predict(noisy, sigmas, cond, guidance=1.0).float()
+        pred = self.model.predict(noisy, sigmas, cond, guidance=self.model.train_guidance).float()
         target = obj.target(latents, noise, sigmas)
         per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
         return (per_sample * self.loss_weights(sigmas)).mean()
