@@ -185,6 +185,30 @@ def test_targets_and_refusals(hy, hy_model, tiny_flux, tmp_path):
         _load(dict(hy, vae_path=tiny_flux["vae_path"]))
 
 
+def test_scaled_fp8_llama_loads_dequantized(hy, tmp_path):
+    """ComfyUI's llava_llama3_fp8_scaled layout (fp8 layer weights with a per-tensor `scale_weight`, the
+    `scaled_fp8` marker, an LM head beside): the weights load as fp8 x scale."""
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.text_encoders import identify_text_encoder, load_llama_encoder
+
+    sd = load_file(hy["text_encoder_paths"][0])
+    q, expect = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in sd.items():
+        if k.startswith("model.layers.") and v.dim() == 2:
+            scale = v.abs().max() / 448
+            q[k] = (v / scale).to(torch.float8_e4m3fn)
+            q[k[:-len("weight")] + "scale_weight"] = scale.reshape(1)
+            expect[k[len("model."):]] = q[k].float() * scale
+        else:
+            q[k] = v
+    path = tmp_path / "llava_llama3_fp8_scaled.safetensors"
+    save_safetensors_atomic(q, path)
+    ef = identify_text_encoder(path)
+    assert (ef.kind, ef.prefix) == ("llama", "model.")
+    got = load_llama_encoder(ef, torch.float32).state_dict()
+    assert expect and all(torch.equal(got[k], v) for k, v in expect.items())
+
+
 def test_llama_tokenizer_missing_is_named(hy, clips, tmp_path, monkeypatch):
     """Without model.tokenizer_paths and no ComfyUI install holding Llama 3's tokenizer.json, the check before
     loading says so (ComfyUI's llama_tokenizer folder without tokenizer.json does not count)."""

@@ -53,6 +53,7 @@ PROMPT_TEMPLATE = (
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 )
 TEXT_TOKENS = 256  # kept after the crop (diffusers' max_sequence_length), with the attention mask
+TEXT_ROUND = 32  # text tokens given to the transformer: the longest prompt's, rounded up to this
 LLAMA_HIDDEN_STATE = -3  # the third-last hidden state: two layers skipped, no final norm
 CLIP_MAX_LENGTH = 77
 NUM_TRAIN_TIMESTEPS = 1000
@@ -247,8 +248,10 @@ class HunyuanVideoModel(TrainingModel):
         t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS
         mask = cond["mask"].to(dev)
         # the text is padded on the right: tokens past the batch's longest prompt are masked everywhere, so they
-        # are left out (the model's output is the same; 256 tokens would outnumber a small clip's)
-        n = max(1, int(mask.sum(dim=1).max()))
+        # are left out (the model's output is the same; 256 tokens would outnumber a small clip's); kept to a
+        # multiple of 32 so that a compiled block sees few text lengths
+        longest = int(mask.sum(dim=1).max())
+        n = min(mask.shape[1], max(TEXT_ROUND, -(-longest // TEXT_ROUND) * TEXT_ROUND))
         g = None
         if self.guidance_embeds:
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=dev) * NUM_TRAIN_TIMESTEPS
