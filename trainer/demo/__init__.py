@@ -20,6 +20,7 @@ from .chroma import write_chroma_demo
 from .flux import write_flex2_demo, write_flux_demo
 from .kolors import write_kolors_demo
 from .ltxv import write_ltxv_demo
+from .hunyuan_video import write_hunyuan_video_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
 from .videos import COLORS, SHAPES, draw_shape, make_video_dataset
@@ -38,6 +39,7 @@ DEMO_WRITERS = {
     "wan21_i2v": lambda folder: write_wan_demo(folder, i2v=True),
     "wan21_vace": lambda folder: write_wan_demo(folder, vace=True),
     "ltxv": write_ltxv_demo,
+    "hunyuan_video": write_hunyuan_video_demo,
 }
 
 

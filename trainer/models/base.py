@@ -66,6 +66,8 @@ class Target:
     kind: str = "linear"
     aliases: tuple[str, ...] = ()  # backend names of the members, also matched by target filters
     component: str = "denoiser"  # or "text_encoder": its captions must then be encoded with grad every step
+    # not trained by default (HunyuanVideo's token refiner): only when network_kwargs.only_if_contains names it
+    opt_in: bool = False
 
 
 @dataclass
@@ -96,6 +98,8 @@ class TrainingModel(ABC):
     patch: int = 2
     # guidance distilled into the model (an embedding) rather than classifier-free guidance
     distilled_guidance: bool = False
+    # the guidance a training step feeds such a model (previews use the sample's own guidance_scale)
+    train_guidance: float = 1.0
     # cond["control"]: a control latent (normalized like the training latents) the family's model takes
     takes_control: bool = False
     # datasets[].mask_path: masks beside the control (VACE)

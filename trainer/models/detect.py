@@ -8,7 +8,8 @@ UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chroma", ("distilled_guidance_layer.norms.0.scale",)),
     ("flux2", ("double_stream_modulation_img.lin.weight",)),
-    ("hunyuan_video", ("double_blocks.0.img_attn_qkv.weight",)),
+    # ComfyUI's own test: in the original layout and in the names ComfyUI renames it to
+    ("hunyuan_video", ("txt_in.individual_token_refiner.blocks.0.norm1.weight",)),
     ("flux", ("double_blocks.0.img_attn.norm.key_norm.scale", "img_in.weight")),
     ("sd3", ("joint_blocks.0.x_block.attn.qkv.weight",)),
     ("kolors", ("encoder_hid_proj.weight", "label_emb.0.0.weight")),  # an SDXL UNet with a text projection

@@ -25,11 +25,13 @@ FAMILY_MODULES: dict[str, str] = {
     "wan21_i2v": "wan",
     "wan21_vace": "wan",
     "ltxv": "ltxv",
+    "hunyuan_video": "hunyuan_video",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)
 ALIASES: dict[str, str] = {"sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux", "flex.2": "flex2", "wan": "wan21", "wan2.1": "wan21",
-                       "wan21_t2v": "wan21", "ltx-video": "ltxv", "ltx": "ltxv"}
+                       "wan21_t2v": "wan21", "ltx-video": "ltxv", "ltx": "ltxv",
+                       "hunyuan": "hunyuan_video", "hunyuanvideo": "hunyuan_video"}
 
 
 def known_arches() -> list[str]:

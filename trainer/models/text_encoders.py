@@ -21,11 +21,14 @@ log = logging.getLogger("trainer")
 
 CLIP_PREFIXES = ("cond_stage_model.transformer.", "transformer.", "te.", "")
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.", "transformer.", "")
+# Llama text models: ComfyUI's llava_llama3 files (a causal LM's `model.`), a whole LLaVA's language model, bare
+LLAMA_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+LLAMA_HEAD_DIM = 128  # every Llama 3 size (ComfyUI fixes it too); it cannot be read from the shapes
 
 
 @dataclass
 class EncoderFile:
-    kind: str  # "clip" or "t5"
+    kind: str  # "clip", "t5", "umt5" or "llama"
     path: Path
     prefix: str
 
@@ -55,8 +58,11 @@ def identify_text_encoder(path: Path) -> EncoderFile:
             umt5 = (f"{p}encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shapes
                     or "spiece_model" in shapes)  # ComfyUI's umt5 files carry their tokenizer
             return EncoderFile("umt5" if umt5 else "t5", path, p)
+    for p in LLAMA_PREFIXES:
+        if f"{p}layers.0.self_attn.q_proj.weight" in shapes and f"{p}embed_tokens.weight" in shapes:
+            return EncoderFile("llama", path, p)
     sample = ", ".join(sorted(shapes)[:3])
-    raise ModelFileError(f"{path}: not a CLIP or T5 text encoder (first keys: {sample})")
+    raise ModelFileError(f"{path}: not a CLIP, T5 or Llama text encoder (first keys: {sample})")
 
 
 def _read(ef: EncoderFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -204,6 +210,39 @@ def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
     return materialize(UMT5EncoderModel, cfg, sd, dtype, "", ef.path, "UMT5 encoder")
 
 
+def load_llama_encoder(ef: EncoderFile, dtype: torch.dtype):
+    """A Llama text model (transformers' LlamaModel, no LM head) from ComfyUI's llava_llama3 file (fp16, or scaled
+    fp8 dequantized), a LLaVA checkpoint's language model, or a diffusers text_encoder folder; the config from the
+    shapes (Llama 3's 128-wide heads, rope theta 500000)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    if _pretrained_folder(ef):
+        model = LlamaModel.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
+        return model.eval().requires_grad_(False)
+    sd = {k: v for k, v in _read(ef, dtype).items() if not k.startswith(("lm_head.", "vision", "multi_modal"))}
+    sd.pop("tokenizer", None)
+    try:
+        emb = sd["embed_tokens.weight"]
+        q, k = sd["layers.0.self_attn.q_proj.weight"], sd["layers.0.self_attn.k_proj.weight"]
+        cfg = LlamaConfig(
+            vocab_size=emb.shape[0], hidden_size=emb.shape[1],
+            intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0], num_hidden_layers=_count(sd, "layers.{}."),
+            num_attention_heads=q.shape[0] // LLAMA_HEAD_DIM, num_key_value_heads=k.shape[0] // LLAMA_HEAD_DIM,
+            head_dim=LLAMA_HEAD_DIM, rms_norm_eps=1e-5, max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            attention_bias="layers.0.self_attn.q_proj.bias" in sd, tie_word_embeddings=False,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{ef.path}: not a complete Llama text encoder (missing {e.args[0]})") from None
+    if q.shape[0] % LLAMA_HEAD_DIM or k.shape[0] % LLAMA_HEAD_DIM:
+        raise ModelFileError(f"{ef.path}: Llama attention widths {q.shape[0]} / {k.shape[0]} are not multiples of"
+                             f" its {LLAMA_HEAD_DIM}-wide heads")
+    model = materialize(LlamaModel, cfg, sd, dtype, "", ef.path, "Llama text encoder")
+    # the rotary frequencies are a computed buffer (not in the file): built for real, not left as empty memory
+    model.rotary_emb = type(model.rotary_emb)(cfg)
+    return model
+
+
 def spiece_tokenizer(path: Path):
     """The SentencePiece tokenizer ComfyUI's umt5 files carry inside (tensor `spiece_model`), as a T5 tokenizer
     (pad 0, eos 1, unk 2); None if the file holds none."""
@@ -248,13 +287,17 @@ def materialize(cls, cfg, sd: dict, dtype: torch.dtype, level: str, path: Path, 
 COMFY_TOKENIZER_DIRS = {
     "clip": ("comfy/sd1_tokenizer",),
     "t5": ("comfy/text_encoders/t5_tokenizer", "comfy/t5_tokenizer"),
+    "llama": ("comfy/text_encoders/llama_tokenizer",),
 }
+TOKENIZER_NAMES = {"clip": "CLIP", "t5": "T5", "llama": "Llama"}
+# what a folder must hold to be a tokenizer of that kind (a Llama 3 tokenizer is its tokenizer.json: a folder with
+# only its tokenizer_config.json cannot load)
+TOKENIZER_FILES = {"llama": ("tokenizer.json",)}
 
 
-def _looks_like_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any(
-        (folder / n).exists() for n in ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
-    )
+def _looks_like_tokenizer(folder: Path, kind: str = "") -> bool:
+    names = TOKENIZER_FILES.get(kind, ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json"))
+    return folder.is_dir() and any((folder / n).exists() for n in names)
 
 
 def find_tokenizer(kind: str, explicit: Path | None, folder_candidates: list[Path], near: list[Path]) -> Path:
@@ -264,15 +307,15 @@ def find_tokenizer(kind: str, explicit: Path | None, folder_candidates: list[Pat
         if c is None:
             continue
         tried.append(str(c))
-        if _looks_like_tokenizer(c):
+        if _looks_like_tokenizer(c, kind):
             return c
     for root in comfyui_roots(*near):
         for rel in COMFY_TOKENIZER_DIRS[kind]:
             c = root / rel
             tried.append(str(c))
-            if _looks_like_tokenizer(c):
+            if _looks_like_tokenizer(c, kind):
                 return c
-    name = {"clip": "CLIP", "t5": "T5"}[kind]
+    name = TOKENIZER_NAMES[kind]
     raise ModelFileError(
         f"no {name} tokenizer found (looked in: {', '.join(tried) or 'nothing'}). Set model.tokenizer_paths to a"
         f" local tokenizer folder, keep the model files inside a ComfyUI install, or set COMFYUI_PATH to a ComfyUI"

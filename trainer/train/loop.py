@@ -240,7 +240,7 @@ class Trainer:
         if known is not None:  # frames the conditioning gives (I2V's start frame) go in clean
             values, given = (t.to(latents.device, latents.dtype) for t in known)
             noisy = noisy * (1 - given) + values * given
-        pred = self.model.predict(noisy, sigmas, cond, guidance=1.0).float()
+        pred = self.model.predict(noisy, sigmas, cond, guidance=self.model.train_guidance).float()
         target = obj.target(latents, noise, sigmas)
         err = (pred - target) ** 2
         dims = tuple(range(1, pred.dim()))
