@@ -66,6 +66,9 @@ class Target:
     kind: str = "linear"
     aliases: tuple[str, ...] = ()  # backend names of the members, also matched by target filters
     component: str = "denoiser"  # or "text_encoder": its captions must then be encoded with grad every step
+    # left out of the default selection: trained only when network_kwargs.only_if_contains names it (peers leave
+    # such layers out, e.g. HiDream's MoE experts)
+    opt_in: bool = False
 
 
 @dataclass

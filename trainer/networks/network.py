@@ -19,7 +19,8 @@ NETWORK_TYPES = ("lora", "locon", "lokr", "loha", "dora")
 
 
 def select_targets(targets: list[Target], only_if_contains: list[str], ignore_if_contains: list[str]) -> list[Target]:
-    """Targets whose ComfyUI key or backend names contain any `only` string and no `ignore` string."""
+    """Targets whose ComfyUI key or backend names contain any `only` string and no `ignore` string. Opt-in targets
+    (Target.opt_in) are left out unless an `only` string names them."""
 
     def names(t: Target) -> list[str]:
         return [t.key, *t.aliases]
@@ -28,6 +29,8 @@ def select_targets(targets: list[Target], only_if_contains: list[str], ignore_if
     for t in targets:
         ns = names(t)
         if only_if_contains and not any(s in n for s in only_if_contains for n in ns):
+            continue
+        if t.opt_in and not only_if_contains:
             continue
         if ignore_if_contains and any(s in n for s in ignore_if_contains for n in ns):
             continue
