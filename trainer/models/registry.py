@@ -23,6 +23,7 @@ FAMILY_MODULES: dict[str, str] = {
     "wan21": "wan",
     "wan21_i2v": "wan",
     "wan21_vace": "wan",
+    "hidream": "hidream",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)
