@@ -18,6 +18,7 @@ from ..fileio import write_text_atomic
 from ..models import registry
 from .chroma import write_chroma_demo
 from .flux import write_flex2_demo, write_flux_demo
+from .hidream import write_hidream_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
 from .videos import COLORS, SHAPES, draw_shape, make_video_dataset
@@ -34,6 +35,7 @@ DEMO_WRITERS = {
     "wan21": write_wan_demo,
     "wan21_i2v": lambda folder: write_wan_demo(folder, i2v=True),
     "wan21_vace": lambda folder: write_wan_demo(folder, vace=True),
+    "hidream": write_hidream_demo,
 }
 
 
@@ -105,7 +107,7 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, contr
     }
 
 
-CLIP_LOADERS = {1: "Load CLIP", 2: "DualCLIPLoader", 3: "TripleCLIPLoader"}
+CLIP_LOADERS = {1: "Load CLIP", 2: "DualCLIPLoader", 3: "TripleCLIPLoader", 4: "QuadrupleCLIPLoader"}
 
 
 def comfyui_guide(model: dict, family, lora: Path) -> str:
