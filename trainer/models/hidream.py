@@ -157,7 +157,8 @@ class HiDreamModel(TrainingModel):
 
         blocks = self.repeated_blocks()
         cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
+        names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+        for name in names:
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
         for b in blocks:
