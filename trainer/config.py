@@ -171,6 +171,8 @@ class ModelConfig:
     train_shift: Optional[float] = spec(None, gt=0, le=100, help="shift of timestep_type: shift (Wan: 3)")
     # guidance-distilled video models (HunyuanVideo): the guidance embedding's value in training steps
     train_guidance: Optional[float] = spec(None, ge=0, le=100, help="guidance embedding while training (HunyuanVideo: 1)")
+    # which variant of the family a checkpoint is, where its file name does not say (HiDream-I1: full, dev, fast)
+    variant: Optional[str] = spec(None, help="the variant where the file name does not say (HiDream: full, dev, fast)")
     low_vram: bool = spec(False, ignored="memory is set by model.quantize, train.blocks_to_swap and"
                           " train.gradient_checkpointing")
     # ai-toolkit's names for block swap: true = train.blocks_to_swap auto, or the fraction of blocks swapped
@@ -500,7 +502,7 @@ def check_family_keys(job: JobConfig) -> None:
             " denoiser is trained; sdxl trains its text encoders); set it to false"
         )
     mc = job.process.model
-    for key in ("sample_shift", "train_shift", "train_guidance", "clip_vision_path"):
+    for key in ("sample_shift", "train_shift", "train_guidance", "clip_vision_path", "variant"):
         if getattr(mc, key) is not None and key not in fam.model_defaults and not (key == "clip_vision_path"
                                                                                  and fam.takes_control and fam.video):
             raise ConfigError(f"config.process[0].model.{key}: not used by model.arch {job.arch!r}; remove it")

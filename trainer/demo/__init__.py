@@ -21,6 +21,7 @@ from .flux import write_flex2_demo, write_flux_demo
 from .kolors import write_kolors_demo
 from .ltxv import write_ltxv_demo
 from .hunyuan_video import write_hunyuan_video_demo
+from .hidream import write_hidream_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
 from .videos import COLORS, SHAPES, draw_shape, make_video_dataset
@@ -40,6 +41,7 @@ DEMO_WRITERS = {
     "wan21_vace": lambda folder: write_wan_demo(folder, vace=True),
     "ltxv": write_ltxv_demo,
     "hunyuan_video": write_hunyuan_video_demo,
+    "hidream": write_hidream_demo,
 }
 
 
@@ -111,7 +113,7 @@ def demo_job(name: str, model: dict, dataset: Path, out: Path, steps: int, contr
     }
 
 
-CLIP_LOADERS = {1: "Load CLIP", 2: "DualCLIPLoader", 3: "TripleCLIPLoader"}
+CLIP_LOADERS = {1: "Load CLIP", 2: "DualCLIPLoader", 3: "TripleCLIPLoader", 4: "QuadrupleCLIPLoader"}
 
 
 def comfyui_guide(model: dict, family, lora: Path) -> str:

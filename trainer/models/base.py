@@ -66,7 +66,8 @@ class Target:
     kind: str = "linear"
     aliases: tuple[str, ...] = ()  # backend names of the members, also matched by target filters
     component: str = "denoiser"  # or "text_encoder": its captions must then be encoded with grad every step
-    # not trained by default (HunyuanVideo's token refiner): only when network_kwargs.only_if_contains names it
+    # left out of the default selection: trained only when network_kwargs.only_if_contains names it (peers leave
+    # such layers out: HiDream's MoE experts, HunyuanVideo's token refiner)
     opt_in: bool = False
 
 

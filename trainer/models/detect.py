@@ -17,6 +17,7 @@ SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sdxl", ("input_blocks.0.0.weight", "label_emb.0.0.weight")),
     ("sd1", ("input_blocks.0.0.weight",)),
     ("wan", ("blocks.0.self_attn.q.weight", "patch_embedding.weight")),
+    ("hidream", ("caption_projection.0.linear.weight", "x_embedder.proj.weight")),
     ("ltxav", ("audio_adaln_single.linear.weight", "patchify_proj.weight")),
     ("ltxv", ("adaln_single.emb.timestep_embedder.linear_1.bias", "patchify_proj.weight")),
     ("flux_diffusers", ("transformer_blocks.0.attn.add_q_proj.weight", "x_embedder.weight")),

@@ -26,6 +26,7 @@ FAMILY_MODULES: dict[str, str] = {
     "wan21_vace": "wan",
     "ltxv": "ltxv",
     "hunyuan_video": "hunyuan_video",
+    "hidream": "hidream",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)

@@ -19,8 +19,8 @@ NETWORK_TYPES = ("lora", "locon", "lokr", "loha", "dora")
 
 
 def select_targets(targets: list[Target], only_if_contains: list[str], ignore_if_contains: list[str]) -> list[Target]:
-    """Targets whose ComfyUI key or backend names contain any `only` string and no `ignore` string; opt-in targets
-    only when an `only` string names them."""
+    """Targets whose ComfyUI key or backend names contain any `only` string and no `ignore` string. Opt-in targets
+    (Target.opt_in) are left out unless an `only` string names them."""
 
     def names(t: Target) -> list[str]:
         return [t.key, *t.aliases]
