@@ -22,3 +22,20 @@ def test_demo_runs_offline(tmp_path):
         assert f.get_slice("img_in.weight").get_shape() == [3072, 64]
         assert f.get_slice("double_blocks.0.img_attn.norm.key_norm.scale").get_shape() == [128]
         assert "guidance_in.in_layer.weight" in f.keys()
+
+
+def test_comfyui_guide_names_the_loader_each_layout_needs(tmp_path):
+    """Separate files go to Load Diffusion Model + the CLIP loader + Load VAE; a checkpoint holding the VAE beside
+    separate text encoders (LTX-Video) to Load Checkpoint; a checkpoint with everything inside (SDXL) alone."""
+    from trainer.demo import comfyui_guide
+    from trainer.models.registry import get_family
+
+    lora = tmp_path / "l.safetensors"
+    flux = comfyui_guide({"name_or_path": "f.safetensors", "text_encoder_paths": ["a", "b"], "vae_path": "v"},
+                         get_family("flux"), lora)
+    assert "models/diffusion_models/  f.safetensors   -> Load Diffusion Model" in flux and "models/vae/" in flux
+    ltx = comfyui_guide({"name_or_path": "x.safetensors", "text_encoder_paths": ["t5"]}, get_family("ltxv"), lora)
+    assert "models/checkpoints/       x.safetensors   -> Load Checkpoint (the model and its VAE" in ltx
+    assert "diffusion_models" not in ltx and "-> Load CLIP (type ltxv)" in ltx
+    sdxl = comfyui_guide({"name_or_path": "s.safetensors"}, get_family("sdxl"), lora)
+    assert "-> Load Checkpoint (model, CLIP and VAE in one file)" in sdxl and "text_encoders" not in sdxl

@@ -120,8 +120,12 @@ def comfyui_guide(model: dict, family, lora: Path) -> str:
     """Which file goes into which ComfyUI models folder, and the loader nodes that read them."""
     lines = ["In ComfyUI (random weights: the outputs are noise, the path is what is shown):"]
     encoders = model.get("text_encoder_paths") or []
-    if encoders:
+    if encoders and not model.get("vae_path"):  # the VAE inside the checkpoint (LTX-Video), the encoders beside it
+        lines.append(f"  models/checkpoints/       {Path(model['name_or_path']).name}   -> Load Checkpoint (the model and"
+                     " its VAE; the text encoders below)")
+    elif encoders:
         lines.append(f"  models/diffusion_models/  {Path(model['name_or_path']).name}   -> Load Diffusion Model")
+    if encoders:
         loader = CLIP_LOADERS.get(len(encoders), "Load CLIP")
         for p in encoders:
             lines.append(f"  models/text_encoders/     {Path(p).name}   -> {loader} (type {family.comfy_clip_type})")

@@ -223,7 +223,7 @@ class LTXVModel(TrainingModel):
     # --- image-to-video ------------------------------------------------------------------------
     @torch.no_grad()
     def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
-                          mask: torch.Tensor | None = None) -> Conditioning | None:
+                          mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> Conditioning | None:
         """The start image's latent (one latent frame), for a clip with a start image. An image item (one frame)
         has nothing left to generate from one: it gets the condition marked not given (cached like the clips')."""
         if control is None:
