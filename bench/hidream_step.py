@@ -22,18 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
+from step_harness import parse_case, run_cases, swap_check, time_steps
 from trainer.models.hidream import VARIANTS, HiDreamModel
 from trainer.models.hidream_layout import ROPE_AXES, llama_layer_of_blocks
-from trainer.models.objectives import FlowObjective
-from trainer.networks.network import Network, select_targets
 
-GIB = 1024**3
-PEAK_TFLOPS = 790.0
 SIZES = {
     "full": dict(heads=20, double=16, single=32, t5=4096, llama=4096, llama_layers=32, pooled=2048, text=128),
     "check": dict(heads=20, double=2, single=2, t5=4096, llama=4096, llama_layers=32, pooled=2048, text=128),
@@ -86,118 +81,21 @@ def flops_per_step(size: str, tokens: int) -> float:
     return s["double"] * (3 * double + 4.5 * attn) + s["single"] * (3 * single + 4.5 * attn)
 
 
-def run(case: str, width: int, height: int, steps: int, device: torch.device) -> dict:
-    parts = case.split(":")
-    size, opts = parts[0], dict(p.split("=") if "=" in p else (p, "1") for p in parts[1:])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(size, device, dtype)
-    if "fp8" in opts:
-        from trainer.models.quantize import quantize_blocks
-
-        quantize_blocks(model.repeated_blocks())
-    torch.backends.cuda.enable_cudnn_sdp(False) if device.type == "cuda" else None
-    model.set_gradient_checkpointing(1.0)
-    swap = None
-    if "swap" in opts:
-        from trainer.models.offload import BlockSwap
-        from trainer.prepare import auto_blocks_to_swap
-
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        n = auto_blocks_to_swap(model, model.repeated_blocks()) if opts["swap"] == "auto" else int(opts["swap"])
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        swap = BlockSwap(model.repeated_blocks(), n, device)
-    if "offload" in opts:
-        from trainer.models.offload import offload_activations
-
-        offload_activations(model.denoiser)
-    targets = select_targets(model.targets(), [], [])
-    net = Network(targets, "lora", rank=16, alpha=16.0).to(device)
-    net.attach()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        if "cap" in opts:
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.reset_peak_memory_stats()
+def conditioning(size: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """T5 states, every Llama layer's states (each block reads its own) and the pooled CLIP-L + CLIP-G vector."""
     s = SIZES[size]
-    shape = model.latent_shape(width, height)
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(shape, generator=g)
-    cond = {"t5": torch.randn(1, s["text"], s["t5"], generator=g).to(device, dtype),
+    g = torch.Generator().manual_seed(2)
+    return {"t5": torch.randn(1, s["text"], s["t5"], generator=g).to(device, dtype),
             "llama": torch.randn(1, s["llama_layers"], s["text"], s["llama"], generator=g).to(device, dtype),
             "pooled": torch.randn(1, s["pooled"], generator=g).to(device, dtype)}
-    obj = FlowObjective()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        noise = torch.randn(latents.shape, generator=g)
-        sig = torch.sigmoid(torch.randn(1, generator=g))
-        x, n_, sg = latents.to(device), noise.to(device), sig.to(device)
-        pred = model.predict(obj.add_noise(x, n_, sg), sg, cond).float()
-        loss = ((pred - obj.target(x, n_, sg)) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    tokens = (shape[2] // 2) * (shape[3] // 2)
-    sps = statistics.median(times[1:] or times)
-    tflop = flops_per_step(size, tokens) / 1e12
-    out = {"case": case, "size": f"{width}x{height}", "tokens": tokens, "s_per_step": round(sps, 3),
-           "steps_s": [round(t, 2) for t in times], "tflop_per_step": round(tflop, 1),
-           "mfu": round(tflop / sps / PEAK_TFLOPS, 3) if device.type == "cuda" else None,
-           "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
-           "swapped_blocks": len(swap.swapped) if swap else 0, "lora_targets": len(targets),
-           "loss_finite": bool(torch.isfinite(loss).item()),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    del model, net, opt, swap
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return out
 
 
-def swap_check(device: torch.device) -> dict:
-    """On the card: block swap (2 of 4 blocks, prefetch on the side stream) gives the loss and LoRA gradients of the
-    model held whole, for one training step (checkpointed) and one no-grad forward (the experts' routing included)."""
-    from trainer.models.offload import BlockSwap
-
-    dtype = torch.bfloat16
-    model = build("check", device, dtype)
-    model.set_gradient_checkpointing(1.0)
-    targets = select_targets(model.targets(), [], [])
-    net = Network(targets, "lora", rank=16, alpha=16.0).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-    net.attach()
-    s = SIZES["check"]
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(model.latent_shape(1024, 768), generator=g).to(device)
-    cond = {"t5": torch.randn(1, 128, 4096, generator=g).to(device, dtype),
-            "llama": torch.randn(1, s["llama_layers"], 128, 4096, generator=g).to(device, dtype),
-            "pooled": torch.randn(1, 2048, generator=g).to(device, dtype)}
-    sg = torch.tensor([0.6], device=device)
-
-    def one() -> tuple[float, dict, torch.Tensor]:
-        net.zero_grad(set_to_none=True)
-        loss = model.predict(x, sg, cond).float().pow(2).mean()
-        loss.backward()
-        with torch.no_grad():
-            out = model.predict(x, sg, cond).float()
-        return float(loss.detach()), {n: p.grad.float().clone() for n, p in net.named_parameters()}, out
-
-    l0, g0, o0 = one()
-    swap = BlockSwap(model.repeated_blocks(), 2, device)
-    l1, g1, o1 = one()
-    rel = max(float((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)) for k in g0)
-    return {"case": "swap_check", "loss_rel_err": abs(l1 - l0) / abs(l0), "grad_rel_err_max": rel,
-            "out_rel_err": float((o1 - o0).abs().max() / o0.abs().max()), "max_resident": swap.max_resident,
-            "loads": swap.loads}
+def run(case: str, width: int, height: int, steps: int, device: torch.device) -> dict:
+    size, _ = parse_case(case)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(size, device, dtype)
+    return time_steps(model, case, (width, height, 1), conditioning(size, device, dtype), steps, device,
+                      lambda tokens: flops_per_step(size, tokens))
 
 
 def main() -> None:
@@ -214,15 +112,13 @@ def main() -> None:
         a.case, a.width, a.height, a.steps = ["tiny", "tiny:fp8:swap=1"], 64, 48, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.swap_check and device.type == "cuda":
-        print(json.dumps(swap_check(device)), flush=True)
+        model = build("check", device, torch.bfloat16)
+        print(json.dumps(swap_check(model, (1024, 768, 1), conditioning("check", device, torch.bfloat16), device)),
+              flush=True)
+        del model
         torch.cuda.empty_cache()
-    for c in a.case or ["full:fp8:swap=auto:cap=24", "full:fp8:swap=auto:offload:cap=24"]:
-        try:
-            print(json.dumps(run(c, a.width, a.height, a.steps, device)), flush=True)
-        except torch.OutOfMemoryError as e:
-            print(json.dumps({"case": c, "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            torch.cuda.empty_cache()
+    run_cases(a.case or ["full:fp8:swap=auto:cap=24", "full:fp8:swap=auto:offload:cap=24"],
+              lambda c: run(c, a.width, a.height, a.steps, device))
 
 
 if __name__ == "__main__":

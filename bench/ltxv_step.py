@@ -22,18 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
+from step_harness import parse_case, run_cases, time_steps
 from trainer.models.ltxv import LTXVModel
 from trainer.models.ltxv_layout import Positions
-from trainer.models.objectives import FlowObjective
-from trainer.networks.network import Network
 
-GIB = 1024**3
-PEAK_TFLOPS = 790.0
 TEXT = 128
 # LTX-Video 0.9.x: 2B = 28 blocks of 2048 (32 heads of 64), 13B = 48 blocks of 4096 (32 heads of 128); ffn 4x
 SIZES = {
@@ -78,84 +73,30 @@ def flops_per_step(size: str, tokens: int, text: int) -> float:
     return n * (3 * matmul + 4.5 * attn)
 
 
-def run(case: str, width: int, height: int, frames: int, steps: int, device: torch.device, i2v: bool) -> dict:
-    parts = case.split(":")
-    size, opts = parts[0], dict(p.split("=") if "=" in p else (p, "1") for p in parts[1:])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(size, device, dtype)
-    if "fp8" in opts:
-        from trainer.models.quantize import quantize_blocks
-
-        quantize_blocks(model.repeated_blocks())
-    torch.backends.cuda.enable_cudnn_sdp(False) if device.type == "cuda" else None
-    model.set_gradient_checkpointing(1.0)
-    swap = None
-    if "swap" in opts:
-        from trainer.models.offload import BlockSwap
-        from trainer.prepare import auto_blocks_to_swap
-
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        n = auto_blocks_to_swap(model, model.repeated_blocks()) if opts["swap"] == "auto" else int(opts["swap"])
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        swap = BlockSwap(model.repeated_blocks(), n, device)
-    if "offload" in opts:
-        from trainer.models.offload import offload_activations
-
-        offload_activations(model.denoiser)
-    net = Network(model.targets(), "lora", rank=16, alpha=16.0).to(device)
-    net.attach()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        if "cap" in opts:
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.reset_peak_memory_stats()
-    shape = model.latent_shape(width, height, frames)
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(shape, generator=g)
+def conditioning(size: str, model: LTXVModel, shape: tuple, i2v: bool, device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """T5 states with a prompt half the padded length (the mask); with `i2v`, a start frame's latent, given."""
+    g = torch.Generator().manual_seed(2)
     text = TEXT if size != "tiny" else 16
     mask = torch.ones(1, text)
-    mask[:, text // 2:] = 0  # a prompt half the padded length
+    mask[:, text // 2:] = 0
     cond = {"context": torch.randn(1, text, SIZES[size]["caption"], generator=g).to(device, dtype),
             "attention_mask": mask.to(device)}
     if i2v:
-        cond.update(first_frame=latents[:, :, :1].to(device), first_frame_given=torch.ones(1, 1, device=device))
-    obj = FlowObjective()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        noise = torch.randn(latents.shape, generator=g)
-        sig = torch.sigmoid(torch.randn(1, generator=g))
-        x, n_, s = latents.to(device), noise.to(device), sig.to(device)
-        noisy = obj.add_noise(x, n_, s)
-        known = model.known_latents(cond, x)
-        if known is not None:
-            noisy = noisy * (1 - known[1]) + known[0] * known[1]
-        err = (model.predict(noisy, s, cond).float() - obj.target(x, n_, s)) ** 2
-        loss = (err * (1 - known[1])).sum() / (1 - known[1]).expand_as(err).sum() if known is not None else err.mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    tokens = shape[2] * shape[3] * shape[4]
-    sps = statistics.median(times[1:] or times)
-    tflop = flops_per_step(size, tokens, text) / 1e12
-    out = {"case": case + (":i2v" if i2v else ""), "size": f"{width}x{height}x{frames}", "tokens": tokens,
-           "s_per_step": round(sps, 3), "steps_s": [round(t, 2) for t in times], "tflop_per_step": round(tflop, 1),
-           "mfu": round(tflop / sps / PEAK_TFLOPS, 3) if device.type == "cuda" else None,
-           "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
-           "swapped_blocks": len(swap.swapped) if swap else 0, "loss_finite": bool(torch.isfinite(loss).item()),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    del model, net, opt, swap
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return out
+        first = torch.randn(shape[0], shape[1], 1, *shape[3:], generator=g)
+        cond.update(first_frame=first.to(device), first_frame_given=torch.ones(1, 1, device=device))
+    return cond
+
+
+def run(case: str, width: int, height: int, frames: int, steps: int, device: torch.device, i2v: bool) -> dict:
+    size, _ = parse_case(case)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(size, device, dtype)
+    cond = conditioning(size, model, model.latent_shape(width, height, frames), i2v, device, dtype)
+    text = cond["context"].shape[1]
+    out = time_steps(model, case, (width, height, frames), cond, steps, device,
+                     lambda tokens: flops_per_step(size, tokens, text))
+    return {**out, "case": case + (":i2v" if i2v else "")}
 
 
 def main() -> None:
@@ -172,13 +113,8 @@ def main() -> None:
     if a.tiny:
         a.case, a.width, a.height, a.frames, a.steps = ["tiny", "tiny:fp8:swap=1"], 64, 64, 17, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
-    for c in a.case or ["2b", "2b:cap=24", "13b:fp8", "13b:fp8:swap=auto:cap=24"]:
-        try:
-            print(json.dumps(run(c, a.width, a.height, a.frames, a.steps, device, a.i2v)), flush=True)
-        except torch.OutOfMemoryError as e:
-            print(json.dumps({"case": c, "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            torch.cuda.empty_cache()
+    run_cases(a.case or ["2b", "2b:cap=24", "13b:fp8", "13b:fp8:swap=auto:cap=24"],
+              lambda c: run(c, a.width, a.height, a.frames, a.steps, device, a.i2v))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
-from trainer.models.objectives import FlowObjective
+from step_harness import parse_case, run_cases, swap_check, time_steps
 from trainer.models.wan import WanModel
-from trainer.networks.network import Network
 
-GIB = 1024**3
-PEAK_TFLOPS = 790.0
 SIZES = {
     "1.3b": dict(dim=1536, heads=12, ffn=8960, layers=30),
     "14b": dict(dim=5120, heads=40, ffn=13824, layers=40),
@@ -74,113 +69,20 @@ def flops_per_step(size: str, tokens: int, text: int) -> float:
     return n * (3 * matmul + 4.5 * attn)
 
 
+def conditioning(size: str, model: WanModel, device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(2)
+    text = 512 if size != "tiny" else 16
+    return {"context": torch.randn(1, text, model.denoiser.config.text_dim, generator=g).to(device, dtype)}
+
+
 def run(case: str, width: int, height: int, frames: int, steps: int, device: torch.device) -> dict:
-    parts = case.split(":")
-    size, opts = parts[0], dict(p.split("=") if "=" in p else (p, "1") for p in parts[1:])
+    size, _ = parse_case(case)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(size, device, dtype)
-    if "fp8" in opts:
-        from trainer.models.quantize import quantize_blocks
-
-        quantize_blocks(model.repeated_blocks())
-    torch.backends.cuda.enable_cudnn_sdp(False) if device.type == "cuda" else None
-    model.set_gradient_checkpointing(1.0)
-    swap = None
-    if "offload" in opts and "swap" in opts and opts["swap"] == "auto" and device.type == "cuda":
-        torch.cuda.empty_cache()
-    if "swap" in opts:
-        from trainer.models.offload import BlockSwap
-        from trainer.prepare import auto_blocks_to_swap
-
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        n = auto_blocks_to_swap(model, model.repeated_blocks()) if opts["swap"] == "auto" else int(opts["swap"])
-        if "cap" in opts and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        swap = BlockSwap(model.repeated_blocks(), n, device)
-    if "offload" in opts:
-        from trainer.models.offload import offload_activations
-
-        offload_activations(model.denoiser)
-    net = Network(model.targets(), "lora", rank=16, alpha=16.0).to(device)
-    net.attach()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        if "cap" in opts:
-            torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GIB / torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.reset_peak_memory_stats()
-    shape = model.latent_shape(width, height, frames)
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(shape, generator=g)
-    text = 512 if size != "tiny" else 16
-    cond = {"context": torch.randn(1, text, model.denoiser.config.text_dim, generator=g).to(device, dtype)}
-    obj = FlowObjective()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        noise = torch.randn(latents.shape, generator=g)
-        sig = torch.sigmoid(torch.randn(1, generator=g))
-        x, n_, s = latents.to(device), noise.to(device), sig.to(device)
-        pred = model.predict(obj.add_noise(x, n_, s), s, cond).float()
-        loss = ((pred - obj.target(x, n_, s)) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
-    sps = statistics.median(times[1:] or times)
-    tflop = flops_per_step(size, tokens, text) / 1e12
-    out = {"case": case, "size": f"{width}x{height}x{frames}", "tokens": tokens, "s_per_step": round(sps, 3),
-           "steps_s": [round(t, 2) for t in times], "tflop_per_step": round(tflop, 1),
-           "mfu": round(tflop / sps / PEAK_TFLOPS, 3) if device.type == "cuda" else None,
-           "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
-           "swapped_blocks": len(swap.swapped) if swap else 0, "loss_finite": bool(torch.isfinite(loss).item()),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    del model, net, opt, swap
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return out
-
-
-def swap_check(device: torch.device) -> dict:
-    """On the card: block swap (2 of 4 blocks, prefetch on the side stream) gives the loss and LoRA gradients of the
-    model held whole, for one training step (checkpointed) and one no-grad forward."""
-    from trainer.models.offload import BlockSwap
-
-    dtype = torch.bfloat16
-    model = build("check", device, dtype)
-    model.set_gradient_checkpointing(1.0)
-    net = Network(model.targets(), "lora", rank=16, alpha=16.0).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02)
-    net.attach()
-    shape = model.latent_shape(832, 480, 33)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(shape, generator=g).to(device)
-    cond = {"context": torch.randn(1, 512, 4096, generator=g).to(device, dtype)}
-    s = torch.tensor([0.6], device=device)
-
-    def one() -> tuple[float, dict, torch.Tensor]:
-        net.zero_grad(set_to_none=True)
-        loss = model.predict(x, s, cond).float().pow(2).mean()
-        loss.backward()
-        with torch.no_grad():
-            out = model.predict(x, s, cond).float()
-        return float(loss.detach()), {n: p.grad.float().clone() for n, p in net.named_parameters()}, out
-
-    l0, g0, o0 = one()
-    swap = BlockSwap(model.repeated_blocks(), 2, device)
-    l1, g1, o1 = one()
-    rel = max(float((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)) for k in g0)
-    return {"case": "swap_check", "loss_rel_err": abs(l1 - l0) / abs(l0), "grad_rel_err_max": rel,
-            "out_rel_err": float((o1 - o0).abs().max() / o0.abs().max()), "max_resident": swap.max_resident,
-            "loads": swap.loads}
+    cond = conditioning(size, model, device, dtype)
+    text = cond["context"].shape[1]
+    return time_steps(model, case, (width, height, frames), cond, steps, device,
+                      lambda tokens: flops_per_step(size, tokens, text))
 
 
 def main() -> None:
@@ -198,15 +100,13 @@ def main() -> None:
         a.case, a.width, a.height, a.frames, a.steps = ["tiny", "tiny:fp8:swap=1"], 64, 48, 9, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     if a.swap_check and device.type == "cuda":
-        print(json.dumps(swap_check(device)), flush=True)
+        model = build("check", device, torch.bfloat16)
+        print(json.dumps(swap_check(model, (832, 480, 33), conditioning("check", model, device, torch.bfloat16),
+                                    device)), flush=True)
+        del model
         torch.cuda.empty_cache()
-    for c in a.case or ["1.3b", "1.3b:cap=24", "14b:fp8:swap=auto:cap=24"]:
-        try:
-            print(json.dumps(run(c, a.width, a.height, a.frames, a.steps, device)), flush=True)
-        except torch.OutOfMemoryError as e:
-            print(json.dumps({"case": c, "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            torch.cuda.empty_cache()
+    run_cases(a.case or ["1.3b", "1.3b:cap=24", "14b:fp8:swap=auto:cap=24"],
+              lambda c: run(c, a.width, a.height, a.frames, a.steps, device))
 
 
 if __name__ == "__main__":
