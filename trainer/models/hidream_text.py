@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from .files import comfyui_roots, dequantize_scaled_fp8, find_weights_file, load_state_dict, safetensors_shapes
-from .text_encoders import EncoderFile, identify_text_encoder, load_tokenizer
+from .files import comfyui_roots, find_weights_file, safetensors_shapes
+from .text_encoders import EncoderFile, identify_text_encoder, load_llama_encoder, load_tokenizer
 
 LLAMA_PREFIXES = ("model.", "")
 LLAMA_HEAD_DIM = 128
@@ -123,30 +123,13 @@ def llama_layers_of(path: Path) -> int:
 
 
 def load_llama(path: Path, dtype: torch.dtype):
-    """LlamaModel (the decoder stack, no LM head: only hidden states are read) from a file or a folder."""
-    from transformers import LlamaModel
-
-    if path.is_dir() and (path / "config.json").exists():
-        model = LlamaModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        return model.eval().requires_grad_(False)
-    shapes = _shapes(path)
-    prefix = llama_prefix(shapes)
+    """LlamaModel (the decoder stack, no LM head: only hidden states are read) from a file or a folder, with Llama
+    3.1's settings (text_encoders' Llama loader reads it)."""
+    shapes = {} if path.is_dir() and (path / "config.json").exists() else _shapes(path)
+    prefix = llama_prefix(shapes) if shapes else ""
     if prefix is None:
         raise ModelFileError(f"{path}: not a Llama text encoder (no layers.0.self_attn.q_proj.weight)")
-    sd: dict[str, torch.Tensor] = {}
-    for f in (find_weights_file(path) if path.is_dir() else [path]):
-        sd.update(load_state_dict(f, dtype, prefix))
-    sd = dequantize_scaled_fp8({k: v for k, v in sd.items() if not k.startswith("lm_head.")}, str(path))
-    cfg = llama_config({k: tuple(v.shape) for k, v in sd.items()}, str(path))
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
-    if missing:
-        raise ModelFileError(f"{path}: incomplete Llama text encoder, missing {len(missing)} tensors"
-                             f" (e.g. {missing[0]})")
-    # the rotary frequencies are computed, not stored: built for real (in float32) after the meta construction
-    model.rotary_emb = type(model.rotary_emb)(config=cfg)
-    return model.eval().requires_grad_(False)
+    return load_llama_encoder(EncoderFile("llama", path, prefix), dtype, llama_config)
 
 
 def llama_tokenizer(explicit: Path | None, candidates: list[Path], near: list[Path]):

@@ -210,37 +210,46 @@ def load_umt5_encoder(ef: EncoderFile, dtype: torch.dtype):
     return materialize(UMT5EncoderModel, cfg, sd, dtype, "", ef.path, "UMT5 encoder")
 
 
-def load_llama_encoder(ef: EncoderFile, dtype: torch.dtype):
+def load_llama_encoder(ef: EncoderFile, dtype: torch.dtype, config_of=None):
     """A Llama text model (transformers' LlamaModel, no LM head) from ComfyUI's llava_llama3 file (fp16, or scaled
-    fp8 dequantized), a LLaVA checkpoint's language model, or a diffusers text_encoder folder; the config from the
-    shapes (Llama 3's 128-wide heads, rope theta 500000)."""
-    from transformers import LlamaConfig, LlamaModel
+    fp8 dequantized), a LLaVA checkpoint's language model, a Llama checkpoint, or a diffusers text_encoder folder;
+    the config from the shapes: `config_of(shapes, source)` where a family's Llama has its own settings (HiDream's
+    Llama 3.1), else Llama 3's (128-wide heads, rope theta 500000)."""
+    from transformers import LlamaModel
 
     if _pretrained_folder(ef):
         model = LlamaModel.from_pretrained(str(ef.path), torch_dtype=dtype, local_files_only=True)
         return model.eval().requires_grad_(False)
     sd = {k: v for k, v in _read(ef, dtype).items() if not k.startswith(("lm_head.", "vision", "multi_modal"))}
     sd.pop("tokenizer", None)
-    try:
-        emb = sd["embed_tokens.weight"]
-        q, k = sd["layers.0.self_attn.q_proj.weight"], sd["layers.0.self_attn.k_proj.weight"]
-        cfg = LlamaConfig(
-            vocab_size=emb.shape[0], hidden_size=emb.shape[1],
-            intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0], num_hidden_layers=_count(sd, "layers.{}."),
-            num_attention_heads=q.shape[0] // LLAMA_HEAD_DIM, num_key_value_heads=k.shape[0] // LLAMA_HEAD_DIM,
-            head_dim=LLAMA_HEAD_DIM, rms_norm_eps=1e-5, max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            attention_bias="layers.0.self_attn.q_proj.bias" in sd, tie_word_embeddings=False,
-        )
-    except KeyError as e:
-        raise ModelFileError(f"{ef.path}: not a complete Llama text encoder (missing {e.args[0]})") from None
-    if q.shape[0] % LLAMA_HEAD_DIM or k.shape[0] % LLAMA_HEAD_DIM:
-        raise ModelFileError(f"{ef.path}: Llama attention widths {q.shape[0]} / {k.shape[0]} are not multiples of"
-                             f" its {LLAMA_HEAD_DIM}-wide heads")
+    cfg = (config_of or llama3_config)({k: tuple(v.shape) for k, v in sd.items()}, ef.path)
     model = materialize(LlamaModel, cfg, sd, dtype, "", ef.path, "Llama text encoder")
     # the rotary frequencies are a computed buffer (not in the file): built for real, not left as empty memory
     model.rotary_emb = type(model.rotary_emb)(cfg)
     return model
+
+
+def llama3_config(shapes: dict[str, tuple[int, ...]], source):
+    """Llama 3's config (llava-llama-3) from a decoder stack's shapes."""
+    from transformers import LlamaConfig
+
+    try:
+        emb = shapes["embed_tokens.weight"]
+        q, k = shapes["layers.0.self_attn.q_proj.weight"], shapes["layers.0.self_attn.k_proj.weight"]
+        cfg = LlamaConfig(
+            vocab_size=emb[0], hidden_size=emb[1],
+            intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0], num_hidden_layers=_count(shapes, "layers.{}."),
+            num_attention_heads=q[0] // LLAMA_HEAD_DIM, num_key_value_heads=k[0] // LLAMA_HEAD_DIM,
+            head_dim=LLAMA_HEAD_DIM, rms_norm_eps=1e-5, max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            attention_bias="layers.0.self_attn.q_proj.bias" in shapes, tie_word_embeddings=False,
+        )
+    except KeyError as e:
+        raise ModelFileError(f"{source}: not a complete Llama text encoder (missing {e.args[0]})") from None
+    if q[0] % LLAMA_HEAD_DIM or k[0] % LLAMA_HEAD_DIM:
+        raise ModelFileError(f"{source}: Llama attention widths {q[0]} / {k[0]} are not multiples of"
+                             f" its {LLAMA_HEAD_DIM}-wide heads")
+    return cfg
 
 
 def spiece_tokenizer(path: Path):
