@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,8 +137,9 @@ def leading_sigmas(table: torch.Tensor, steps: int, offset: int = STEPS_OFFSET) 
     return torch.cat([table[torch.from_numpy(ts.copy())], torch.zeros(1)])
 
 
-def predict_unet(unet: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, timesteps,
-                 vae_scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def predict_unet(unet: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                 timesteps: Callable[[torch.Tensor], torch.Tensor], vae_scale: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
     """The UNet's output for k-diffusion latents: input scaled by 1 / sqrt(sigma^2 + 1), at `timesteps(sigmas)`,
     with the pooled text and SDXL's six size ids (the bucket as original and target size, no crop, unless `cond`
     carries `time_ids`)."""
