@@ -20,7 +20,6 @@ against 790 TFLOP/s bf16.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch

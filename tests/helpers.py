@@ -107,3 +107,7 @@ def run_through_and_resumed(d: dict, tmp_path: Path, stop_at: int = 2) -> tuple[
     trainer.train()
     return (load_file(str(tmp_path / "a" / name / f"{name}.safetensors")),
             load_file(str(run_b / f"{name}.safetensors")))
+
+
+def quiet(_msg: str) -> None:
+    """A report callback that prints nothing (the trainer's progress lines)."""

@@ -6,14 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import job_dict
+from helpers import job_dict, quiet
 from trainer.config import load_job_dict
 from trainer.job import build_trainer
 from trainer.models.offload import BlockSwap
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def _grads(trainer):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import job_dict, make_images
+from helpers import job_dict, make_images, quiet
 from trainer.config import ModelConfig, load_job_dict
 from trainer.errors import ModelFileError
 from trainer.fileio import save_safetensors_atomic
@@ -290,10 +290,6 @@ def test_gradient_checkpointing_keeps_the_mask(tiny_chroma):
     for a, b in zip(ck_grads, base_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(again_loss, base_loss)
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def _diffusers_prediction(chroma_file: str, lora_file: Path, model: ChromaModel, noisy, sigmas, cond) -> torch.Tensor:

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import TINY_FLUX, job_dict, make_images, write_tiny_flux
+from helpers import TINY_FLUX, job_dict, make_images, quiet, write_tiny_flux
 from trainer.config import DatasetConfig, ModelConfig, load_job_dict
 from trainer.data.cache import LatentCache, sample_conditions
 from trainer.data.dataset import BatchItem, BatchPlan, image_pixels, scan_dataset
@@ -22,10 +22,6 @@ from trainer.models.flux import FluxModel
 from trainer.models.flux_layout import diffusers_to_original
 from trainer.models.files import load_state_dict
 from trainer.sampling import denoise, initial_noise
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

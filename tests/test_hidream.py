@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, run_through_and_resumed
+from helpers import job_dict, make_images, quiet, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.hidream import hidream_diffusers_config, llama_test_config, write_hidream_files
 from trainer.errors import ConfigError, ModelFileError
@@ -18,16 +18,7 @@ from trainer.models.hidream import VARIANTS, load_hidream, variant_of
 from trainer.sampling import denoise, initial_noise
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, run_through_and_resumed
+from helpers import job_dict, quiet, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.hunyuan_video import hunyuan_diffusers_config, make_hunyuan_file, write_hunyuan_files
 from trainer.demo.videos import make_video_dataset
@@ -20,16 +20,7 @@ from trainer.models.hunyuan_video import PROMPT_TEMPLATE, load_hunyuan_video
 from trainer.sampling import denoise, initial_noise
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, run_through_and_resumed
+from helpers import job_dict, make_images, quiet, run_through_and_resumed
 from kolors_helpers import TINY_KOLORS, euler_scheduler, load, pipeline, write_tiny_kolors
 from sdxl_helpers import comfy_to_kohya, rel_err, write_tiny_sdxl
 from trainer.config import load_job_dict
@@ -24,16 +24,7 @@ from trainer.job import build_trainer, run_job
 from trainer.sampling import denoise, initial_noise
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

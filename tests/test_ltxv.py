@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, run_through_and_resumed
+from helpers import job_dict, quiet, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.ltxv import TINY_VAE, ltxv_diffusers_config, write_ltxv_files
 from trainer.demo.videos import make_video_dataset
@@ -24,16 +24,7 @@ T5_DIM = 32
 T5_LEN = 16
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import job_dict
+from helpers import job_dict, quiet
 from trainer.config import load_job_dict
 from trainer.errors import ModelFileError, UserError
 from trainer.job import build_trainer, run_job
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def _job(tiny_flux, images, out: Path, **train) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, run_through_and_resumed
+from helpers import job_dict, make_images, quiet, run_through_and_resumed
 from sdxl_helpers import comfy_to_kohya, euler_scheduler, load, pipeline, rel_err, write_tiny_sdxl
 from trainer.config import load_job_dict
 from trainer.errors import ConfigError, ModelFileError, UserError
@@ -22,18 +22,7 @@ from trainer.models.files import load_state_dict
 from trainer.sampling import denoise, initial_noise
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and on a shared CPU OpenMP workers spinning against other
-    processes slow each small op by orders of magnitude (measured: 35 ms vs 4 s per UNet forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import job_dict
+from helpers import job_dict, quiet
 from trainer.config import load_job_dict
 from trainer.job import build_trainer, load_model, pick_device, pick_dtype
 from trainer.models.base import TrainingModel
@@ -20,10 +20,6 @@ from trainer.models.quantize import FP8
 from trainer.session import TrainingSession
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def _job(tiny_flux, images, out, **train) -> dict:

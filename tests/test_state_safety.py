@@ -9,15 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict
+from helpers import job_dict, quiet
 from trainer.config import load_job_dict
 from trainer.errors import UserError
 from trainer.job import build_trainer, run_job
 from trainer.train.state_file import encode_state, read_state
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 class Payload:

@@ -11,14 +11,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, run_through_and_resumed
+from helpers import job_dict, make_images, quiet, run_through_and_resumed
 from trainer.config import load_job_dict
 from trainer.errors import TrainingDiverged
 from trainer.job import build_trainer, run_job
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def test_end_to_end_run_folder(tiny_flux, images, tmp_path, caplog):

@@ -11,28 +11,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import job_dict, run_through_and_resumed
+from helpers import job_dict, quiet, run_through_and_resumed
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.videos import make_video_dataset
 from trainer.demo.wan import wan_diffusers_config, write_wan_files
 from trainer.errors import ConfigError, DatasetError, ModelFileError
-from trainer.job import build_trainer, run_job
+from trainer.job import build_trainer
 from trainer.models.wan import I2V, T2V, VACE, load_wan
 from trainer.sampling import denoise, initial_noise
 
 TEXT_DIM = 32
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
