@@ -149,7 +149,7 @@ def dataset(**over) -> dict:
              resolution="512, 768, 1024", caption_dropout_rate=0.05, num_repeats=1, flip_x=False,
              shuffle_tokens=False, keep_tokens=0, cache_latents_to_disk=True, control_path="", control_dropout=0.0,
              num_frames=1, frames="", shrink_video_to_frames=True, fps=0.0, clips_per_video=1, do_i2v=False,
-             mask_path="", background_color="white")
+             mask_path="", reference_path="", background_color="white")
     d.update(over)
     return d
 
@@ -338,6 +338,27 @@ def main() -> int:
                                     "clips of 97 frames (8k+1) at 25 fps, sides multiples of 32. Image-to-video: set "
                                     "do_i2v (each clip's first frame is its start image). 13B (ltxv-13b-0.9.x-dev): "
                                     "set quantize and blocks_to_swap auto. Speed and memory: not measured yet.")),
+                  False))
+
+    specs.append(("hunyuan_video_13b_train", dict(
+        arch="hunyuan_video", name_or_path="models/diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors",
+        text_encoder_paths="models/text_encoders/llava_llama3_fp16.safetensors\nmodels/text_encoders/clip_l.safetensors",
+        vae_path="models/vae/hunyuan_video_vae_bf16.safetensors", tokenizer_paths="", t5_max_length=0, quantize=True,
+        clip_vision_path=""), 2000, dict(
+        ds=dataset(resolution="736", num_frames=33, caption_dropout_rate=0.05),
+        sets=settings("hunyuan_video_13b_train", lr=1e-4, timestep_type="shift", guidance_scale=6.0, sample_steps=30,
+                      sample_width=960, sample_height=544, sample_num_frames=33, blocks_to_swap="auto",
+                      offload_activations=True, sample_prompts="[trigger] walking through a forest"),
+        sample=dict(prompt="sks walking through a forest", negative="", width=960, height=544, steps=30, guidance=6.0,
+                    seed=42, frames=33),
+        note=real_note.format(what="a LoRA for HunyuanVideo 13B (text-to-video) on video clips.",
+                              name="hunyuan_video_13b_train",
+                              extra="Measured on an H200 capped at 24 GiB (bench/hunyuan_video_step.py): 544x960, 33 "
+                                    "frames, fp8 base + block swap (auto) + activation offload: 12.4 s/step, 11.7 GiB "
+                                    "peak. Guidance-distilled: trained with the guidance embedding at 1, previews at "
+                                    "the Sample node's guidance. The Llama tokenizer is read from ComfyUI's "
+                                    "comfy/text_encoders/llama_tokenizer (or tokenizer_paths). The dataset holds videos "
+                                    "(.mp4 ...) with .txt captions; clips of 33 frames (4k+1) at 24 fps.")),
                   False))
 
     for name, model, steps, kw, demo in specs:
