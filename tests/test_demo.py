@@ -25,8 +25,9 @@ def test_demo_runs_offline(tmp_path):
 
 
 def test_comfyui_guide_names_the_loader_each_layout_needs(tmp_path):
-    """Separate files go to Load Diffusion Model + the CLIP loader + Load VAE; a checkpoint holding the VAE beside
-    separate text encoders (LTX-Video) to Load Checkpoint; a checkpoint with everything inside (SDXL) alone."""
+    """Separate files go to Load Diffusion Model + the CLIP loader + Load VAE (Kolors: the MZ node's loaders); a
+    checkpoint holding the VAE beside separate text encoders (LTX-Video) to Load Checkpoint; a checkpoint with
+    everything inside (SDXL) alone."""
     from trainer.demo import comfyui_guide
     from trainer.models.registry import get_family
 
@@ -37,5 +38,9 @@ def test_comfyui_guide_names_the_loader_each_layout_needs(tmp_path):
     ltx = comfyui_guide({"name_or_path": "x.safetensors", "text_encoder_paths": ["t5"]}, get_family("ltxv"), lora)
     assert "models/checkpoints/       x.safetensors   -> Load Checkpoint (the model and its VAE" in ltx
     assert "diffusion_models" not in ltx and "-> Load CLIP (type ltxv)" in ltx
+    kolors = comfyui_guide({"name_or_path": "u.safetensors", "text_encoder_paths": ["glm"], "vae_path": "v"},
+                           get_family("kolors"), lora)  # ComfyUI core has no Kolors: the MZ node's loaders
+    assert f"{'models/unet/':<26}u.safetensors   -> MZ_KolorsUNETLoaderV2" in kolors
+    assert f"{'models/LLM/':<26}glm   -> MZ_ChatGLM3Loader" in kolors and "diffusion_models" not in kolors
     sdxl = comfyui_guide({"name_or_path": "s.safetensors"}, get_family("sdxl"), lora)
     assert "-> Load Checkpoint (model, CLIP and VAE in one file)" in sdxl and "text_encoders" not in sdxl

@@ -124,11 +124,13 @@ def comfyui_guide(model: dict, family, lora: Path) -> str:
         lines.append(f"  models/checkpoints/       {Path(model['name_or_path']).name}   -> Load Checkpoint (the model and"
                      " its VAE; the text encoders below)")
     elif encoders:
-        lines.append(f"  models/diffusion_models/  {Path(model['name_or_path']).name}   -> Load Diffusion Model")
+        folder, node = family.comfy_model_loader or ("diffusion_models", "Load Diffusion Model")
+        lines.append(f"  {'models/' + folder + '/':<24}  {Path(model['name_or_path']).name}   -> {node}")
     if encoders:
-        loader = CLIP_LOADERS.get(len(encoders), "Load CLIP")
+        folder, node = family.comfy_text_loader or ("text_encoders", None)
+        loader = node or f"{CLIP_LOADERS.get(len(encoders), 'Load CLIP')} (type {family.comfy_clip_type})"
         for p in encoders:
-            lines.append(f"  models/text_encoders/     {Path(p).name}   -> {loader} (type {family.comfy_clip_type})")
+            lines.append(f"  {'models/' + folder + '/':<24}  {Path(p).name}   -> {loader}")
         if model.get("vae_path"):
             lines.append(f"  models/vae/               {Path(model['vae_path']).name}   -> Load VAE")
     else:

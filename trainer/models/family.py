@@ -33,6 +33,11 @@ class Family:
     model_defaults: dict = field(default_factory=dict)
     # the type ComfyUI's CLIP loaders take for its text encoder files ("" where they come inside a checkpoint)
     comfy_clip_type: str = ""
+    # (models folder, loader node) for its separate model file and text encoder files in ComfyUI, where they are not
+    # core ComfyUI's (a custom node's: Kolors); empty: models/diffusion_models + Load Diffusion Model, and
+    # models/text_encoders + the CLIP loader for that many files
+    comfy_model_loader: tuple[str, str] = ()
+    comfy_text_loader: tuple[str, str] = ()
     # tokenizers its loader must find: (kind, index in model.tokenizer_paths, diffusers folder component), checked
     # before any model file is read
     tokenizers: tuple[tuple[str, int, str], ...] = ()

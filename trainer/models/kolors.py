@@ -161,5 +161,8 @@ def load_kolors(mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> Ko
 
 
 FAMILIES = [
-    Family("kolors", "Kolors: SDXL-layout UNet with ChatGLM3-6B text (eps, 1100 timesteps), SDXL VAE", load_kolors),
+    Family("kolors", "Kolors: SDXL-layout UNet with ChatGLM3-6B text (eps, 1100 timesteps), SDXL VAE", load_kolors,
+           # ComfyUI core has no Kolors: its users load it with ComfyUI-Kolors-MZ's nodes
+           comfy_model_loader=("unet", "MZ_KolorsUNETLoaderV2 (ComfyUI-Kolors-MZ)"),
+           comfy_text_loader=("LLM", "MZ_ChatGLM3Loader (ComfyUI-Kolors-MZ)")),
 ]
