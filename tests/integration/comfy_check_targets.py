@@ -88,6 +88,19 @@ def main() -> int:
         cfg = getattr(sm, cls)({})
         shifts[cls] = flow_shift_mu(cfg, comfy.model_base.model_sampling(cfg, kind), (1, 16, 128, 128))
     report["shift_mu_1024"] = shifts
+    # which ComfyUI models this path refuses for want of their conditioning (configs as ComfyUI's detection makes them)
+    from trainer.models.comfy import missing_conditioning
+
+    configs = {"WAN21_T2V": {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16},
+               "WAN21_I2V": {"image_model": "wan2.1", "model_type": "i2v", "in_dim": 36},
+               "WAN21_Vace": {"image_model": "wan2.1", "model_type": "vace", "in_dim": 16},
+               "WAN22_T2V": {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 48, "out_dim": 48},
+               "Flux": {"image_model": "flux", "in_channels": 16}, "FluxInpaint": {"image_model": "flux", "in_channels": 96},
+               "SDXL": {"context_dim": 2048, "in_channels": 4, "adm_in_channels": 2816},
+               "LTXV": {"image_model": "ltxv", "in_channels": 128}, "QwenImage": {"image_model": "qwen_image", "in_channels": 64}}
+    report["missing_conditioning"] = {n: missing_conditioning(getattr(sm, n)(c)) for n, c in configs.items()}
+    inpaint = sm.SDXL({"context_dim": 2048, "in_channels": 9, "adm_in_channels": 2816})
+    report["missing_conditioning"]["SDXL_inpaint"] = missing_conditioning(inpaint)
     with open(a.report, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     return 0

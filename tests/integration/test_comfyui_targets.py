@@ -72,3 +72,13 @@ def test_training_shift_follows_comfyuis_own_sampling(report):
     assert mu["Flux"] == mu["Chroma"] == pytest.approx(linear_mu(64 * 64))
     assert mu["Flux2"] == pytest.approx(2.02) and mu["LTXV"] == pytest.approx(2.37)
     assert mu["SD3"] is None and mu["WAN21_T2V"] is None
+
+
+def test_models_needing_conditioning_this_path_cannot_build_are_refused(report):
+    """Wan I2V, VACE, Flux Fill and an SDXL inpainting UNet would train on zeros here: each is named with what it
+    needs; text-to-video and text-to-image models (Wan 2.1 / 2.2 T2V, Flux, SDXL, LTX-Video, Qwen-Image) are not."""
+    need = report["missing_conditioning"]
+    assert "start image" in need["WAN21_I2V"] and "wan21_i2v" in need["WAN21_I2V"]
+    assert "control videos" in need["WAN21_Vace"] and "inpaint" in need["FluxInpaint"]
+    assert "9 input channels for a 4-channel latent" in need["SDXL_inpaint"]
+    assert all(need[n] is None for n in ("WAN21_T2V", "WAN22_T2V", "Flux", "SDXL", "LTXV", "QwenImage"))

@@ -75,6 +75,33 @@ def default_targets(diffusion_model: nn.Module) -> list[Target]:
     return out
 
 
+# ComfyUI model configs (their class names) whose inputs beside the noisy latent this path does not build yet: training
+# them here would train on the zeros ComfyUI fills in. What each needs, for the message.
+NEEDS_CONDITIONING = {
+    "WAN21_I2V": "a start image (WanImageToVideo) and CLIP vision; use model.arch wan21_i2v on the by-arch loader",
+    "WAN21_Vace": "control videos and masks (WanVaceToVideo); use model.arch wan21_vace on the by-arch loader",
+    "WAN21_FunControl2V": "a control video (Wan Fun Control)",
+    "WAN21_Camera": "camera conditions", "WAN22_Camera": "camera conditions",
+    "WAN21_HuMo": "audio and reference images (HuMo)", "WAN22_S2V": "audio (Wan 2.2 S2V)",
+    "WAN22_Animate": "pose and face videos (Wan 2.2 Animate)",
+    "FluxInpaint": "an inpaint image and mask (Flux Fill)",
+    "HunyuanVideoI2V": "a start image (HunyuanVideo I2V)", "HunyuanVideoSkyreelsI2V": "a start image (SkyReels I2V)",
+}
+
+
+def missing_conditioning(model_config) -> str | None:
+    """What a ComfyUI model needs beside its latent that this path does not build (None: nothing): the known
+    image-to-video / control / inpaint configs, and UNets with more input channels than latent ones (inpainting)."""
+    name = type(model_config).__name__
+    if name in NEEDS_CONDITIONING:
+        return NEEDS_CONDITIONING[name]
+    cfg = getattr(model_config, "unet_config", {}) or {}
+    channels = model_config.latent_format.latent_channels
+    if "context_dim" in cfg and cfg.get("in_channels", channels) > channels:  # an LDM UNet (SD, SDXL) for inpainting
+        return f"an inpaint image and mask ({cfg['in_channels']} input channels for a {channels}-channel latent)"
+    return None
+
+
 # ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
 FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
@@ -220,6 +247,10 @@ class ComfyModel(TrainingModel):
         self.device = mm.get_torch_device()
         self.dtype = self.base.get_dtype()
         self.sampling = self.base.model_sampling
+        need = missing_conditioning(self.base.model_config)
+        if need:
+            raise ConfigError(f"{type(self.base.model_config).__name__} on ComfyUI's MODEL: it trains on {need}, which"
+                              " this path does not build yet; without it, it would train on zeros")
         self.is_flow = isinstance(self.sampling, ms.CONST)
         self.objective = FlowObjective() if self.is_flow else EpsObjective()
         unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
