@@ -207,10 +207,15 @@ def test_sigmas_are_ltxv_schedulers():
         torch.testing.assert_close(ltxv_sigmas(steps, tokens), sched.sigmas.float(), rtol=0, atol=1e-6)
 
 
-def test_sampler_matches_ltx_pipeline(model):
+@pytest.mark.parametrize("fps", [None, 12.0])
+def test_sampler_matches_ltx_pipeline(model, fps):
+    """Without cond["fps"] at the native 25; with it (a clip resampled to 12 fps), at that rate, as LTXPipeline's
+    frame_rate (ComfyUI's LTXVConditioning frame_rate) positions it; the rate changes the output."""
     from diffusers import LTXPipeline
 
     cond, neg = model.encode_text(["a red circle moving"]), model.encode_text([""])
+    if fps is not None:
+        cond["fps"] = neg["fps"] = torch.tensor([fps])
     noise = initial_noise(model, 64, 96, seed=3, frames=17)
     assert noise.shape == (1, 128, 3, 3, 2)
     ours = denoise(model, noise, cond, neg, steps=4, guidance_scale=3.0)
@@ -219,10 +224,14 @@ def test_sampler_matches_ltx_pipeline(model):
     theirs = pipe(prompt_embeds=cond["context"], prompt_attention_mask=cond["attention_mask"],
                   negative_prompt_embeds=neg["context"], negative_prompt_attention_mask=neg["attention_mask"],
                   width=64, height=96, num_frames=17, num_inference_steps=4, guidance_scale=3.0, latents=_pack(noise),
-                  frame_rate=25, output_type="latent").frames
+                  frame_rate=fps or 25, output_type="latent").frames
     err = _rel(ours, _unpack(theirs, noise.shape))
     assert err < 1e-3, err
     assert model.decode(ours).shape == (1, 3, 17, 96, 64)
+    if fps is not None:
+        native = denoise(model, noise, {k: v for k, v in cond.items() if k != "fps"},
+                         {k: v for k, v in neg.items() if k != "fps"}, steps=4, guidance_scale=3.0)
+        assert _rel(native, ours) > 1e-3
 
 
 def test_i2v_sampler_matches_pipeline_and_keeps_the_start_frame(model):
@@ -351,3 +360,22 @@ def test_i2v_training_gives_the_start_frame_and_leaves_it_out_of_the_loss(ltxv, 
     assert float(one["first_frame_given"]) == 0.0
     trainer.train()
     assert (tmp_path / "out" / "run" / "run.safetensors").exists()
+
+
+def test_each_clip_and_preview_is_positioned_at_its_frame_rate(ltxv, clips, tmp_path):
+    """datasets[].fps resamples the clips and conditions them at that rate (cond["fps"], the seam's
+    conditions_on_fps); a dataset without fps trains at the native 25; previews at sample.fps."""
+    d = _video_job(ltxv, clips, tmp_path / "out", steps=1, cache_text_embeddings=True)
+    p = d["config"]["process"][0]
+    p["datasets"].append(dict(p["datasets"][0]))
+    p["datasets"][0]["fps"] = 12.0
+    p["sample"]["fps"] = 10.0
+    job = load_job_dict(d)
+    trainer = build_trainer(job, report=quiet)
+    rates = set()
+    for micro in range(trainer.plan.batches_per_epoch):
+        _, _, _, cond = trainer.batch_inputs(micro, torch.Generator().manual_seed(0))
+        rates.update(float(r) for r in cond["fps"])
+    assert rates == {12.0, 25.0}
+    (prepared,) = trainer.samples
+    assert float(prepared.request.cond["fps"]) == float(prepared.request.neg_cond["fps"]) == 10.0

@@ -62,6 +62,9 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
         req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=width,
                             height=height, steps=steps or job.process.sample.sample_steps,
                             guidance_scale=it.guidance_scale, seed=it.seed, frames=frames)
+        if model.conditions_on_fps:  # the preview plays at sample.fps: its positions are at that rate
+            fps = torch.tensor([job.process.sample.fps or model.native_fps or 16.0])
+            req.cond["fps"], req.neg_cond["fps"] = fps, fps
         if it.control_image or it.reference_image:
             extra = sample_conditions(model, it.control_image, width, height, frames, f"{key}[{i}]",
                                       it.reference_image)

@@ -113,6 +113,9 @@ class TrainingModel(ABC):
     leading_frames_key: str | None = None
     # the frame rate clips are resampled to unless a dataset says otherwise (video families)
     native_fps: float | None = None
+    # cond["fps"] (b,): the frame rate of each item's clip (its dataset's `fps`, else native_fps) and of each
+    # preview (sample.fps), for families whose positions are in seconds (LTX-Video)
+    conditions_on_fps: bool = False
     # attributes that hold the text encoders: released or moved off the card by the prepare step
     text_encoder_attrs: tuple[str, ...] = ()
     # "diffusers": checkpoint through the denoiser's own hook (outside a compiled block); "wrap": wrap block forwards

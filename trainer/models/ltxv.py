@@ -147,6 +147,7 @@ class LTXVModel(TrainingModel):
     objective = FlowObjective()
     vae_scale, vae_temporal, patch = 32, 8, 1
     native_fps = FPS
+    conditions_on_fps = True  # token positions are in seconds: each clip at its own rate (cond["fps"])
     checkpointing = "diffusers"
     text_encoder_attrs = ("t5",)
     # control_path / do_i2v: the start image of image-to-video (T2V datasets need none)
@@ -248,19 +249,22 @@ class LTXVModel(TrainingModel):
         return values, given
 
     # --- denoising -----------------------------------------------------------------------------
-    def _coords(self, frames: int, height: int, width: int, batch: int) -> torch.Tensor:
+    def _coords(self, frames: int, height: int, width: int, batch: int, fps: torch.Tensor | None = None) -> torch.Tensor:
         """Token positions as ComfyUI's LTXV computes them (latent index x the VAE's factors, the first frame counted
-        causally where the file says so, time in seconds at the frame rate), in the units diffusers' rotary embedding
-        divides by its fixed (20, 2048, 2048)."""
+        causally where the file says so, time in seconds at each clip's frame rate `fps` (b,), ComfyUI's
+        LTXVConditioning frame_rate; default the native 25), in the units diffusers' rotary embedding divides by its
+        fixed (20, 2048, 2048)."""
         p = self.positions
         t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
         t = t.float() * p.vae_factors[0]
         if p.causal:
             t = (t + 1 - p.vae_factors[0]).clamp(min=0)
-        t = t / self.native_fps
-        coords = torch.stack([t * (20.0 / p.max_pos[0]), y.float() * p.vae_factors[1] * (2048.0 / p.max_pos[1]),
-                              x.float() * p.vae_factors[2] * (2048.0 / p.max_pos[2])]).reshape(1, 3, -1)
-        return coords.expand(batch, -1, -1).to(self.device)
+        rate = (torch.full((batch,), self.native_fps) if fps is None else fps.float().reshape(-1).expand(batch)).cpu()
+        t = t.reshape(1, -1) / rate[:, None]
+        space = torch.stack([y.float() * p.vae_factors[1] * (2048.0 / p.max_pos[1]),
+                             x.float() * p.vae_factors[2] * (2048.0 / p.max_pos[2])]).reshape(1, 2, -1)
+        coords = torch.cat([(t * (20.0 / p.max_pos[0]))[:, None], space.expand(batch, -1, -1)], dim=1)
+        return coords.to(self.device)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
                 guidance: float | None = None) -> torch.Tensor:
@@ -275,7 +279,7 @@ class LTXVModel(TrainingModel):
             t = t[:, None] * free
         mask = cond["attention_mask"].to(dev, dt) if "attention_mask" in cond else None
         out = self.denoiser(hidden_states=tokens, encoder_hidden_states=cond["context"].to(dev, dt), timestep=t,
-                            encoder_attention_mask=mask, video_coords=self._coords(f, h, w, b), return_dict=False)[0]
+                            encoder_attention_mask=mask, video_coords=self._coords(f, h, w, b, cond.get("fps")), return_dict=False)[0]
         return out.reshape(b, f, h, w, c).permute(0, 4, 1, 2, 3)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -211,6 +211,9 @@ class Trainer:
         cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
         # per-item conditions (control latents, I2V start images) of families that take them
         cond = {**cond, **self.latents.conditions_for_batch(batch, self.model, tc.seed, micro)}
+        if self.model.conditions_on_fps:
+            native = self.model.native_fps or 16.0
+            cond["fps"] = torch.tensor([self.datasets[it.dataset].cfg.fps or native for it in batch])
         lead = self.model.leading_frames_key
         if lead is not None and lead in cond:  # reference frames (VACE) are trained on before the item's own
             latents = torch.cat([cond[lead], latents], dim=2)
