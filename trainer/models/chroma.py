@@ -37,7 +37,7 @@ from .flux_layout import load_flux_layout_transformer
 from .layout import block_targets
 from .schedules import flow_sample_sigmas
 from .sources import ModelSources
-from .text_encoders import load_t5_encoder
+from .text_encoders import load_t5_encoder, run_t5
 from .vae import load_vae, vae_scale
 
 log = logging.getLogger("trainer")
@@ -112,14 +112,9 @@ class ChromaModel(TrainingModel):
         tokens and the first padding token, as ChromaPipeline._get_t5_prompt_embeds builds them."""
         if not self.text_encoders_loaded():
             raise RuntimeError("text encoders were released; embeddings must come from the cache")
-        tok = self.t5_tokenizer(
-            captions, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt",
-        )
-        dev = next(self.t5.parameters()).device
-        embeds = self.t5(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev), output_hidden_states=False)[0]
-        lengths = tok.attention_mask.sum(dim=1)
-        keep = torch.arange(tok.attention_mask.shape[1])[None, :] <= lengths[:, None]
-        return {"t5": embeds.float().cpu(), "t5_mask": keep}
+        embeds, mask = run_t5(self.t5_tokenizer, self.t5, captions, self.t5_max_length)
+        keep = torch.arange(mask.shape[1])[None, :] <= mask.sum(dim=1)[:, None]
+        return {"t5": embeds, "t5_mask": keep}
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .flux_layout import diffusers_config_from_original, flux_layout, load_flux_
 from .layout import block_targets
 from .schedules import flow_sample_sigmas, linear_mu
 from .sources import ModelSources
-from .text_encoders import load_clip_text_model, load_t5_encoder
+from .text_encoders import load_clip_text_model, load_t5_encoder, run_t5
 from .vae import load_vae, vae_scale
 
 FLUX_VAE_SCALE = 0.3611
@@ -146,13 +146,8 @@ class FluxModel(TrainingModel):
         )
         te_device = next(self.clip.parameters()).device
         pooled = self.clip(ctok.input_ids.to(te_device), output_hidden_states=False).pooler_output
-        ttok = self.t5_tokenizer(
-            captions, padding="max_length", max_length=self.t5_max_length, truncation=True,
-            add_special_tokens=True, return_tensors="pt",
-        )
-        t5_device = next(self.t5.parameters()).device
-        embeds = self.t5(ttok.input_ids.to(t5_device), output_hidden_states=False)[0]
-        return {"t5": embeds.float().cpu(), "pooled": pooled.float().cpu()}
+        embeds, _ = run_t5(self.t5_tokenizer, self.t5, captions, self.t5_max_length, masked=False)
+        return {"t5": embeds, "pooled": pooled.float().cpu()}
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,

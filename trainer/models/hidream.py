@@ -40,7 +40,7 @@ from .layout import ORIGINAL_PREFIXES
 from .quantize import quantize_blocks
 from .schedules import flow_match_euler_sigmas
 from .sources import ModelSources
-from .text_encoders import identify_text_encoder, load_clip_projected, load_t5_encoder
+from .text_encoders import identify_text_encoder, load_clip_projected, load_t5_encoder, run_t5
 from .vae import load_vae, vae_scale
 
 MAX_LENGTH = 128  # HiDreamImagePipeline's max_sequence_length, for all four encoders
@@ -181,10 +181,7 @@ class HiDreamModel(TrainingModel):
         tk = self.tokenizers
         pooled = torch.cat([self._clip_pooled(self.clip_l, tk["clip_l"], captions),
                             self._clip_pooled(self.clip_g, tk["clip_g"], captions)], dim=-1)
-        tok = tk["t5"](captions, padding="max_length", max_length=min(self.max_length, tk["t5"].model_max_length),
-                       truncation=True, add_special_tokens=True, return_tensors="pt")
-        dev = next(self.t5.parameters()).device
-        t5 = self.t5(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev))[0].float().cpu()
+        t5, _ = run_t5(tk["t5"], self.t5, captions, min(self.max_length, tk["t5"].model_max_length))
         tok = tk["llama"](captions, padding="max_length", max_length=min(self.max_length, tk["llama"].model_max_length),
                           truncation=True, add_special_tokens=True, return_tensors="pt")
         dev = next(self.llama.parameters()).device

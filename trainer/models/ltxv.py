@@ -38,7 +38,7 @@ from .ltxv_layout import (Positions, VaeLayout, file_config, original_to_diffuse
 from .objectives import FlowObjective
 from .schedules import time_shift_exponential
 from .sources import ModelSources
-from .text_encoders import load_t5_encoder
+from .text_encoders import load_t5_encoder, run_t5
 
 T5_MAX_LENGTH = 128  # ComfyUI pads LTX-Video's T5 to at least 128 tokens; diffusers' LTXPipeline uses 128
 FPS = 25.0
@@ -184,11 +184,8 @@ class LTXVModel(TrainingModel):
         """T5 with its attention mask (as ComfyUI runs it), padded to t5_max_length; the mask goes to the model."""
         if self.t5 is None:
             raise RuntimeError("text encoders were released; embeddings must come from the cache")
-        tok = self.tokenizer(captions, padding="max_length", max_length=self.t5_max_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        dev = next(self.t5.parameters()).device
-        hidden = self.t5(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev)).last_hidden_state
-        return {"context": hidden.float().cpu(), "attention_mask": tok.attention_mask.float()}
+        hidden, mask = run_t5(self.tokenizer, self.t5, captions, self.t5_max_length)
+        return {"context": hidden, "attention_mask": mask.float()}
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)

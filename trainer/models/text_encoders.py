@@ -252,6 +252,19 @@ def llama3_config(shapes: dict[str, tuple[int, ...]], source):
     return cfg
 
 
+@torch.no_grad()
+def run_t5(tokenizer, encoder: torch.nn.Module, captions: list[str], max_length: int,
+           masked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A T5 / UMT5 encoder's last hidden states (float, on the CPU) for captions padded to `max_length`, and the
+    tokens' attention mask (b, max_length); `masked`: the encoder attends to the tokens only (as most pipelines run
+    it; Flux's runs T5 over the padding too)."""
+    tok = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
+    dev = next(encoder.parameters()).device
+    mask = tok.attention_mask.to(dev) if masked else None
+    return encoder(tok.input_ids.to(dev), attention_mask=mask)[0].float().cpu(), tok.attention_mask
+
+
 def spiece_tokenizer(path: Path):
     """The SentencePiece tokenizer ComfyUI's umt5 files carry inside (tensor `spiece_model`), as a T5 tokenizer
     (pad 0, eos 1, unk 2); None if the file holds none."""

@@ -35,7 +35,7 @@ from .layout import ORIGINAL_PREFIXES, block_targets
 from .objectives import FlowObjective
 from .schedules import flow_match_euler_sigmas
 from .sources import ModelSources
-from .text_encoders import load_umt5_encoder, materialize, spiece_tokenizer
+from .text_encoders import load_umt5_encoder, materialize, run_t5, spiece_tokenizer
 from .wan_layout import (diffusers_config_from_original, layout_of, original_to_diffusers, vae_config_from_original,
                          vae_key_to_original, variant_of)
 
@@ -213,12 +213,8 @@ class WanModel(TrainingModel):
         """As WanPipeline._get_t5_prompt_embeds: UMT5 with the attention mask, padded to max length with zeros."""
         if self.umt5 is None:
             raise RuntimeError("text encoders were released; embeddings must come from the cache")
-        tok = self.tokenizer(captions, padding="max_length", max_length=self.t5_max_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        dev = next(self.umt5.parameters()).device
-        hidden = self.umt5(tok.input_ids.to(dev), tok.attention_mask.to(dev)).last_hidden_state.float().cpu()
-        keep = tok.attention_mask.bool()[..., None]
-        return {"context": torch.where(keep, hidden, torch.zeros_like(hidden))}
+        hidden, mask = run_t5(self.tokenizer, self.umt5, captions, self.t5_max_length)
+        return {"context": torch.where(mask.bool()[..., None], hidden, torch.zeros_like(hidden))}
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
