@@ -101,15 +101,19 @@ class EriSample(io.ComfyNode):
                              tooltip="video models: frames of the clip (snapped to the model's rule, e.g. 4k+1)"),
                 io.Image.Input("control_image", optional=True,
                                tooltip="the image the model is conditioned on: Flex.2's control, Wan I2V's start image"),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="VACE: a reference image the clip keeps (WanVaceToVideo's reference_image)"),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="the image, or a clip's frames as a batch")],
         )
 
     @classmethod
     def execute(cls, state, prompt, negative, width, height, steps, guidance, seed, frames=1,
-                control_image=None) -> io.NodeOutput:
+                control_image=None, reference_image=None) -> io.NodeOutput:
         control = None if control_image is None else control_image[0, ..., :3].permute(2, 0, 1) * 2 - 1
-        img = state.sample(prompt, width, height, steps, guidance, seed, negative, frames=frames, control=control)
+        reference = None if reference_image is None else reference_image[0, ..., :3].permute(2, 0, 1) * 2 - 1
+        img = state.sample(prompt, width, height, steps, guidance, seed, negative, frames=frames, control=control,
+                           reference=reference)
         if img.dim() == 3:  # (3, h, w) -> one image
             img = img[:, None]
         image = ((img + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()  # (frames, h, w, 3) in [0, 1]

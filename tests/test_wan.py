@@ -422,3 +422,24 @@ def test_vace_trains_on_control_videos_and_masks(wan_vace, clips, tmp_path):
     trainer.train()
     sd = load_file(str(tmp_path / "out" / "run" / "run.safetensors"))
     assert "diffusion_model.vace_blocks.0.before_proj.lora_down.weight" in sd
+
+
+def test_session_samples_vace_with_a_reference_image(wan_vace, clips, tmp_path):
+    """The nodes' Sample (TrainingSession.sample) takes a reference image for VACE: the clip comes out at its own
+    length (the reference frame dropped), and another reference gives another clip."""
+    from trainer.session import TrainingSession
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, p in enumerate(sorted(clips.glob("*.mp4"))):
+        _frames(1, seed=40 + i)[0].save(refs / f"{p.stem}.png")
+    d = _video_job(wan_vace, clips, tmp_path / "out", steps=1, cache_text_embeddings=True, disable_sampling=True)
+    d["config"]["process"][0]["datasets"][0]["reference_path"] = str(refs)
+    s = TrainingSession(d, report=quiet)
+    s.advance(1)
+    red, blue = torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)
+    red[0], blue[2] = 1.0, 1.0
+    a = s.sample("a red circle", 32, 32, 2, 1.0, seed=3, frames=5, reference=red)
+    b = s.sample("a red circle", 32, 32, 2, 1.0, seed=3, frames=5, reference=blue)
+    assert a.shape == b.shape == (3, 5, 32, 32) and torch.isfinite(a).all()
+    assert float((a - b).abs().max()) > 1e-4

@@ -127,17 +127,22 @@ class TrainingSession:
         return tr.state.step
 
     def sample(self, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int, neg: str = "",
-               frames: int = 1, control: torch.Tensor | None = None):
+               frames: int = 1, control: torch.Tensor | None = None, reference: torch.Tensor | None = None):
         """One preview from the network as trained so far: (3, h, w), or (3, f, h, w) for a clip, in [-1, 1].
-        `control`: an image (3, h, w) in [-1, 1] the model is conditioned on (Flex.2's control, Wan I2V's start)."""
+        `control`: an image (3, h, w) in [-1, 1] the model is conditioned on (Flex.2's control, Wan I2V's start);
+        `reference`: a reference image (3, h, w) in [-1, 1] (VACE: WanVaceToVideo's reference_image)."""
         model = self.trainer.model
+        if reference is not None and not model.takes_references:
+            raise ConfigError(f"reference_image: model.arch {model.arch!r} takes no reference image (wan21_vace does)")
         item = SampleItem(prompt=prompt, width=width, height=height, seed=seed, neg=neg, guidance_scale=guidance,
                           num_frames=frames)
-        (prepared,) = prepare_samples(self.job, model, [item], steps=steps, key="sample",
-                                      conditioned=control is not None)
-        if control is not None:
-            pixels = fit_pixels(to_pil(control), model.snap_size(width, height), False)
-            extra = conditions_of_image(model, pixels, prepared.request.frames)
+        given = control is not None or reference is not None
+        (prepared,) = prepare_samples(self.job, model, [item], steps=steps, key="sample", conditioned=given)
+        if given:
+            size = model.snap_size(width, height)
+            pixels = None if control is None else fit_pixels(to_pil(control), size, False)
+            ref = None if reference is None else fit_pixels(to_pil(reference), size, False)
+            extra = conditions_of_image(model, pixels, prepared.request.frames, ref, size)
             prepared.request.cond.update(extra)
             prepared.request.neg_cond.update(extra)
         net = self.trainer.network
