@@ -24,9 +24,10 @@ import time
 
 import torch
 
+from sdxl_step import time_unet
 from trainer.demo.kolors import chatglm_config, kolors_unet_config
 from trainer.models.kolors import KolorsModel, kolors_sigmas
-from trainer.networks.network import Network
+
 
 GIB = 1024**3
 REAL = dict(widths=(320, 640, 1280), layers=2, depths=(0, 2, 10), context=2048, text_width=4096)
@@ -61,62 +62,13 @@ def build(cfg_kw: dict, device: torch.device, dtype: torch.dtype) -> KolorsModel
     return model
 
 
-def step_fn(model: KolorsModel, opt, latents, cond, g):
-    def step():
-        noise = torch.randn(latents.shape, generator=g)
-        sig = model.sigma_table[torch.randint(0, len(model.sigma_table), (1,), generator=g)]
-        dev = model.device
-        x, n, s = latents.to(dev), noise.to(dev), sig.to(dev)
-        pred = model.predict(x + s.view(-1, 1, 1, 1) * n, s, cond).float()
-        loss = ((pred - n) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def run(cfg_kw: dict, res: int, net_type: str, ckpt: float, steps: int, device, dtype, peak_tflops: float,
         compile_: bool = False) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build(cfg_kw, device, dtype)
-    net = Network(model.targets(), net_type, rank=16, alpha=16.0).to(device)
-    net.attach()
-    model.set_gradient_checkpointing(ckpt)
-    if compile_:
-        model.compile_blocks()  # as train.compile does: after the network's hooks
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    lat = res // 8
-    latents = torch.randn(1, 4, lat, lat, generator=g)
+    g = torch.Generator().manual_seed(2)
     cond = {"crossattn": torch.randn(1, TOKENS, cfg_kw["text_width"], generator=g),
             "pooled": torch.randn(1, cfg_kw["text_width"], generator=g)}
-    step = step_fn(model, opt, latents, cond, g)
-    if compile_:
-        step()  # compile outside the FLOP counter
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flop = fc.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):  # warm-up (allocator, kernels)
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    s = times[len(times) // 2]
-    return {
-        "res": res, "type": net_type, "ckpt": ckpt, "compile": compile_, "s_per_step": round(s, 3),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
-        "tflop_per_step": round(flop / 1e12, 2), "mfu": round(flop / s / (peak_tflops * 1e12), 3),
-        "layers": len(net.targets), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-    }
+    return time_unet(model, cond, res, net_type, ckpt, steps, device, peak_tflops, compile_)
 
 
 def run_chatglm(glm: dict, batch: int, device, dtype) -> dict:

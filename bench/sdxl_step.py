@@ -51,10 +51,11 @@ def build(cfg_kw: dict, device: torch.device, dtype: torch.dtype) -> SDXLModel:
     return model
 
 
-def step_fn(model: SDXLModel, net: Network, opt, latents, cond, g):
+def step_fn(model, opt, latents, cond, g):
+    """One eps-prediction LoRA step of an SDXL-layout UNet model (SDXL, Kolors) at a timestep of its own table."""
     def step():
         noise = torch.randn(latents.shape, generator=g)
-        sig = model.sigma_table[torch.randint(0, 1000, (1,), generator=g)]
+        sig = model.sigma_table[torch.randint(0, len(model.sigma_table), (1,), generator=g)]
         dev = model.device
         x, n, s = latents.to(dev), noise.to(dev), sig.to(dev)
         pred = model.predict(x + s.view(-1, 1, 1, 1) * n, s, cond).float()
@@ -65,11 +66,12 @@ def step_fn(model: SDXLModel, net: Network, opt, latents, cond, g):
     return step
 
 
-def run(cfg_kw: dict, res: int, net_type: str, ckpt: float, steps: int, device, dtype, peak_tflops: float,
-        compile_: bool = False) -> dict:
+def time_unet(model, cond: dict, res: int, net_type: str, ckpt: float, steps: int, device, peak_tflops: float,
+              compile_: bool = False) -> dict:
+    """The median LoRA step of an SDXL-layout UNet model at res², peak memory and MFU (FLOPs counted by torch);
+    shared by this script and kolors_step.py."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build(cfg_kw, device, dtype)
     net = Network(model.targets(), net_type, rank=16, alpha=16.0).to(device)
     net.attach()
     model.set_gradient_checkpointing(ckpt)
@@ -79,9 +81,7 @@ def run(cfg_kw: dict, res: int, net_type: str, ckpt: float, steps: int, device, 
     g = torch.Generator().manual_seed(1)
     lat = res // 8
     latents = torch.randn(1, 4, lat, lat, generator=g)
-    cond = {"crossattn": torch.randn(1, 77, cfg_kw["context"], generator=g),
-            "pooled": torch.randn(1, cfg_kw["pooled"], generator=g)}
-    step = step_fn(model, net, opt, latents, cond, g)
+    step = step_fn(model, opt, latents, cond, g)
     if compile_:
         step()  # compile outside the FLOP counter
     with FlopCounterMode(display=False) as fc:
@@ -107,6 +107,15 @@ def run(cfg_kw: dict, res: int, net_type: str, ckpt: float, steps: int, device, 
         "tflop_per_step": round(flop / 1e12, 2), "mfu": round(flop / s / (peak_tflops * 1e12), 3),
         "layers": len(net.targets), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     }
+
+
+def run(cfg_kw: dict, res: int, net_type: str, ckpt: float, steps: int, device, dtype, peak_tflops: float,
+        compile_: bool = False) -> dict:
+    model = build(cfg_kw, device, dtype)
+    g = torch.Generator().manual_seed(2)
+    cond = {"crossattn": torch.randn(1, 77, cfg_kw["context"], generator=g),
+            "pooled": torch.randn(1, cfg_kw["pooled"], generator=g)}
+    return time_unet(model, cond, res, net_type, ckpt, steps, device, peak_tflops, compile_)
 
 
 def main() -> None:
