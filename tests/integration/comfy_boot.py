@@ -35,3 +35,35 @@ def boot(comfyui: str, repo: str | None = None) -> LogCapture:
 
     args.cpu = True
     return capture
+
+
+def named_file(text: str) -> tuple[str, str]:
+    """argparse type of `--lora NAME=FILE`."""
+    import argparse
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path or name in ("base", "base_after"):
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE (NAME not base / base_after), got {text!r}")
+    return name, path
+
+
+def run_with_each_lora(patcher, loras: list[tuple[str, str]], capture: LogCapture, run) -> tuple[dict, dict]:
+    """`run(model)` with each LoRA file applied alone through comfy.sd.load_lora_for_models (what LoraLoaderModelOnly
+    calls), then once more on the unpatched model (`base_after`: patching left it untouched). Returns the outputs by
+    name and, per LoRA, its tensor count, what ComfyUI logged as not loaded, and the keys it patched."""
+    import comfy.sd
+    import comfy.utils
+
+    outputs, report = {}, {}
+    for name, path in loras:
+        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+        mark = len(capture.messages)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
+        messages = capture.messages[mark:]
+        outputs[name] = run(patched)
+        report[name] = {"lora_tensors": len(lora_sd),
+                        "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
+                        "patched_keys": sorted(patched.patches.keys())}
+        del patched, lora_sd
+    outputs["base_after"] = run(patcher)
+    return outputs, report

@@ -23,7 +23,7 @@ import os
 import struct
 import sys
 
-from comfy_boot import boot
+from comfy_boot import boot, named_file, run_with_each_lora
 
 
 def _header_tensors(path: str):
@@ -77,7 +77,7 @@ def main() -> int:
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--model", required=True)
     ap.add_argument("--unet-config", required=True)
-    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
@@ -120,19 +120,8 @@ def main() -> int:
         return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).contiguous()
 
     outputs = {"base": run(patcher)}
-    loras = {}
-    for spec in a.lora:
-        name, _, path = spec.partition("=")
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        loras[name] = {"lora_tensors": len(lora_sd),
-                       "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-                       "patched_keys": sorted(patched.patches.keys())}
-        del patched
-    outputs["base_after"] = run(patcher)
+    patched_outputs, loras = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
 
     report = {"model_class": type(model).__name__, "config_class": type(model_config).__name__,
               "model_type": model.model_type.name, "load_messages": load_messages,

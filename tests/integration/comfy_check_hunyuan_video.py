@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from comfy_boot import boot
+from comfy_boot import boot, named_file, run_with_each_lora
 
 
 def main() -> int:
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--model", required=True)
     ap.add_argument("--vae", default=None)
-    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
@@ -61,19 +61,8 @@ def main() -> int:
     if a.save_model:
         sd = {k: v.detach().float().contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
         save_file(sd, a.save_model)
-    loras = {}
-    for spec in a.lora:
-        name, _, path = spec.partition("=")
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        loras[name] = {"lora_tensors": len(lora_sd),
-                       "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-                       "patched_keys": sorted(patched.patches.keys())}
-        del patched
-    outputs["base_after"] = run(patcher)
+    patched_outputs, loras = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
 
     vae_report = None
     if a.vae:

@@ -35,16 +35,9 @@ import os
 import shutil
 import sys
 
-from comfy_boot import boot
+from comfy_boot import boot, named_file, run_with_each_lora
 
 NODE = "ComfyUI-Kolors-MZ"
-
-
-def _named_file(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
-    return name, path
 
 
 def main() -> int:
@@ -53,7 +46,7 @@ def main() -> int:
     ap.add_argument("--real-shapes", required=True)
     ap.add_argument("--unet", required=True)
     ap.add_argument("--unet-config", required=True)
-    ap.add_argument("--lora", action="append", default=[], type=_named_file, metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--chatglm", required=True)
     ap.add_argument("--chatglm-config", required=True)
@@ -155,20 +148,8 @@ def main() -> int:
         return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).contiguous()
 
     outputs["base"] = run(patcher)
-    report["loras"] = {}
-    for name, path in a.lora:
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        report["loras"][name] = {
-            "lora_tensors": len(lora_sd),
-            "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-            "patched_keys": sorted(patched.patches.keys()),
-        }
-        del patched
-    outputs["base_after"] = run(patcher)
+    patched_outputs, report["loras"] = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
     hook.KolorsSupported = full_size
 
     # 3. text: the node's ChatGLM3 code and tokenizer, its encode function

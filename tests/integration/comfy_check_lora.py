@@ -28,24 +28,15 @@ import json
 import os
 import sys
 
-from comfy_boot import boot
+from comfy_boot import boot, named_file
 import time
-
-
-def _named_file(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
-    if name in ("base", "base_after"):
-        raise argparse.ArgumentTypeError(f"{name!r} is reserved for the outputs without LoRA")
-    return name, path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd(), help="ComfyUI folder (default: the working directory)")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--lora", required=True, action="append", type=_named_file, metavar="NAME=FILE",
+    ap.add_argument("--lora", required=True, action="append", type=named_file, metavar="NAME=FILE",
                     help="a LoRA file to apply (alone) and the name of its output; repeatable")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)

@@ -20,14 +20,14 @@ import json
 import os
 import sys
 
-from comfy_boot import boot
+from comfy_boot import boot, named_file, run_with_each_lora
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--lora", action="append", default=[], metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
@@ -63,19 +63,8 @@ def main() -> int:
     # the sampler hands the model the noise mask reshaped to the latent (comfy.sampler_helpers.prepare_mask)
     mask = comfy.utils.reshape_mask(inputs["denoise_mask"].float(), i2v.shape)
     outputs["i2v"] = run(patcher, i2v, denoise_mask=mask)
-    loras = {}
-    for spec in a.lora:
-        name, _, path = spec.partition("=")
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        loras[name] = {"lora_tensors": len(lora_sd),
-                       "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-                       "patched_keys": sorted(patched.patches.keys())}
-        del patched
-    outputs["base_after"] = run(patcher)
+    patched_outputs, loras = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
 
     from comfy_extras.nodes_lt import LTXVImgToVideo, LTXVScheduler
 

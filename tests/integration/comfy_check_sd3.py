@@ -20,21 +20,14 @@ import json
 import os
 import sys
 
-from comfy_boot import boot
-
-
-def _named_file(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path or name in ("base", "base_after"):
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE (NAME not base / base_after), got {text!r}")
-    return name, path
+from comfy_boot import boot, named_file, run_with_each_lora
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--model", required=True)
-    ap.add_argument("--lora", action="append", default=[], type=_named_file, metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
@@ -62,20 +55,8 @@ def main() -> int:
         return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).contiguous()
 
     outputs = {"base": run(patcher)}
-    loras = {}
-    for name, path in a.lora:
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        loras[name] = {
-            "lora_tensors": len(lora_sd),
-            "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-            "patched_keys": sorted(patched.patches.keys()),
-        }
-        del patched, lora_sd
-    outputs["base_after"] = run(patcher)
+    patched_outputs, loras = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
 
     try:
         from comfyui_version import __version__ as comfy_version

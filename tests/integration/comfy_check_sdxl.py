@@ -34,14 +34,7 @@ import json
 import os
 import sys
 
-from comfy_boot import boot
-
-
-def _named_file(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
-    return name, path
+from comfy_boot import boot, named_file, run_with_each_lora
 
 
 def main() -> int:
@@ -50,7 +43,7 @@ def main() -> int:
     ap.add_argument("--real-shapes", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--vpred-model")
-    ap.add_argument("--lora", action="append", default=[], type=_named_file, metavar="NAME=FILE")
+    ap.add_argument("--lora", action="append", default=[], type=named_file, metavar="NAME=FILE")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", required=True)
@@ -120,19 +113,8 @@ def main() -> int:
     report["model_class"] = type(patcher.model).__name__
     report["model_type"] = patcher.model.model_type.name
     outputs = {"base": run(patcher)}
-    report["loras"] = {}
-    for name, path in a.lora:
-        lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
-        mark = len(capture.messages)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0)
-        messages = capture.messages[mark:]
-        outputs[name] = run(patched)
-        report["loras"][name] = {
-            "lora_tensors": len(lora_sd),
-            "not_loaded": [m for m in messages if "lora key not loaded" in m or m.startswith("NOT LOADED")],
-            "patched_keys": sorted(patched.patches.keys()),
-        }
-    outputs["base_after"] = run(patcher)
+    patched_outputs, report["loras"] = run_with_each_lora(patcher, a.lora, capture, run)
+    outputs.update(patched_outputs)
     if a.vpred_model:
         v = load_patcher(a.vpred_model)
         report["vpred_model_type"] = v.model.model_type.name
