@@ -58,12 +58,8 @@ def prepare_memory(model: TrainingModel, opts: dict, device: torch.device, large
     if "swap" in opts:
         blocks = model.repeated_blocks()
         if opts["swap"] == "auto":
-            from types import SimpleNamespace
-
-            train = SimpleNamespace(batch_size=1, offload_activations="offload" in opts)
-            job = SimpleNamespace(process=SimpleNamespace(train=train))
             _cap(opts, device, True)
-            n = auto_blocks_to_swap(model, blocks, activation_bytes(model, blocks, largest, job))
+            n = auto_blocks_to_swap(model, blocks, activation_bytes(model, blocks, largest, 1, "offload" in opts))
             _cap(opts, device, False)
         else:
             n = int(opts["swap"])

@@ -93,7 +93,9 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
     if isinstance(setting, str) and setting.startswith("fraction:"):
         n = round(float(setting.split(":", 1)[1]) * len(blocks))
     elif setting == "auto":
-        n = auto_blocks_to_swap(model, blocks, largest and activation_bytes(model, blocks, largest, job))
+        tc = job.process.train
+        n = auto_blocks_to_swap(model, blocks, largest and activation_bytes(model, blocks, largest, tc.batch_size,
+                                                                             tc.offload_activations))
     else:
         n = int(setting)
     n = min(n, len(blocks))
@@ -116,18 +118,18 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
 ACTIVATION_BYTES_PER_TOKEN_UNIT = 96
 
 
-def activation_bytes(model: TrainingModel, blocks: list, largest: tuple[int, int, int], job: JobConfig) -> int:
+def activation_bytes(model: TrainingModel, blocks: list, largest: tuple[int, int, int], batch: int = 1,
+                     offloaded: bool = False) -> int:
     """What a training step at the largest size needs beside the weights: one block's recompute (tokens x hidden x
-    a fitted constant) times the batch, plus the blocks' saved inputs unless they are offloaded to host memory."""
+    a fitted constant) times the batch, plus the blocks' saved inputs unless they are `offloaded` to host memory."""
     shape = model.latent_shape(*largest)
     tokens = math.prod(shape[2:]) // max(1, model.patch) ** 2
     mats = [tuple(p.shape) for p in blocks[0].parameters() if p.dim() == 2]
     if not mats:
         return 0
     hidden = min(max(mats, key=lambda s: s[0] * s[1]))  # the MLP's widest matrix: (4 x hidden, hidden)
-    batch = job.process.train.batch_size
     need = batch * tokens * hidden * ACTIVATION_BYTES_PER_TOKEN_UNIT
-    if not job.process.train.offload_activations:
+    if not offloaded:
         need += batch * tokens * hidden * 2 * len(blocks)  # each block's input, kept for its recompute
     return need
 
