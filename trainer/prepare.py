@@ -143,7 +143,9 @@ def auto_blocks_to_swap(model: TrainingModel, blocks: list, activations: int | N
     device = model.device if model.device.index is not None else torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
-    budget = min(free, fraction * total - torch.cuda.memory_reserved(device))
+    # the model's own weights already on this card are counted below, not as used memory
+    here = sum(t.numel() * t.element_size() for t in model.denoiser.parameters() if t.device == device)
+    budget = min(free, fraction * total - torch.cuda.memory_reserved(device)) + here
     sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
     rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
     room = budget - rest - max(4 * 2**30, budget / 4, activations or 0)
