@@ -12,6 +12,7 @@ the CPU).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import statistics
@@ -156,6 +157,9 @@ def swap_check(model: TrainingModel, size: tuple[int, int, int], cond: Condition
 def run_cases(cases: list[str], run: Callable[[str], dict]) -> None:
     """One JSON line per case; a case out of memory says so and the next one starts clean."""
     for c in cases:
+        gc.collect()  # the last case's model sits in reference cycles (hooks): free it before sizing the swap
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         try:
             print(json.dumps(run(c)), flush=True)
         except torch.OutOfMemoryError as e:

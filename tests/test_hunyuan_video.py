@@ -319,3 +319,34 @@ def test_resume_on_video_clips_matches_uninterrupted(hy, clips, tmp_path):
     a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_blocks_attend_unmasked_only_without_padding(hy_model, monkeypatch):
+    """A batch whose prompts fill their rows reaches SDPA without a mask (so its flash kernel can run), with the same
+    prediction as the padded, masked 256 tokens; a batch with padding left, or a direct call of the transformer with
+    a padded mask (the pipeline's), keeps the mask."""
+    model = hy_model
+    masks: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    blocks = len(model.repeated_blocks())
+    one = model.encode_text(["a red circle moving"])
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([0.7])
+    with torch.no_grad():
+        ours = model.predict(x, s, one, guidance=1.0)
+        unmasked = masks[-blocks:]
+        reference = model.denoiser(hidden_states=x, timestep=s * 1000, encoder_hidden_states=one["context"],
+                                   encoder_attention_mask=one["mask"], pooled_projections=one["pooled"],
+                                   guidance=torch.tensor([1000.0]), return_dict=False)[0]
+        direct = masks[-blocks:]
+        two = model.encode_text(["a red circle moving", "sks a blue square on a black background"])
+        model.predict(x.expand(2, -1, -1, -1, -1), s, two, guidance=1.0)
+        padded = masks[-blocks:]
+    assert not any(unmasked) and all(direct) and all(padded)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)

@@ -116,6 +116,9 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
 # norms, q/k/v, attention, the 4x MLP; swap slots, gradients), fitted to Wan 14B at 832x480x81 with fp8 blocks and
 # offloaded activations (26 of 40 blocks swapped peaked at 17.4 GiB: ~12.5 GiB beside the resident blocks), plus ~2 GiB
 ACTIVATION_BYTES_PER_TOKEN_UNIT = 96
+# kept free under the cap for the allocator's fragmentation and the CUDA context's growth (HunyuanVideo 13B fp8, no
+# swap, peaked at 23.25 of a 24 GiB cap without it)
+HEADROOM_BYTES = 2**30
 
 
 def activation_bytes(model: TrainingModel, blocks: list, largest: tuple[int, int, int], batch: int = 1,
@@ -148,7 +151,7 @@ def auto_blocks_to_swap(model: TrainingModel, blocks: list, activations: int | N
     budget = min(free, fraction * total - torch.cuda.memory_reserved(device)) + here
     sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
     rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
-    room = budget - rest - max(4 * 2**30, budget / 4, activations or 0)
+    room = budget - rest - max(4 * 2**30, budget / 4, activations or 0) - HEADROOM_BYTES
     n, resident = 0, sum(sizes)
     while resident > room and n < len(blocks):
         n += 1

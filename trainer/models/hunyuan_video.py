@@ -156,6 +156,39 @@ def load_llama_tokenizer(folder: Path):
     return tok
 
 
+class _UnpaddedAttention:
+    """The blocks' attention processor: diffusers' own, without the attention mask while every key is a real token
+    (the mask is then all true: the same output, and SDPA may take its flash kernel, which a mask rules out).
+    Each forward of the transformer decides, in a pre-hook, from the text mask it is given: for the mask that
+    `predict` passes, from what predict knows (no host sync); for any other caller, from the mask itself. Backward's
+    recompute of checkpointed blocks reuses the decision of the forward before it."""
+
+    def __init__(self, transformer: nn.Module, blocks: list[nn.Module]) -> None:
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        self.inner = HunyuanVideoAttnProcessor2_0()
+        self.unpadded = False
+        self._mask: torch.Tensor | None = None
+        self._mask_unpadded = False
+        for block in blocks:
+            block.attn.set_processor(self)
+        transformer.register_forward_pre_hook(self._decide, with_kwargs=True)
+
+    def expect(self, mask: torch.Tensor, unpadded: bool) -> None:
+        self._mask, self._mask_unpadded = mask, unpadded
+
+    def _decide(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
+        self.unpadded = self._mask_unpadded if mask is self._mask else bool(mask is not None and mask.all())
+        self._mask = None
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        return self.inner(attn, hidden_states, encoder_hidden_states, None if self.unpadded else attention_mask,
+                          image_rotary_emb)
+
+
 class HunyuanVideoModel(TrainingModel):
     objective = FlowObjective()
     vae_scale, vae_temporal, patch = 8, 4, 2
@@ -178,6 +211,7 @@ class HunyuanVideoModel(TrainingModel):
         self.distilled_guidance = self.guidance_embeds
         self.train_guidance = train_guidance
         self._crop: int | None = None
+        self._attention = _UnpaddedAttention(transformer, self.repeated_blocks())
 
     # --- what the loop adapts ------------------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -246,17 +280,22 @@ class HunyuanVideoModel(TrainingModel):
         b = x.shape[0]
         s = sigmas.float().reshape(-1)
         t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS
-        mask = cond["mask"].to(dev)
+        lengths = cond["mask"].sum(dim=1)  # where the cache keeps it (host memory: no sync)
+        longest = int(lengths.max())
+        unpadded = int(lengths.min()) == longest
         # the text is padded on the right: tokens past the batch's longest prompt are masked everywhere, so they
-        # are left out (the model's output is the same; 256 tokens would outnumber a small clip's); kept to a
-        # multiple of 32 so that a compiled block sees few text lengths
-        longest = int(mask.sum(dim=1).max())
-        n = min(mask.shape[1], max(TEXT_ROUND, -(-longest // TEXT_ROUND) * TEXT_ROUND))
+        # are left out (the model's output is the same; 256 tokens would outnumber a small clip's). Without
+        # padding left in any row, the blocks' attention runs unmasked (flash); otherwise the text is kept to a
+        # multiple of 32, so that a compiled block sees few text lengths
+        n = longest if unpadded else min(cond["mask"].shape[1], max(TEXT_ROUND, -(-longest // TEXT_ROUND)
+                                                                        * TEXT_ROUND))
+        mask = cond["mask"][:, :n].to(dev, dt)
+        self._attention.expect(mask, unpadded)
         g = None
         if self.guidance_embeds:
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=dev) * NUM_TRAIN_TIMESTEPS
         return self.denoiser(hidden_states=x, timestep=t.to(dev), encoder_hidden_states=cond["context"][:, :n].to(dev, dt),
-                             encoder_attention_mask=mask[:, :n].to(dt), pooled_projections=cond["pooled"].to(dev, dt),
+                             encoder_attention_mask=mask, pooled_projections=cond["pooled"].to(dev, dt),
                              guidance=None if g is None else g.to(dt), return_dict=False)[0]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
