@@ -110,10 +110,12 @@ def test_arch_and_file_must_agree(tiny_flex2, tiny_flux):
 
 # --- the model's input against the reference pipeline's math -------------------------------------
 
-def _reference_sample(model: FluxModel, noise, cond, control, steps: int, guidance: float) -> torch.Tensor:
+def _reference_sample(model: FluxModel, noise, cond, control, steps: int, guidance: float, inpaint=None,
+                      mask=None, strength: float = 1.0, stop: float = 1.0) -> torch.Tensor:
     """Flex2Pipeline's loop written with diffusers' Flux parts: the noisy latent and the 33 extra channels
-    (inpaint latent 0, mask 1, control latent or 0) packed separately and concatenated on the feature axis,
-    Flux's dynamic shift, timestep / 1000, guidance through the embedding."""
+    (inpaint latent zeroed under the mask or 0, the mask or 1, the control latent times control_strength or 0)
+    packed separately and concatenated on the feature axis, the control's channels zeroed from step
+    int(steps * control_stop) on, Flux's dynamic shift, timestep / 1000, guidance through the embedding."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -121,19 +123,22 @@ def _reference_sample(model: FluxModel, noise, cond, control, steps: int, guidan
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
     latents = FluxPipeline._pack_latents(noise, b, c, h, w)
-    ctrl = torch.zeros_like(noise) if control is None else control
-    extra = torch.cat([torch.zeros_like(noise), torch.ones_like(noise[:, :1]), ctrl], dim=1)
-    packed_extra = FluxPipeline._pack_latents(extra, b, 33, h, w)
+    ctrl = torch.zeros_like(noise) if control is None else control * strength
+    m = torch.ones_like(noise[:, :1]) if mask is None else mask
+    inp = torch.zeros_like(noise) if inpaint is None else inpaint * (1 - m)
+    extra = FluxPipeline._pack_latents(torch.cat([inp, m, ctrl], dim=1), b, 33, h, w)
+    no_control = FluxPipeline._pack_latents(torch.cat([inp, m, torch.zeros_like(noise)], dim=1), b, 33, h, w)
     mu = calculate_shift(latents.shape[1], 256, 4096, 0.5, 1.15)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     txt = cond["t5"]
+    cutoff = int(len(sched.timesteps) * stop)
     with torch.no_grad():
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             out = model.denoiser(
-                hidden_states=torch.cat([latents, packed_extra], dim=2), timestep=t.expand(b) / 1000,
-                guidance=torch.full((b,), guidance), pooled_projections=cond["pooled"], encoder_hidden_states=txt,
-                txt_ids=torch.zeros(txt.shape[1], 3), img_ids=img_ids, return_dict=False,
+                hidden_states=torch.cat([latents, extra if i < cutoff else no_control], dim=2),
+                timestep=t.expand(b) / 1000, guidance=torch.full((b,), guidance), pooled_projections=cond["pooled"],
+                encoder_hidden_states=txt, txt_ids=torch.zeros(txt.shape[1], 3), img_ids=img_ids, return_dict=False,
             )[0]
             latents = sched.step(out, t, latents, return_dict=False)[0]
     return FluxPipeline._unpack_latents(latents, h * 8, w * 8, 8)
@@ -154,6 +159,47 @@ def test_sampler_matches_reference_pipeline_math(flex2, tmp_path):
         assert err < 1e-3, (name, err)
         results[name] = ours
     assert rel_err(results["control"], results["none"]) > 1e-3  # the control channels reach the model
+
+
+def _mask_image(path: Path, size: tuple[int, int], box: tuple[int, int, int, int]) -> Path:
+    """White (paint) inside `box`, black (keep) elsewhere."""
+    img = Image.new("L", size, 0)
+    ImageDraw.Draw(img).rectangle(box, fill=255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def test_inpaint_strength_and_stop_match_reference_pipeline_math(flex2, tmp_path):
+    """A preview with an image to inpaint, its mask, control_strength and control_stop gives the pipeline's
+    latents: the inpaint latent zeroed under the bilinear-resized mask, the control scaled, then dropped."""
+    import torch.nn.functional as F
+
+    cond = flex2.encode_text(["a red circle"])
+    noise = initial_noise(flex2, 32, 24, seed=3)
+    ctrl_path = str(_control_image(tmp_path / "c.png", (32, 24), 1))
+    image = make_images(tmp_path / "img", n=1, size=(32, 24), seed=5)
+    image_path = str(next(image.glob("*.png")))
+    mask_path = str(_mask_image(tmp_path / "m.png", (32, 24), (8, 4, 20, 15)))
+    extra = sample_conditions(flex2, ctrl_path, 32, 24, 1, "k", inpaint=(image_path, mask_path))
+    # the reference's inputs, made the pipeline's way: the image's latent, the mask's first channel in [0, 1] resized
+    latent = flex2.encode_pixels(image_pixels(Path(image_path), (32, 24))[None])
+    mask = torch.from_numpy(np.asarray(Image.open(mask_path).convert("RGB"), dtype=np.float32)[..., 0] / 255)
+    mask = F.interpolate(mask[None, None], size=noise.shape[-2:], mode="bilinear", align_corners=False)
+    steps, guidance = 4, 3.5
+    outs = {}
+    for strength, stop in ((1.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
+        c = dict(cond, **extra, control_strength=torch.tensor([strength]), control_stop=torch.tensor([stop]))
+        ours = denoise(flex2, noise, c, None, steps, guidance)
+        theirs = _reference_sample(flex2, noise, cond, extra["control"], steps, guidance, latent, mask, strength, stop)
+        assert rel_err(ours, theirs) < 1e-3, (strength, stop, rel_err(ours, theirs))
+        outs[(strength, stop)] = ours
+    plain = denoise(flex2, noise, dict(cond, control=extra["control"]), None, steps, guidance)
+    assert rel_err(outs[(1.0, 1.0)], plain) > 1e-3  # the inpaint inputs reach the model
+    assert rel_err(outs[(0.5, 0.5)], outs[(1.0, 1.0)]) > 1e-3  # and strength / stop change what they say
+    no_control = denoise(flex2, noise, {**cond, **{k: v for k, v in extra.items() if k != "control"}}, None, steps,
+                         guidance)
+    assert rel_err(outs[(1.0, 0.0)], no_control) < 1e-6  # control_stop 0: no step sees the control
 
 
 def test_guidance_bypassed_in_training_only(flex2):
@@ -298,3 +344,72 @@ def test_samples_take_a_control_image(tiny_flex2, tmp_path):
     d["config"]["process"][0]["sample"]["samples"][0]["ctrl_img"] = str(tmp_path / "nope.png")
     with pytest.raises(ConfigError, match=r"sample.samples\[0\].control_image: control image .* does not exist"):
         prepare_samples(load_job_dict(d), trainer.model)
+
+
+def _masks_for(images: Path, folder: Path, boxes) -> Path:
+    for p, box in zip(sorted(images.glob("*.png")), boxes):
+        _mask_image(folder / p.name, (32, 32), box)
+    return folder
+
+
+def test_masks_train_inpainting_and_mixed_batches_read_no_inpaint(tiny_flex2, flex2, tmp_path):
+    """datasets[].mask_path trains the inpaint input (the item's latent under its mask): a run with masks differs
+    from one without and from one with other masks; in a batch mixing items with and without masks, the maskless
+    get Flex.2's "no inpaint" (zero latent, mask of ones)."""
+    images = make_images(tmp_path / "data", n=2, size=(32, 32))
+    masks = _masks_for(images, tmp_path / "masks", [(0, 0, 15, 31), (8, 8, 24, 24)])
+    other = _masks_for(images, tmp_path / "masks2", [(16, 0, 31, 31), (0, 0, 8, 8)])
+    runs = {"masked": masks, "other": other, "plain": None}
+    weights = {}
+    for name, m in runs.items():
+        d = _job(tiny_flex2, images, tmp_path / "out", name)
+        if m is not None:
+            d["config"]["process"][0]["datasets"][0]["mask_path"] = str(m)
+        assert run_job(load_job_dict(d), report=quiet).step == 2
+        weights[name] = load_file(str(tmp_path / "out" / name / f"{name}.safetensors"))
+    keys = set(weights["plain"])
+    assert any(not torch.equal(weights["masked"][k], weights["plain"][k]) for k in keys)
+    assert any(not torch.equal(weights["masked"][k], weights["other"][k]) for k in keys)
+
+    ds_a = scan_dataset(DatasetConfig(folder_path=str(images), mask_path=str(masks), resolution=[32]), 0, None, 16)
+    ds_b = scan_dataset(DatasetConfig(folder_path=str(make_images(tmp_path / "b", n=1, size=(32, 32), seed=3)),
+                                      resolution=[32]), 1, None, 16)
+    cache = LatentCache([ds_a, ds_b], flex2.latent_cache_id())
+    cache.prepare(flex2)
+    batch = [BatchItem(0, ds_a.entries[0]), BatchItem(1, ds_b.entries[0])]
+    out = cache.conditions_for_batch(batch, flex2, seed=0, index=0)
+    assert set(out) == {"inpaint", "inpaint_keep"}
+    lat = cache.get(0, ds_a.entries[0], flex2)
+    keep = out["inpaint_keep"][0]
+    assert 0 < float(keep.mean()) < 1 and torch.allclose(out["inpaint"][0], lat * keep)
+    assert torch.equal(out["inpaint"][1], torch.zeros_like(lat)) and torch.equal(out["inpaint_keep"][1],
+                                                                                 torch.zeros_like(keep))
+    x = torch.randn(2, 16, 16, 16)
+    composed = flex2.variant.compose_input(x, out)
+    assert torch.equal(composed[1, 32], torch.ones(16, 16))  # "no inpaint": the model paints everywhere
+
+
+def test_inpaint_sample_options(tiny_flex2, tiny_flux, tmp_path):
+    images = make_images(tmp_path / "data", n=1, size=(32, 32))
+    mask = _mask_image(tmp_path / "m.png", (32, 32), (0, 0, 15, 15))
+    image = next(images.glob("*.png"))
+    d = job_dict(tiny_flex2, images, tmp_path / "out", steps=1)
+    d["config"]["process"][0]["sample"] = {"width": 32, "height": 32, "sample_steps": 2, "samples": [
+        {"prompt": "a cat", "inpaint_image": str(image), "inpaint_mask": str(mask), "control_strength": 0.5,
+         "control_stop": 0.5}]}
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    cond = trainer.samples[0].request.cond
+    assert cond["inpaint"].shape == (1, 16, 16, 16) and cond["inpaint_keep"].shape == (1, 1, 16, 16)
+    assert float(cond["control_strength"]) == 0.5 and float(cond["control_stop"]) == 0.5
+    assert trainer.sample()[0].size == (32, 32)
+    del d["config"]["process"][0]["sample"]["samples"][0]["inpaint_mask"]
+    with pytest.raises(ConfigError, match=r"samples\[0\]\.inpaint_mask: inpaint_image needs inpaint_mask"):
+        load_job_dict(d)
+    f = job_dict(tiny_flux, images, tmp_path / "out", steps=1)
+    f["config"]["process"][0]["sample"] = {"samples": [{"prompt": "a", "control_stop": 0.5}]}
+    with pytest.raises(ConfigError, match=r"samples\[0\]\.control_stop: model.arch 'flux' takes no control_stop"):
+        load_job_dict(f)
+    f["config"]["process"][0]["sample"] = {}
+    f["config"]["process"][0]["datasets"][0]["mask_path"] = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"mask_path: model.arch 'flux' takes no masks \(flex2, wan21_vace do\)"):
+        load_job_dict(f)

@@ -192,6 +192,11 @@ class SampleItem:
     control_image: Optional[str] = spec(None, aliases=("ctrl_img",))
     # VACE: a reference image the preview keeps (ComfyUI's WanVaceToVideo reference_image)
     reference_image: Optional[str] = spec(None)
+    # Flex.2: an image to inpaint and its mask (white: paint), and the control's weight and share of the steps
+    inpaint_image: Optional[str] = spec(None)
+    inpaint_mask: Optional[str] = spec(None)
+    control_strength: Optional[float] = spec(None, ge=0, le=10)
+    control_stop: Optional[float] = spec(None, ge=0, le=1)
     # video families: frames of the preview clip (snapped to the model's rule); unset: sample.num_frames
     num_frames: Optional[int] = spec(None, ge=1, le=1025)
 
@@ -228,6 +233,10 @@ class SampleConfig:
                     guidance_scale=self.guidance_scale if it.guidance_scale is None else it.guidance_scale,
                     control_image=it.control_image,
                     reference_image=it.reference_image,
+                    inpaint_image=it.inpaint_image,
+                    inpaint_mask=it.inpaint_mask,
+                    control_strength=it.control_strength,
+                    control_stop=it.control_stop,
                     num_frames=it.num_frames or self.num_frames,
                 )
             )
@@ -298,7 +307,7 @@ PATH_KEYS = (
                "tokenizer_paths", "tokenizer_path", "clip_vision_path")),
     ("network", ("pretrained_lora_path",)),
     ("datasets[]", ("folder_path", "control_path", "mask_path", "reference_path")),
-    ("sample.samples[]", ("control_image", "ctrl_img", "reference_image")),
+    ("sample.samples[]", ("control_image", "ctrl_img", "reference_image", "inpaint_image", "inpaint_mask")),
 )
 OUTPUT_KEYS = ("training_folder",)
 MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin")
@@ -515,13 +524,22 @@ def check_family_keys(job: JobConfig) -> None:
     for i, d in enumerate(job.process.datasets):
         if d.mask_path is not None and not fam.takes_masks:
             raise ConfigError(f"config.process[0].datasets[{i}].mask_path: model.arch {job.arch!r} takes no masks"
-                              " (wan21_vace does)")
+                              " (flex2, wan21_vace do)")
         if d.reference_path is not None and not fam.takes_references:
             raise ConfigError(f"config.process[0].datasets[{i}].reference_path: model.arch {job.arch!r} takes no"
                               " reference images (wan21_vace does)")
         if fam.requires_control and d.control_path is None and not d.do_i2v and d.reference_path is None:
             raise ConfigError(f"config.process[0].datasets[{i}]: {fam.requires_control}")
     for i, it in enumerate(job.process.sample.samples):
+        key = f"config.process[0].sample.samples[{i}]"
+        for name in ("inpaint_image", "inpaint_mask", "control_strength", "control_stop"):
+            if getattr(it, name) is not None and not fam.takes_inpaint:
+                raise ConfigError(f"{key}.{name}: model.arch {job.arch!r} takes no {name} (flex2 does); remove it")
+        if (it.inpaint_image is None) != (it.inpaint_mask is None):
+            have, need = ("inpaint_image", "inpaint_mask") if it.inpaint_mask is None else ("inpaint_mask",
+                                                                                              "inpaint_image")
+            raise ConfigError(f"{key}.{need}: {have} needs {need} beside it (the image to inpaint and its mask,"
+                              " white where the model paints)")
         if it.reference_image and not fam.takes_references:
             raise ConfigError(f"config.process[0].sample.samples[{i}].reference_image: model.arch {job.arch!r}"
                               " takes no reference image (wan21_vace does)")

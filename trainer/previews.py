@@ -65,14 +65,18 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
         if model.conditions_on_fps:  # the preview plays at sample.fps: its positions are at that rate
             fps = torch.tensor([job.process.sample.fps or model.native_fps or 16.0])
             req.cond["fps"], req.neg_cond["fps"] = fps, fps
-        if it.control_image or it.reference_image:
+        if it.control_image or it.reference_image or it.inpaint_image:
+            inpaint = (it.inpaint_image, it.inpaint_mask) if it.inpaint_image else None
             extra = sample_conditions(model, it.control_image, width, height, frames, f"{key}[{i}]",
-                                      it.reference_image)
+                                      it.reference_image, inpaint)
             req.cond.update(extra)
             req.neg_cond.update(extra)  # the condition is not what guidance contrasts
         elif model.requires_conditions() and not conditioned:
             raise ConfigError(f"{key}[{i}].control_image: {model.requires_conditions()}; previews need a start image"
                               " (sample.samples[].control_image)")
+        for name in ("control_strength", "control_stop"):  # Flex.2's pipeline inputs, read by its model
+            if getattr(it, name) is not None:
+                req.cond[name] = req.neg_cond[name] = torch.tensor([float(getattr(it, name))])
         out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image, it.reference_image))
     return out
 

@@ -39,9 +39,9 @@ def denoise(model: TrainingModel, noise: torch.Tensor, cond: Conditioning, neg: 
         if known is not None:
             x = x * (1 - given) + values * given
         s = sigmas[i].reshape(1).expand(x.shape[0])
-        v = model.predict(x, s, cond, guidance=guidance_scale).float()
+        v = model.predict(x, s, model.conditions_at(cond, i, steps), guidance=guidance_scale).float()
         if cfg:
-            v_neg = model.predict(x, s, neg, guidance=guidance_scale).float()
+            v_neg = model.predict(x, s, model.conditions_at(neg, i, steps), guidance=guidance_scale).float()
             v = v_neg + guidance_scale * (v - v_neg)
         # an objective whose target is not dx/dsigma (v-prediction) turns the output into it
         v = model.objective.derivative(x, v, sigmas[i])

@@ -67,7 +67,7 @@ class LatentCache:
         for ds in self.datasets:
             key = f"config.process[0].datasets[{ds.index}]"
             if ds.cfg.mask_path is not None and not model.takes_masks:
-                raise DatasetError(f"{key}.mask_path: model.arch {model.arch!r} takes no masks (wan21_vace does)")
+                raise DatasetError(f"{key}.mask_path: model.arch {model.arch!r} takes no masks (flex2, wan21_vace do)")
             if ds.cfg.reference_path is not None and not model.takes_references:
                 raise DatasetError(f"{key}.reference_path: model.arch {model.arch!r} takes no reference images"
                                    " (wan21_vace does)")
@@ -139,13 +139,16 @@ class LatentCache:
         conds = [self.get_conditions(it.dataset, it.entry, model) for it in batch]
         if all(c is None for c in conds):
             return {}
-        like = next(c for c in conds if c is not None)
+        like: dict[str, torch.Tensor] = {}
+        for c in conds:  # items may carry different conditions (Flex.2: a mask for some): each name's shape
+            for name, t in (c or {}).items():
+                like.setdefault(name, t)
         dropped = control_dropped(self.datasets, batch, seed, index)
         out = {}
         for name, t in like.items():
             keep = name == model.leading_frames_key
-            out[name] = torch.stack([torch.zeros_like(t) if c is None or (drop and not keep) else c[name]
-                                     for c, drop in zip(conds, dropped)]).float()
+            out[name] = torch.stack([torch.zeros_like(t) if c is None or name not in c or (drop and not keep)
+                                     else c[name] for c, drop in zip(conds, dropped)]).float()
         return out
 
     def _read(self, path: Path, wants_cond: bool, like: tuple[int, ...] | None) -> tuple | None:
@@ -234,7 +237,7 @@ class TextCache:
 
 
 def sample_conditions(model: TrainingModel, control_path: str | None, width: int, height: int, frames: int, key: str,
-                      reference_path: str | None = None) -> Conditioning:
+                      reference_path: str | None = None, inpaint: tuple[str, str] | None = None) -> Conditioning:
     """A preview's conditions from its control file and reference image (scaled and center-cropped to the sample's
     size, rounded as the sampler rounds it), encoded as the training items' are: batch of one, on the CPU. `key`
     names the sample (errors name its control_image or reference_image)."""
@@ -266,7 +269,20 @@ def sample_conditions(model: TrainingModel, control_path: str | None, width: int
             reference = image_pixels(p, size)
         except Exception as e:
             raise ConfigError(f"{key}.reference_image: reference image {p} cannot be read ({e})") from None
-    return conditions_of_image(model, control, frames, reference, size)
+    pixels = mask = None
+    if inpaint is not None:  # Flex.2: the image to inpaint and its mask (white: paint), as the training masks read
+        image_path, mask_path = (_preview_file(v, f"{key}.{name}", what) for v, name, what in
+                                 ((inpaint[0], "inpaint_image", "inpaint image"), (inpaint[1], "inpaint_mask", "mask")))
+        for p, name in ((image_path, "inpaint_image"), (mask_path, "inpaint_mask")):
+            try:
+                t = image_pixels(p, size)
+            except Exception as e:
+                raise ConfigError(f"{key}.{name}: {p} cannot be read ({e})") from None
+            if name == "inpaint_image":
+                pixels = t
+            else:
+                mask = ((t.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
+    return conditions_of_image(model, control, frames, reference, size, pixels, mask)
 
 
 def _preview_file(path: str, key: str, what: str) -> Path:
@@ -279,12 +295,16 @@ def _preview_file(path: str, key: str, what: str) -> Path:
 
 
 def conditions_of_image(model: TrainingModel, control: torch.Tensor | None, frames: int,
-                        reference: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> Conditioning:
-    """A preview's conditions from a control image (3, h, w) or video (3, f, h, w) and / or a reference image (3, h, w),
-    in [-1, 1] at the sample's size (width, height)."""
+                        reference: torch.Tensor | None = None, size: tuple[int, int] | None = None,
+                        pixels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> Conditioning:
+    """A preview's conditions from a control image (3, h, w) or video (3, f, h, w), a reference image (3, h, w),
+    and / or an image to inpaint (3, h, w) with its mask (1, h, w) in [0, 1], in [-1, 1] at the sample's size
+    (width, height)."""
     frames = model.snap_frames(frames)
-    h, w = control.shape[-2:] if control is not None else reference.shape[-2:] if reference is not None else size[::-1]
-    shape = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)
+    given = next((t for t in (control, reference, pixels) if t is not None), None)
+    h, w = given.shape[-2:] if given is not None else size[::-1]
+    if pixels is None:
+        pixels = torch.zeros(3, frames, h, w) if frames > 1 else torch.zeros(3, h, w)
     with torch.no_grad():
-        cond = model.encode_conditions(shape, control, None, reference) or {}
+        cond = model.encode_conditions(pixels, control, mask, reference) or {}
     return {k: v[None].float().cpu() for k, v in cond.items()}

@@ -103,8 +103,10 @@ class TrainingModel(ABC):
     train_guidance: float = 1.0
     # cond["control"]: a control latent (normalized like the training latents) the family's model takes
     takes_control: bool = False
-    # datasets[].mask_path: masks beside the control (VACE)
+    # datasets[].mask_path: masks beside the control (VACE) or inpaint masks (Flex.2)
     takes_masks: bool = False
+    # samples[].control_strength / control_stop / inpaint_image + inpaint_mask (Flex.2's pipeline inputs)
+    takes_inpaint: bool = False
     # datasets[].reference_path / samples[].reference_image: reference images (VACE)
     takes_references: bool = False
     # the conditioning key of clean latent frames the denoiser takes before the item's own (VACE's reference images):
@@ -201,6 +203,11 @@ class TrainingModel(ABC):
         if self.takes_control and control is not None:
             return {"control": self.encode_pixels(control[None])[0]}
         return None
+
+    def conditions_at(self, cond: Conditioning, step: int, steps: int) -> Conditioning:
+        """The conditioning a preview's `step`-th of `steps` sampling steps gives the model: by default the same at
+        every step (Flex.2 drops its control after samples[].control_stop of them)."""
+        return cond
 
     def known_latents(self, cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Latent values the conditioning gives rather than the model generates (an image-to-video start frame), for

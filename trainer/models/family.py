@@ -23,8 +23,10 @@ class Family:
     takes_control: bool = False
     # clips in datasets (num_frames > 1) and video previews
     video: bool = False
-    # datasets[].mask_path (VACE)
+    # datasets[].mask_path (VACE's masks, Flex.2's inpaint masks)
     takes_masks: bool = False
+    # sample.samples[].inpaint_image / inpaint_mask / control_strength / control_stop (Flex.2)
+    takes_inpaint: bool = False
     # datasets[].reference_path and sample.samples[].reference_image (VACE's reference images)
     takes_references: bool = False
     # why a dataset without control_path (or do_i2v) cannot train this family, or "" when it can

@@ -16,13 +16,21 @@ everywhere). Training follows ai-toolkit's Flex.2 recipe: flow matching as Flux,
 bypassed (`bypass_guidance_embedding`, default true), the control latent from the dataset's control image
 (`datasets[].control_path`) or zeros, optionally dropped (`datasets[].control_dropout`). Sampling runs the
 guidance embedding at the sample's guidance_scale, with Flux's resolution-dependent shift, and takes an
-optional control image per sample. Inpainting inputs are not trained or sampled here: they stay at
-"no inpaint".
+optional control image per sample.
+
+Inpainting, as ai-toolkit trains it and the pipeline samples it: an item with a mask (`datasets[].mask_path`, same
+stems, white where the model paints) trains with its own latent as the inpaint latent, zeroed under the mask, and
+the mask at latent size (bilinear, as the pipeline resizes it); items without a mask train with "no inpaint". A
+preview takes `inpaint_image` with `inpaint_mask`, `control_strength` (the control latent scaled) and
+`control_stop` (the share of the steps that see the control; after it, zeros), as Flex2Pipeline does. The cache
+keeps the mask as `inpaint_keep` = 1 - mask, so that an item without one (zeros in a mixed batch, or
+`control_dropout`, which drops an item's inpaint input with its control) reads as "paint everywhere".
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import Conditioning
 from .family import Family
@@ -35,19 +43,53 @@ def extra_channels(latent: int) -> int:
 
 
 def flex2_inputs(noisy: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """The 49-channel (for a 16-channel latent) img_in input: noisy, no-inpaint, control (zeros if absent)."""
+    """The 49-channel (for a 16-channel latent) img_in input: noisy, inpaint latent (zeros: none), mask (ones:
+    paint everywhere), control latent (zeros if absent) times the preview's control_strength."""
     b, c, h, w = noisy.shape
-    control = cond.get("control")
-    if control is None:
-        control = noisy.new_zeros((b, c, h, w))
-    else:
-        control = control.to(noisy.device, noisy.dtype)
-        if control.shape[1:] != (c, h, w):
-            raise ValueError(f"control latent {tuple(control.shape)} does not match the latent {tuple(noisy.shape)}")
-        control = control.expand(b, c, h, w)
-    inpaint = noisy.new_zeros((b, c, h, w))  # no inpaint image ...
-    mask = noisy.new_ones((b, 1, h, w))  # ... so the model paints everywhere
+    control = _latent(cond, "control", noisy)
+    if "control_strength" in cond:
+        control = control * cond["control_strength"].to(noisy.device, noisy.dtype).reshape(-1, 1, 1, 1)
+    inpaint = _latent(cond, "inpaint", noisy)
+    keep = cond.get("inpaint_keep")
+    mask = noisy.new_ones((b, 1, h, w)) if keep is None else 1 - _sized(keep.to(noisy.device, noisy.dtype), noisy, 1)
     return torch.cat([noisy, inpaint, mask, control], dim=1)
+
+
+def _latent(cond: Conditioning, name: str, noisy: torch.Tensor) -> torch.Tensor:
+    t = cond.get(name)
+    if t is None:
+        return torch.zeros_like(noisy)
+    return _sized(t.to(noisy.device, noisy.dtype), noisy, noisy.shape[1])
+
+
+def _sized(t: torch.Tensor, noisy: torch.Tensor, channels: int) -> torch.Tensor:
+    b, _, h, w = noisy.shape
+    if t.shape[1:] != (channels, h, w):
+        raise ValueError(f"Flex.2 condition {tuple(t.shape)} does not match the latent {tuple(noisy.shape)}")
+    return t.expand(b, channels, h, w)
+
+
+def flex2_conditions(model, pixels: torch.Tensor, control: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> Conditioning | None:
+    """An item's (or a preview's) cached conditions: the control latent, and with a mask (1, h, w) in [0, 1] the
+    inpaint latent of `pixels` zeroed under the mask and `inpaint_keep` = 1 - the mask at latent size."""
+    out = {}
+    if control is not None:
+        out["control"] = model.encode_pixels(control[None])[0]
+    if mask is not None:
+        latent = model.encode_pixels(pixels[None])[0]
+        m = F.interpolate(mask[None].float(), size=latent.shape[-2:], mode="bilinear", align_corners=False)[0]
+        out["inpaint"] = latent * (1 - m)
+        out["inpaint_keep"] = 1 - m
+    return out or None
+
+
+def flex2_conditions_at(cond: Conditioning, step: int, steps: int) -> Conditioning:
+    """The pipeline's control_stop: steps from int(steps * stop) on sample without the control."""
+    stop = cond.get("control_stop")
+    if stop is None or "control" not in cond or step < int(steps * float(stop.reshape(-1)[0])):
+        return cond
+    return {k: v for k, v in cond.items() if k != "control"}
 
 
 def flex2_input_check(in_features: int, latent: int) -> str | None:
@@ -65,13 +107,18 @@ FLEX2 = FluxVariant(
     takes_control=True,
     compose_input=flex2_inputs,
     check_input=flex2_input_check,
+    takes_inpaint=True,
+    encode_conditions=flex2_conditions,
+    conditions_at=flex2_conditions_at,
     metadata={"ss_base_model_version": "flex2", "modelspec.architecture": "Flex.2/lora"},
 )
 
 FAMILIES = [
     Family("flex2", "Flex.2 (Flux layout, img_in fed noisy + inpaint + mask + control latents): control images"
-           " from datasets[].control_path, guidance embedding bypassed in training",
-           lambda mc, device, dtype: load_flux(mc, device, dtype, FLEX2), takes_control=True,
+           " from datasets[].control_path, inpaint masks from datasets[].mask_path, guidance embedding bypassed in"
+           " training",
+           lambda mc, device, dtype: load_flux(mc, device, dtype, FLEX2), takes_control=True, takes_masks=True,
+           takes_inpaint=True,
            model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux",
            tokenizers=(("clip", 0, "tokenizer"), ("t5", 1, "tokenizer_2"))),
 ]

@@ -93,6 +93,12 @@ class FluxVariant:
     # (img_in features, latent channels) -> None, or why this family cannot feed that img_in
     check_input: Callable[[int, int], str | None] = _flux_input_check
     metadata: dict = field(default_factory=dict)
+    # datasets[].mask_path and the samples' inpaint inputs (Flex.2)
+    takes_inpaint: bool = False
+    # (model, pixels, control, mask) -> the item's cached conditions, for variants with more than a control latent
+    encode_conditions: Callable[..., Conditioning | None] | None = None
+    # (conditioning, step, steps) -> the conditioning of that preview step (Flex.2's control_stop)
+    conditions_at: Callable[[Conditioning, int, int], Conditioning] | None = None
 
 
 FLUX = FluxVariant("flux")
@@ -110,6 +116,7 @@ class FluxModel(TrainingModel):
         self.variant = variant
         self.arch = variant.arch
         self.takes_control = variant.takes_control
+        self.takes_masks = self.takes_inpaint = variant.takes_inpaint
         self.denoiser = transformer
         self.vae = vae
         self.clip, self.t5 = clip, t5
@@ -148,6 +155,15 @@ class FluxModel(TrainingModel):
         pooled = self.clip(ctok.input_ids.to(te_device), output_hidden_states=False).pooler_output
         embeds, _ = run_t5(self.t5_tokenizer, self.t5, captions, self.t5_max_length, masked=False)
         return {"t5": embeds, "pooled": pooled.float().cpu()}
+
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None, mask: torch.Tensor | None = None,
+                          reference: torch.Tensor | None = None) -> Conditioning | None:
+        if self.variant.encode_conditions is not None:
+            return self.variant.encode_conditions(self, pixels, control, mask)
+        return super().encode_conditions(pixels, control, mask, reference)
+
+    def conditions_at(self, cond: Conditioning, step: int, steps: int) -> Conditioning:
+        return cond if self.variant.conditions_at is None else self.variant.conditions_at(cond, step, steps)
 
     # --- denoising -----------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
