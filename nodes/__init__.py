@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .flex2 import EriFlex2Conditioning
 from .model import EriComfyModel, EriModelByArch
 from .parts import EriDataset, EriNetwork, EriTrainSettings
 from .train import EriApplyLoRA, EriSample, EriSaveLoRA, EriTrain
@@ -9,7 +10,7 @@ from .yaml_bridge import EriExportJob, EriLoadJob
 
 NODES: list[type[io.ComfyNode]] = [
     EriComfyModel, EriModelByArch, EriDataset, EriNetwork, EriTrainSettings,
-    EriTrain, EriSample, EriSaveLoRA, EriApplyLoRA, EriLoadJob, EriExportJob,
+    EriTrain, EriSample, EriSaveLoRA, EriApplyLoRA, EriLoadJob, EriExportJob, EriFlex2Conditioning,
 ]
 
 

@@ -122,3 +122,56 @@ FAMILIES = [
            model_defaults={"bypass_guidance_embedding": True}, comfy_clip_type="flux",
            tokenizers=(("clip", 0, "tokenizer"), ("t5", 1, "tokenizer_2"))),
 ]
+
+
+def comfy_flex2_model(patcher, control: torch.Tensor | None, inpaint: torch.Tensor | None, mask: torch.Tensor | None,
+                      strength: float = 1.0, stop: float = 1.0):
+    """A clone of ComfyUI's MODEL of a Flex.2 file that samples with Flex.2's 33 extra input channels.
+
+    ComfyUI loads Flex.2 as Flux, whose concat for an img_in wider than the latent is Flux Fill's (an image and an
+    8x8-unshuffled mask: 384 features against Flex.2's 196). The clone's model wrapper gives the model this
+    family's channels instead (`flex2_inputs`: inpaint latent under the mask, the mask, the control latent times
+    `strength`) as its c_concat. `control` / `inpaint`: VAE latents as ComfyUI's VAE.encode returns them (raw,
+    normalized here by the model's latent format), (1, 16, h, w); `mask`: (1, H, W) or (H, W) at pixel size,
+    1 where the model paints. `stop`: the control is given while sigma is above the model's sigma at that share of
+    the schedule (ComfyUI's percent_to_sigma, as a ControlNet's end_percent; 1: every step, 0: none), zeros after;
+    Flex2Pipeline counts steps instead (the first int(steps * stop)), which agrees where the schedule is even."""
+    diffusion = patcher.model.diffusion_model
+    latent = patcher.model.latent_format.latent_channels
+    features = diffusion.img_in.weight.shape[1]
+    why = flex2_input_check(features, latent)
+    if why:
+        raise ValueError(f"Flex.2 conditioning: {why}")
+    if (inpaint is None) != (mask is None):
+        raise ValueError("Flex.2 conditioning: inpaint_image and inpaint_mask go together (the image to inpaint and"
+                         " the mask of where to paint)")
+    given = next((t for t in (control, inpaint) if t is not None), None)
+    cond: Conditioning = {}
+    if control is not None:
+        cond["control"] = patcher.model.process_latent_in(control.float())
+    if inpaint is not None:
+        lat = patcher.model.process_latent_in(inpaint.float())
+        m = mask.float().reshape(1, 1, *mask.shape[-2:])
+        m = F.interpolate(m, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+        cond["inpaint"], cond["inpaint_keep"] = lat * (1 - m), 1 - m
+    cond["control_strength"] = torch.tensor([float(strength)])
+    stop_sigma = float(patcher.model.model_sampling.percent_to_sigma(float(stop)))
+
+    def extras(x: torch.Tensor, with_control: bool) -> torch.Tensor:
+        c = cond if with_control else {k: v for k, v in cond.items() if k != "control"}
+        if given is not None and tuple(given.shape[-2:]) != tuple(x.shape[-2:]):
+            raise ValueError(f"Flex.2 conditioning: its images make a {given.shape[-1]}x{given.shape[-2]} latent, the"
+                             f" latent sampled is {x.shape[-1]}x{x.shape[-2]}: give the empty latent the images'"
+                             " size (or scale the images to it)")
+        zeros = torch.zeros(x.shape[0], latent, *x.shape[-2:], dtype=torch.float32)
+        return flex2_inputs(zeros, {k: v.float() for k, v in c.items()})[:, latent:]
+
+    def wrapper(apply_model, args: dict):
+        x, sigma = args["input"], args["timestep"]
+        c = dict(args["c"])
+        c["c_concat"] = extras(x, stop >= 1.0 or float(sigma.max()) > stop_sigma).to(x.device, x.dtype)
+        return apply_model(x, sigma, **c)
+
+    clone = patcher.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone
