@@ -263,15 +263,18 @@ class Trainer:
         total = 0.0
         for a in range(tc.gradient_accumulation):
             loss = self._loss(step * tc.gradient_accumulation + a, gen) / tc.gradient_accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # read after the backward is queued (the one host sync of a step: reading it between forward and
+            # backward would hold the backward's launches until the forward had finished on the card)
             value = float(loss.detach())
             if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
                 saved = self.state.last_save or "nothing was saved yet"
                 raise TrainingDiverged(
                     f"loss became {value} at step {step + 1}; training stopped before the weights were touched."
                     f" Last good save: {saved}. Try a lower train.lr, train.dtype bf16 instead of fp16,"
                     f" or a smaller train.max_grad_norm."
                 )
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += value
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
