@@ -17,8 +17,8 @@ import torch
 from ..errors import DatasetError
 from ..fileio import save_safetensors_atomic
 from ..models.base import Conditioning, TrainingModel, split_conditioning
-from .dataset import (BatchItem, Dataset, Entry, control_dropped, fit_pixels, load_control_pixels, load_mask_pixels,
-                      load_pixels, load_reference_pixels)
+from .dataset import (BatchItem, Dataset, Entry, control_dropped, fit_pixels, image_pixels, load_control_pixels,
+                      load_mask_pixels, load_pixels, load_reference_pixels, mask_of_pixels)
 from .media import WHITE, clip_indices, probe, read_frames
 
 log = logging.getLogger("trainer")
@@ -264,25 +264,24 @@ def sample_conditions(model: TrainingModel, control_path: str | None, width: int
         if not model.takes_references:
             raise ConfigError(f"{key}.reference_image: model.arch {model.arch!r} takes no reference image"
                               " (wan21_vace does)")
-        p = _preview_file(reference_path, f"{key}.reference_image", "reference image")
-        try:
-            reference = image_pixels(p, size)
-        except Exception as e:
-            raise ConfigError(f"{key}.reference_image: reference image {p} cannot be read ({e})") from None
+        reference = _preview_image(reference_path, size, f"{key}.reference_image", "reference image")
     pixels = mask = None
-    if inpaint is not None:  # Flex.2: the image to inpaint and its mask (white: paint), as the training masks read
-        image_path, mask_path = (_preview_file(v, f"{key}.{name}", what) for v, name, what in
-                                 ((inpaint[0], "inpaint_image", "inpaint image"), (inpaint[1], "inpaint_mask", "mask")))
-        for p, name in ((image_path, "inpaint_image"), (mask_path, "inpaint_mask")):
-            try:
-                t = image_pixels(p, size)
-            except Exception as e:
-                raise ConfigError(f"{key}.{name}: {p} cannot be read ({e})") from None
-            if name == "inpaint_image":
-                pixels = t
-            else:
-                mask = ((t.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
+    if inpaint is not None:  # Flex.2: the image to inpaint and its mask (white: paint), read as training masks are
+        pixels, mask = (_preview_image(v, size, f"{key}.{name}", what) for v, name, what in
+                        ((inpaint[0], "inpaint_image", "inpaint image"), (inpaint[1], "inpaint_mask", "mask")))
+        mask = mask_of_pixels(mask)
     return conditions_of_image(model, control, frames, reference, size, pixels, mask)
+
+
+def _preview_image(path: str, size: tuple[int, int], key: str, what: str) -> torch.Tensor:
+    """A preview's image file at the sample's size, in [-1, 1]; a missing or unreadable file names `key`."""
+    from ..errors import ConfigError
+
+    p = _preview_file(path, key, what)
+    try:
+        return image_pixels(p, size)
+    except Exception as e:  # PIL raises many kinds for broken files
+        raise ConfigError(f"{key}: {what} {p} cannot be read ({e})") from None
 
 
 def _preview_file(path: str, key: str, what: str) -> Path:

@@ -311,7 +311,11 @@ def load_mask_pixels(item: MediaFile, entry: Entry) -> torch.Tensor | None:
     """The item's mask (VACE: 1 where the model generates) in [0, 1]: (1, [f,] h, w), or None without one."""
     if item.mask is None:
         return None
-    pixels = _companion_pixels(item.mask, entry, WHITE)  # a mask's transparency is "generate"
+    return mask_of_pixels(_companion_pixels(item.mask, entry, WHITE))  # a mask's transparency is "generate"
+
+
+def mask_of_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """A mask image's pixels (3, [f,] h, w) in [-1, 1] as a mask (1, [f,] h, w) in [0, 1]: white is 1."""
     return ((pixels.mean(dim=0, keepdim=True) + 1) / 2).clamp(0, 1)
 
 

@@ -105,8 +105,6 @@ class TrainingModel(ABC):
     takes_control: bool = False
     # datasets[].mask_path: masks beside the control (VACE) or inpaint masks (Flex.2)
     takes_masks: bool = False
-    # samples[].control_strength / control_stop / inpaint_image + inpaint_mask (Flex.2's pipeline inputs)
-    takes_inpaint: bool = False
     # datasets[].reference_path / samples[].reference_image: reference images (VACE)
     takes_references: bool = False
     # the conditioning key of clean latent frames the denoiser takes before the item's own (VACE's reference images):

@@ -77,11 +77,16 @@ def flex2_conditions(model, pixels: torch.Tensor, control: torch.Tensor | None,
     if control is not None:
         out["control"] = model.encode_pixels(control[None])[0]
     if mask is not None:
-        latent = model.encode_pixels(pixels[None])[0]
-        m = F.interpolate(mask[None].float(), size=latent.shape[-2:], mode="bilinear", align_corners=False)[0]
-        out["inpaint"] = latent * (1 - m)
-        out["inpaint_keep"] = 1 - m
+        out.update({k: v[0] for k, v in inpaint_conditions(model.encode_pixels(pixels[None]), mask).items()})
     return out or None
+
+
+def inpaint_conditions(latent: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+    """`inpaint` (the latent (b, c, h, w) zeroed under the mask) and `inpaint_keep` (1 - the mask at latent size,
+    bilinear as the pipeline resizes it) from a mask (1, H, W) or (H, W) at pixel size, 1 where the model paints."""
+    m = F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=latent.shape[-2:], mode="bilinear",
+                      align_corners=False)
+    return {"inpaint": latent * (1 - m), "inpaint_keep": 1 - m}
 
 
 def flex2_conditions_at(cond: Conditioning, step: int, steps: int) -> Conditioning:
@@ -150,10 +155,7 @@ def comfy_flex2_model(patcher, control: torch.Tensor | None, inpaint: torch.Tens
     if control is not None:
         cond["control"] = patcher.model.process_latent_in(control.float())
     if inpaint is not None:
-        lat = patcher.model.process_latent_in(inpaint.float())
-        m = mask.float().reshape(1, 1, *mask.shape[-2:])
-        m = F.interpolate(m, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-        cond["inpaint"], cond["inpaint_keep"] = lat * (1 - m), 1 - m
+        cond.update(inpaint_conditions(patcher.model.process_latent_in(inpaint.float()), mask))
     cond["control_strength"] = torch.tensor([float(strength)])
     stop_sigma = float(patcher.model.model_sampling.percent_to_sigma(float(stop)))
 

@@ -116,7 +116,7 @@ class FluxModel(TrainingModel):
         self.variant = variant
         self.arch = variant.arch
         self.takes_control = variant.takes_control
-        self.takes_masks = self.takes_inpaint = variant.takes_inpaint
+        self.takes_masks = variant.takes_inpaint
         self.denoiser = transformer
         self.vae = vae
         self.clip, self.t5 = clip, t5
