@@ -22,6 +22,7 @@ from .kolors import write_kolors_demo
 from .ltxv import write_ltxv_demo
 from .hunyuan_video import write_hunyuan_video_demo
 from .hidream import write_hidream_demo
+from .sana import write_sana_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
 from .videos import COLORS, SHAPES, draw_shape, make_video_dataset
@@ -42,6 +43,7 @@ DEMO_WRITERS = {
     "ltxv": write_ltxv_demo,
     "hunyuan_video": write_hunyuan_video_demo,
     "hidream": write_hidream_demo,
+    "sana": write_sana_demo,
 }
 
 
@@ -132,7 +134,8 @@ def comfyui_guide(model: dict, family, lora: Path) -> str:
         for p in encoders:
             lines.append(f"  {'models/' + folder + '/':<24}  {Path(p).name}   -> {loader}")
         if model.get("vae_path"):
-            lines.append(f"  models/vae/               {Path(model['vae_path']).name}   -> Load VAE")
+            folder, node = family.comfy_vae_loader or ("vae", "Load VAE")
+            lines.append(f"  {'models/' + folder + '/':<24}  {Path(model['vae_path']).name}   -> {node}")
     else:
         lines.append(f"  models/checkpoints/       {Path(model['name_or_path']).name}   -> Load Checkpoint (model, CLIP"
                      " and VAE in one file)")

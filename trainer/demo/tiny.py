@@ -28,7 +28,7 @@ def build_tokenizer(folder: Path, style: str, words: tuple[str, ...] = tuple(WOR
     """A word-level tokenizer saved as a fast tokenizer folder.
 
     style "clip": <|startoftext|> ... <|endoftext|>, padded with <|endoftext|> (the highest id, as in CLIP);
-    style "t5": ... </s>, padded with <pad> = 0.
+    style "t5": ... </s>, padded with <pad> = 0; style "gemma": <bos> ..., padded with <pad> = 0.
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
@@ -52,6 +52,13 @@ def build_tokenizer(folder: Path, style: str, words: tuple[str, ...] = tuple(WOR
         bos, eos, pad, unk = None, "</s>", "<pad>", "<unk>"
         post = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, 1)])
         max_len = model_max_length or 512
+    elif style == "gemma":  # <bos> first, nothing appended, padded with <pad> = 0
+        vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+        for w in vocab_words:
+            vocab[w] = len(vocab)
+        bos, eos, pad, unk = "<bos>", "<eos>", "<pad>", "<unk>"
+        post = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 2)])
+        max_len = model_max_length or 8192
     else:
         raise ValueError(style)
     tok = Tokenizer(WordLevel(vocab, unk_token=unk))

@@ -16,6 +16,8 @@ SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kolors", ("encoder_hid_proj.weight", "add_embedding.linear_1.weight")),  # the same in diffusers' names
     ("sdxl", ("input_blocks.0.0.weight", "label_emb.0.0.weight")),
     ("sd1", ("input_blocks.0.0.weight",)),
+    ("sana", ("blocks.0.mlp.inverted_conv.conv.weight", "t_block.1.weight")),  # the original (ExtraModels' SanaMS)
+    ("sana", ("transformer_blocks.0.ff.conv_inverted.weight", "caption_projection.linear_1.weight")),  # diffusers'
     ("wan", ("blocks.0.self_attn.q.weight", "patch_embedding.weight")),
     ("hidream", ("caption_projection.0.linear.weight", "x_embedder.proj.weight")),
     ("ltxav", ("audio_adaln_single.linear.weight", "patchify_proj.weight")),

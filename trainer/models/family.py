@@ -40,6 +40,7 @@ class Family:
     # models/text_encoders + the CLIP loader for that many files
     comfy_model_loader: tuple[str, str] = ()
     comfy_text_loader: tuple[str, str] = ()
+    comfy_vae_loader: tuple[str, str] = ()  # (folder, node) where core ComfyUI's Load VAE cannot read the VAE
     # tokenizers its loader must find: (kind, index in model.tokenizer_paths, diffusers folder component), checked
     # before any model file is read
     tokenizers: tuple[tuple[str, int, str], ...] = ()

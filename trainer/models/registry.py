@@ -27,6 +27,7 @@ FAMILY_MODULES: dict[str, str] = {
     "ltxv": "ltxv",
     "hunyuan_video": "hunyuan_video",
     "hidream": "hidream",
+    "sana": "sana",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)

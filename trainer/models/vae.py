@@ -78,15 +78,61 @@ def load_vae(path: Path, dtype: torch.dtype, scaling_factor: float, shift_factor
     return vae.eval().requires_grad_(False)
 
 
+# mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers (and 1.1): the config of the DC-AE file Sana users keep, which
+# ComfyUI_ExtraModels' VAE loader also builds (VAE/conf.py)
+SANA_DC_AE = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=32,
+    encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
+    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+    upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+    decoder_act_fns="silu", scaling_factor=0.41407,
+)
+
+
+def load_dc_ae(path: Path, dtype: torch.dtype, latent_channels: int):
+    """A deep-compression autoencoder (diffusers' AutoencoderDC): a diffusers folder, or the single
+    `diffusion_pytorch_model.safetensors` of Sana's DC-AE (its config is fixed: SANA_DC_AE)."""
+    from diffusers import AutoencoderDC
+
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise ModelFileError(f"{path}: not a diffusers DC-AE folder (no config.json)")
+        vae = AutoencoderDC.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    else:
+        shapes = safetensors_shapes(path)
+        if "encoder.conv_in.weight" not in shapes or "decoder.conv_out.weight" not in shapes:
+            raise ModelFileError(f"{path}: not a DC-AE in diffusers' names (Sana's dc-ae-f32c32-sana-1.x-diffusers file)")
+        with torch.device("meta"):
+            vae = AutoencoderDC(**SANA_DC_AE)
+        want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+        wrong = sorted(k for k in want if shapes.get(k) != want[k])
+        if wrong:
+            raise ModelFileError(f"{path}: not Sana's DC-AE f32c32 ({wrong[0]} is {shapes.get(wrong[0])}, expected"
+                                 f" {want[wrong[0]]}); give the diffusers folder with its config.json instead")
+        vae.load_state_dict(load_state_dict(path, dtype), strict=True, assign=True)
+    if vae.config.latent_channels != latent_channels:
+        raise ModelFileError(f"{path}: this DC-AE has {vae.config.latent_channels} latent channels; the model needs"
+                             f" {latent_channels}")
+    return vae.eval().requires_grad_(False)
+
+
 def vae_scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg = vae.config
+    widths = getattr(cfg, "block_out_channels", None) or cfg.encoder_block_out_channels
+    return 2 ** (len(widths) - 1)
 
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> normalized latents (posterior mean, shifted and scaled by the VAE's config)."""
+    """Images in [-1, 1] -> normalized latents (posterior mean, shifted and scaled by the VAE's config; a DC-AE's
+    latent is deterministic)."""
     p = next(vae.parameters())
-    lat = vae.encode(images.to(p.device, p.dtype)).latent_dist.mode()
+    out = vae.encode(images.to(p.device, p.dtype))
+    lat = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent
     cfg = vae.config
     return ((lat.float() - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).cpu()
 
