@@ -6,14 +6,16 @@ several input cases, through ComfyUI's own conditioning and sampling steps.
 
 ComfyUI fixes OmniGen2's config at full size (model_detection.py), so the small model is built as ComfyUI builds a
 detected one, from its `supported_models.Omnigen2` entry with the small `unet_config` given (load_diffusion_model's
-steps: model_config.get_model, load_model_weights; fp32, ComfyUI's manual-cast operations).
+steps: model_config.get_model, load_model_weights), in fp32, with the operations ComfyUI picks for that (the report's
+`linear_class`: comfy.ops.disable_weight_init).
 
 inputs.safetensors holds cases named CASE: `CASE.x` (b, 16, h, w) model-space latent, `CASE.sigma` (b,),
-`CASE.context` (b, n, 2048), optionally `CASE.mask` (b, n) 0/1 and `CASE.ref.J` (1 or b, 16, hr, wr) model-space
-reference latents (J = 0, 1, ...). Each case goes through model_base.Omnigen2.extra_conds (as the sampler calls it:
-cross_attn, attention_mask, reference_latents, which it converts with process_latent_in, so the references are
-handed over through process_latent_out) and apply_model. Output `CASE`: the velocity (x - denoised) / sigma, i.e.
-the diffusion model's output. A case ComfyUI cannot run is recorded in the report with its error, not raised.
+`CASE.context` (b, n, 2048), optionally `CASE.mask` (b, n) 0/1 (its first row is the cond's mask) and
+`CASE.ref.J` (1 or b, 16, hr, wr) model-space reference latents (J = 0, 1, ...). Each case goes through
+model_base.Omnigen2.extra_conds as the sampler calls it (cross_attn, attention_mask, reference_latents; it applies
+process_latent_in to the references, so they are handed over through process_latent_out), then apply_model.
+Output `CASE`: the velocity (x - denoised) / sigma, i.e. the diffusion model's output. A case ComfyUI cannot run is
+recorded in the report with its error, not raised.
 """
 
 from __future__ import annotations
@@ -59,13 +61,16 @@ def main() -> int:
     cases = sorted({k.split(".", 1)[0] for k in inputs})
     outputs, report = {}, {"model_class": type(model).__name__, "config_class": type(model_config).__name__,
                            "model_type": model.model_type.name, "load_messages": load_messages,
-                           "diffusion_model_class": type(model.diffusion_model).__name__, "cases": {}}
+                           "diffusion_model_class": type(model.diffusion_model).__name__,
+                           "linear_class": type(model.diffusion_model.x_embedder).__qualname__, "cases": {}}
     for case in cases:
         x, sigma = inputs[f"{case}.x"].float(), inputs[f"{case}.sigma"].float()
         refs = [inputs[f"{case}.ref.{j}"].float() for j in range(8) if f"{case}.ref.{j}" in inputs]
         kwargs = {"cross_attn": inputs[f"{case}.context"].float()}
         if f"{case}.mask" in inputs:
-            kwargs["attention_mask"] = inputs[f"{case}.mask"].long()  # ComfyUI's text encoders return long masks
+            # a cond's mask as ComfyUI's text encoder returns it: long, one row (extra_conds runs per cond, batch 1,
+            # and counts num_tokens over the whole mask); a batch of the same caption shares it
+            kwargs["attention_mask"] = inputs[f"{case}.mask"][:1].long()
         if refs:
             kwargs["reference_latents"] = [model.process_latent_out(r) for r in refs]
         info = {"timesteps": [float(t) for t in model.model_sampling.timestep(sigma)]}

@@ -4,8 +4,9 @@ conditioning (model_base.Omnigen2.extra_conds) and sampling (sigma -> timestep, 
 
 Cases: no padding; a padded text mask (ComfyUI is given the caption without its padding, which is what ComfyUI
 itself sees: it never pads OmniGen2 captions); one reference latent of another size than the image; an odd latent
-size (padded to the patch size and cropped back). ComfyUI's text encoder always returns a mask, so ComfyUI is given
-an all-ones mask where the trainer is given none. Needs COMFYUI_PATH (comfy_env.py); skipped otherwise.
+size (padded to the patch size and cropped back); a batch of two sigmas with two references. ComfyUI's text encoder
+always returns a mask, so ComfyUI is given an all-ones mask where the trainer is given none.
+Needs COMFYUI_PATH (comfy_env.py); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ def _cases() -> dict[str, dict]:
     mask = torch.tensor([[1.0] * 5 + [0.0] * 4])
     cases["padded"] = dict(ours=dict(x=x, sigma=torch.tensor([0.3]), context=ctx, mask=mask),
                            comfy=dict(x=x, sigma=torch.tensor([0.3]), context=ctx[:, :5], mask=torch.ones(1, 5)))
-    x, ctx, ref = rnd(1, 16, 6, 8), rnd(1, 6, 32), rnd(1, 16, 10, 4)
+    # wider than tall: the image's rope shift past a reference is its larger side (5 columns, not 2 rows)
+    x, ctx, ref = rnd(1, 16, 6, 8), rnd(1, 6, 32), rnd(1, 16, 4, 10)
     cases["ref"] = dict(ours=dict(x=x, sigma=torch.tensor([0.5]), context=ctx, refs=[ref]),
                         comfy=dict(x=x, sigma=torch.tensor([0.5]), context=ctx, mask=torch.ones(1, 6), refs=[ref]))
     x, ctx = rnd(1, 16, 7, 5), rnd(1, 6, 32)
     cases["odd"] = dict(ours=dict(x=x, sigma=torch.tensor([0.9]), context=ctx),
                         comfy=dict(x=x, sigma=torch.tensor([0.9]), context=ctx, mask=torch.ones(1, 6)))
+    # a batch (two sigmas) of one caption with two references, an odd-sized one shared and one per sample
+    x, ctx, refs = rnd(2, 16, 6, 4), rnd(1, 5, 32).expand(2, -1, -1), [rnd(1, 16, 5, 3), rnd(2, 16, 6, 6)]
+    cases["batch"] = dict(ours=dict(x=x, sigma=torch.tensor([0.4, 0.8]), context=ctx, refs=refs),
+                          comfy=dict(x=x, sigma=torch.tensor([0.4, 0.8]), context=ctx, mask=torch.ones(2, 5),
+                                     refs=refs))
     return cases
 
 
@@ -104,10 +111,11 @@ def test_comfyui_builds_and_loads_the_same_model(omnigen2_run: dict) -> None:
     r = omnigen2_run["report"]
     assert r["diffusion_model_class"] == "OmniGen2Transformer2DModel"
     assert r["model_type"] == "FLOW"
+    assert r["linear_class"] == "disable_weight_init.Linear"
     assert r["load_messages"] == []  # no missing or unexpected keys: every name matches
 
 
-@pytest.mark.parametrize("case", ["plain", "padded", "ref", "odd"])
+@pytest.mark.parametrize("case", ["plain", "padded", "ref", "odd", "batch"])
 def test_comfyui_output_matches(omnigen2_run: dict, case: str) -> None:
     info = omnigen2_run["report"]["cases"][case]
     assert "error" not in info, info.get("traceback")

@@ -45,7 +45,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 
-def _rope_cos_sin(position_ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_cos_sin(position_ids: torch.Tensor, axes_dim: Sequence[int],
+                  theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, L, 3) integer positions -> cos, sin of shape (b, L, 1, head_dim / 2), one frequency band per axis."""
     angles = []
     for axis, dim in enumerate(axes_dim):
