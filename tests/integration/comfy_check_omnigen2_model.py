@@ -16,6 +16,10 @@ model_base.Omnigen2.extra_conds as the sampler calls it (cross_attn, attention_m
 process_latent_in to the references, so they are handed over through process_latent_out), then apply_model.
 Output `CASE`: the velocity (x - denoised) / sigma, i.e. the diffusion model's output. A case ComfyUI cannot run is
 recorded in the report with its error, not raised.
+
+The report also holds ComfyUI's LoRA key map of the small model (comfy.lora.model_lora_keys_unet) and, under
+`full_size`, what ComfyUI detects from the released model's marker key: the config class, the unet config, and the
+parameter shapes of its own model built at that config on the meta device.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ import sys
 import traceback
 
 from comfy_boot import boot
+
+
+def full_size() -> dict:
+    import torch
+
+    import comfy.model_detection as md
+    import comfy.ops
+    from comfy.ldm.omnigen.omnigen2 import OmniGen2Transformer2DModel
+
+    # the key model_detection tells OmniGen2 by; the rest of the config is fixed there
+    marker = {"time_caption_embed.timestep_embedder.linear_1.bias": torch.empty(1024, device="meta")}
+    cfg = md.model_config_from_unet(marker, "")
+    unet_config = {k: v for k, v in cfg.unet_config.items() if k != "image_model"}
+    with torch.device("meta"):
+        full = OmniGen2Transformer2DModel(**unet_config, operations=comfy.ops.disable_weight_init)
+    return {"config_class": type(cfg).__name__, "unet_config": unet_config,
+            "shapes": {k: list(v.shape) for k, v in full.state_dict().items()}}
 
 
 def main() -> int:
@@ -88,6 +109,10 @@ def main() -> int:
             info["traceback"] = traceback.format_exc()[-2000:]
         report["cases"][case] = info
 
+    import comfy.lora
+
+    report["lora_key_map"] = comfy.lora.model_lora_keys_unet(model, {})
+    report["full_size"] = full_size()
     save_file(outputs, a.out)
     with open(a.report, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

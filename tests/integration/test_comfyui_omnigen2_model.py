@@ -104,7 +104,7 @@ def omnigen2_run(tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, cwd=str(comfy), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp / "report.json").read_text(encoding="utf-8"))
-    return dict(ours=ours, theirs=load_file(str(tmp / "out.safetensors")), report=report)
+    return dict(ours=ours, theirs=load_file(str(tmp / "out.safetensors")), report=report, model=model)
 
 
 def test_comfyui_builds_and_loads_the_same_model(omnigen2_run: dict) -> None:
@@ -125,3 +125,30 @@ def test_comfyui_output_matches(omnigen2_run: dict, case: str) -> None:
     assert ours.shape == theirs.shape
     assert theirs.abs().max() > 1e-3  # a zero output would match anything
     assert _rel_err(ours, theirs) < TOL
+
+
+def test_lora_keys_land_on_comfyuis_modules(omnigen2_run: dict) -> None:
+    # every linear layer of ours, named `diffusion_model.<name>` (or kohya's lora_unet_<name_with_underscores>),
+    # is a weight ComfyUI's LoRA loader patches
+    key_map = omnigen2_run["report"]["lora_key_map"]
+    linears = [n for n, m in omnigen2_run["model"].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) > 50
+    for name in linears:
+        assert key_map.get(f"diffusion_model.{name}") == f"diffusion_model.{name}.weight", name
+        assert key_map.get("lora_unet_" + name.replace(".", "_")) == f"diffusion_model.{name}.weight", name
+
+
+def test_full_size_defaults_are_what_comfyui_detects(omnigen2_run: dict) -> None:
+    from trainer.models.omnigen2_transformer import OmniGen2Transformer
+
+    full = omnigen2_run["report"]["full_size"]
+    assert full["config_class"] == "Omnigen2"
+    assert full["unet_config"]["hidden_size"] == 2520 and full["unet_config"]["num_layers"] == 32
+    with torch.device("meta"):
+        ours = OmniGen2Transformer()
+    assert {k: list(v.shape) for k, v in ours.state_dict().items()} == full["shapes"]
+    # the constructor arguments ComfyUI's detection sets are ours with the same values
+    cfg = dict(ours.config)
+    assert set(full["unet_config"]) <= set(cfg)
+    for k, v in full["unet_config"].items():
+        assert (list(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]) == v, k
