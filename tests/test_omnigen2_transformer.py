@@ -202,3 +202,12 @@ def test_bad_configs_are_refused() -> None:
         OmniGen2Transformer(**{**CONFIG, "axes_dim_rope": (8, 8, 6)})
     with pytest.raises(ValueError, match="KV head"):
         OmniGen2Transformer(**{**CONFIG, "num_kv_heads": 3})
+
+
+def test_save_and_load_pretrained_round_trip(model: OmniGen2Transformer, tmp_path) -> None:
+    model.save_pretrained(tmp_path)
+    loaded = OmniGen2Transformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.axes_dim_rope == list(CONFIG["axes_dim_rope"])
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, ctx), model(x, t, ctx), rtol=0, atol=0)

@@ -332,7 +332,7 @@ class OmniGen2Transformer(ModelMixin, ConfigMixin):
             text_pos = (text_mask.long().cumsum(dim=1) - 1).clamp(min=0)
             cap_len = text_mask.sum(dim=1)
 
-        refs = [r for r in (ref_latents or [])]
+        refs = list(ref_latents or [])
         ref_tokens, grids = self._embed_refs(refs, b, hidden.dtype) if refs else (None, [])
 
         # position ids for [text, refs, image]: the first axis of each image is one shift past what came before
