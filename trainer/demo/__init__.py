@@ -22,6 +22,7 @@ from .kolors import write_kolors_demo
 from .ltxv import write_ltxv_demo
 from .hunyuan_video import write_hunyuan_video_demo
 from .hidream import write_hidream_demo
+from .omnigen2 import write_omnigen2_demo
 from .sana import write_sana_demo
 from .sd3 import write_sd3_demo
 from .sdxl import write_sdxl_demo
@@ -44,6 +45,7 @@ DEMO_WRITERS = {
     "hunyuan_video": write_hunyuan_video_demo,
     "hidream": write_hidream_demo,
     "sana": write_sana_demo,
+    "omnigen2": write_omnigen2_demo,
 }
 
 

@@ -16,6 +16,7 @@ SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kolors", ("encoder_hid_proj.weight", "add_embedding.linear_1.weight")),  # the same in diffusers' names
     ("sdxl", ("input_blocks.0.0.weight", "label_emb.0.0.weight")),
     ("sd1", ("input_blocks.0.0.weight",)),
+    ("omnigen2", ("time_caption_embed.timestep_embedder.linear_1.bias", "ref_image_patch_embedder.weight")),
     ("sana", ("blocks.0.mlp.inverted_conv.conv.weight", "t_block.1.weight")),  # the original (ExtraModels' SanaMS)
     ("sana", ("transformer_blocks.0.ff.conv_inverted.weight", "caption_projection.linear_1.weight")),  # diffusers'
     ("wan", ("blocks.0.self_attn.q.weight", "patch_embedding.weight")),

@@ -45,6 +45,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 
+def _checkpoint(module: nn.Module, *args):
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
 def _rope_cos_sin(position_ids: torch.Tensor, axes_dim: Sequence[int],
                   theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, L, 3) integer positions -> cos, sin of shape (b, L, 1, head_dim / 2), one frequency band per axis."""
@@ -286,6 +290,7 @@ class OmniGen2Transformer(ModelMixin, ConfigMixin):
                                                   patch_size * patch_size * self.out_channels, final_norm_eps)
         self.image_index_embedding = nn.Parameter(torch.randn(max_ref_images, hidden_size))
         self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = _checkpoint
 
     def _embed_refs(self, refs: list[torch.Tensor], batch: int, dtype: torch.dtype
                     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -366,7 +371,8 @@ class OmniGen2Transformer(ModelMixin, ConfigMixin):
             key_mask = torch.cat([text_mask, text_mask.new_ones(b, ref_len + img_len)], dim=1)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                seq = torch.utils.checkpoint.checkpoint(layer, seq, key_mask, cos, sin, temb, use_reentrant=False)
+                # diffusers' enable_gradient_checkpointing sets the function (which may checkpoint some layers only)
+                seq = self._gradient_checkpointing_func(layer, seq, key_mask, cos, sin, temb)
             else:
                 seq = layer(seq, key_mask, cos, sin, temb)
 

@@ -28,6 +28,7 @@ FAMILY_MODULES: dict[str, str] = {
     "hunyuan_video": "hunyuan_video",
     "hidream": "hidream",
     "sana": "sana",
+    "omnigen2": "omnigen2",
 }
 
 # old names for arches (ai-toolkit's flags map here too: is_flux, is_v3, is_xl)

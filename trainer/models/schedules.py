@@ -65,3 +65,12 @@ def flow_match_euler_sigmas(steps: int, shift: float, num_train_timesteps: int =
     lowest = time_shift_linear(shift, torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))
     sig = time_shift_linear(shift, torch.linspace(1.0, float(lowest), steps, dtype=torch.float64))
     return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()
+
+
+def comfy_simple_sigmas(steps: int, shift: float, timesteps: int = 1000) -> torch.Tensor:
+    """ComfyUI's `simple` scheduler over its discrete flow sigmas (ModelSamplingDiscreteFlow with `shift`): every
+    (timesteps / steps)-th entry of the shifted table, from the top, then 0. The sigmas ComfyUI's KSampler uses for
+    flow families without a diffusers scheduler of their own (OmniGen2)."""
+    table = time_shift_linear(shift, torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps)
+    stride = timesteps / steps
+    return torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])

@@ -310,11 +310,12 @@ COMFY_TOKENIZER_DIRS = {
     "clip": ("comfy/sd1_tokenizer",),
     "t5": ("comfy/text_encoders/t5_tokenizer", "comfy/t5_tokenizer"),
     "llama": ("comfy/text_encoders/llama_tokenizer",),
+    "qwen25": ("comfy/text_encoders/qwen25_tokenizer",),
 }
-TOKENIZER_NAMES = {"clip": "CLIP", "t5": "T5", "llama": "Llama"}
+TOKENIZER_NAMES = {"clip": "CLIP", "t5": "T5", "llama": "Llama", "qwen25": "Qwen2.5"}
 # what a folder must hold to be a tokenizer of that kind (a Llama 3 tokenizer is its tokenizer.json: a folder with
 # only its tokenizer_config.json cannot load)
-TOKENIZER_FILES = {"llama": ("tokenizer.json",)}
+TOKENIZER_FILES = {"llama": ("tokenizer.json",), "qwen25": ("tokenizer.json", "vocab.json")}
 
 
 def _looks_like_tokenizer(folder: Path, kind: str = "") -> bool:
