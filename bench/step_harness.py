@@ -113,7 +113,7 @@ def time_steps(model: TrainingModel, case: str, size: tuple[int, int, int], cond
            "s_per_step": round(sps, 3), "steps_s": [round(t, 2) for t in times], "tflop_per_step": round(tflop, 1),
            "mfu": round(tflop / sps / PEAK_TFLOPS, 3) if device.type == "cuda" else None,
            "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None,
-           "swapped_blocks": len(swap.swapped) if swap else 0, "lora_targets": len(targets),
+           "swapped_blocks": len(swap.swapped) if swap else 0, "lora_targets": len(net.targets),
            "loss_finite": bool(torch.isfinite(loss).item()), **extra,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     _cap(opts, device, False)
