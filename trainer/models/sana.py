@@ -20,6 +20,10 @@ LoRA: ExtraModels has no LoRA loader of its own; ComfyUI's LoraLoaderModelOnly m
 SanaMS's original module names (`diffusion_model.blocks.N.attn.qkv` ...), so saves use those names: q/k/v trained
 as one fused target, cross-attention k/v likewise. Default targets: the attention linears; the feed-forward's 1x1
 convs are conv targets (trained with a conv rank: network.conv or LoCon); the depthwise 3x3 is left out.
+
+Known ExtraModels deviation (tests/integration/test_comfyui_sana.py): its SanaMS loads Sana 1.5's cross-attention q/k
+norm weights but never applies them (MultiHeadCrossAttention.forward), so Sana 1.5 (base and LoRA alike) runs there
+without them; the trainer follows NVlabs / diffusers, which apply them.
 """
 
 from __future__ import annotations
