@@ -44,7 +44,7 @@ CASES = {
 }
 # the parameter each type's update dW is linear in, and the rms of dW when every parameter is N(0, 1):
 # a product of two N(0, 1) factors summed over rank r has variance r (LoHa: a Hadamard product of two such)
-LINEAR_PARAM = {"lora": "lora_up", "dora": "lora_up", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+LINEAR_PARAM = {"lora": "lora_up", "locon": "lora_up", "dora": "lora_up", "loha": "hada_w1_a", "lokr": "lokr_w1"}
 
 
 def _unit_delta_rms(ad) -> float:
