@@ -4,7 +4,8 @@ takes them (given frames put in and left out of the loss, the family's training 
 block-swap equality check. The per-family scripts (wan_step.py, hunyuan_video_step.py, ltxv_step.py,
 hidream_step.py) only build their model, conditioning and analytic FLOPs.
 
-Case options: `fp8` (model.quantize: block linears in fp8), `swap=N|auto` (train.blocks_to_swap; auto sized under
+Case options: `ckpt=F` (the fraction of blocks checkpointed, default 1), `compile` (train.compile), `fp8`
+(model.quantize: block linears in fp8), `swap=N|auto` (train.blocks_to_swap; auto sized under
 the cap for this size), `offload` (train.offload_activations), `cap=G` (torch.cuda.set_per_process_memory_fraction
 at G GiB, set after the weights were built and swapped out, so the peak is the training's, as when the CLI loads on
 the CPU).
@@ -54,7 +55,7 @@ def prepare_memory(model: TrainingModel, opts: dict, device: torch.device, large
         quantize_blocks(model.repeated_blocks())
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the prepare step does (NaN / illegal access on H100/H200)
-    model.set_gradient_checkpointing(1.0)
+    model.set_gradient_checkpointing(float(opts.get("ckpt", 1.0)))
     swap = None
     if "swap" in opts:
         blocks = model.repeated_blocks()
@@ -79,6 +80,8 @@ def time_steps(model: TrainingModel, case: str, size: tuple[int, int, int], cond
     targets = select_targets(model.targets(), [], [])
     net = Network(targets, "lora", rank=16, alpha=16.0).to(device)
     net.attach()
+    if "compile" in opts:  # train.compile: regional compile after the network's hooks are attached
+        model.compile_blocks()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     if device.type == "cuda":
         _cap(opts, device, True)

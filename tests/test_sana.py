@@ -132,6 +132,9 @@ def test_single_file_matches_diffusers_converter(sana, model):
         assert rel_err(model.predict(noisy, sigmas, padded)[0], got[0]) < 1e-6
         unmasked = dict(padded, mask=torch.ones_like(cond["mask"]))
         assert rel_err(model.predict(noisy, sigmas, unmasked)[0], got[0]) > 1e-3
+        # alone, the short caption runs on its 7 tokens without a mask, and computes the same
+        one = {"context": padded["context"][:1], "mask": cond["mask"][:1]}
+        assert rel_err(model.predict(noisy[:1], sigmas[:1], one), got[:1]) < 1e-6
     assert rel_err(got, want) < 1e-6
 
 

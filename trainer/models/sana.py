@@ -202,8 +202,14 @@ class SanaModel(TrainingModel):
         b = noisy.shape[0]
         s = sigmas.float().reshape(-1)
         t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS  # fp32: bf16 would round 1000 sigma
-        return self.denoiser(noisy.to(dev, dt), encoder_hidden_states=cond["context"].to(dev, dt),
-                             encoder_attention_mask=cond["mask"].to(dev), timestep=t.to(dev), return_dict=False)[0]
+        # captions are right-padded: the padding past the batch's longest caption is cut (what ExtraModels does, and
+        # masked tokens change nothing), so a batch of one attends without a mask (a bias breaks compiled SDPA)
+        mask = cond["mask"]
+        n = max(1, int(mask.sum(dim=1).max()))
+        mask = mask[:, :n]
+        return self.denoiser(noisy.to(dev, dt), encoder_hidden_states=cond["context"][:, :n].to(dev, dt),
+                             encoder_attention_mask=None if bool(mask.all()) else mask.to(dev), timestep=t.to(dev),
+                             return_dict=False)[0]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         return flow_match_euler_sigmas(steps, self.sample_shift, NUM_TRAIN_TIMESTEPS)
