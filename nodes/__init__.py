@@ -4,12 +4,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .flex2 import EriFlex2Conditioning
 from .model import EriComfyModel, EriModelByArch
-from .parts import EriDataset, EriNetwork, EriTrainSettings
+from .parts import EriDataset, EriImageDataset, EriNetwork, EriTrainSettings
 from .train import EriApplyLoRA, EriSample, EriSaveLoRA, EriTrain
 from .yaml_bridge import EriExportJob, EriLoadJob
 
 NODES: list[type[io.ComfyNode]] = [
-    EriComfyModel, EriModelByArch, EriDataset, EriNetwork, EriTrainSettings,
+    EriComfyModel, EriModelByArch, EriDataset, EriImageDataset, EriNetwork, EriTrainSettings,
     EriTrain, EriSample, EriSaveLoRA, EriApplyLoRA, EriLoadJob, EriExportJob, EriFlex2Conditioning,
 ]
 

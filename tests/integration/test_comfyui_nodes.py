@@ -350,6 +350,48 @@ def test_by_arch_train_save_sample(server):
     print(f"A (by arch): {entry['seconds']}s, {summary}")
 
 
+def test_image_dataset_from_the_graph_trains(server):
+    """E: an IMAGE batch from the graph (EmptyImage: 2 images, two colors via ImageBatch) with a caption per line ->
+    Training Dataset (from images) -> EriTrain 2 steps; the folder it wrote holds both images and captions, and a
+    second run with the same inputs writes nothing new."""
+    b, f = server.base, server.files
+
+    def prompt(name: str) -> dict:
+        return {
+            "red": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                           "color": 0xFF0000}},
+            "blue": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                            "color": 0x0000FF}},
+            "batch": {"class_type": "ImageBatch", "inputs": {"image1": ["red", 0], "image2": ["blue", 0]}},
+            "data": {"class_type": "EriImageDataset", "inputs": {
+                "images": ["batch", 0], "captions": "sks, a red square\nsks, a blue square", "trigger_word": "sks",
+                "resolution": "64", "caption_dropout_rate": 0.0, "num_repeats": 1, "flip_x": False,
+                "shuffle_tokens": False, "keep_tokens": 0, "cache_latents_to_disk": False}},
+            "model": _by_arch(f["demo"]), "net": _network(), "settings": _settings(name, b / "train_e"),
+            "train": {"class_type": "EriTrain", "inputs": {"training_model": ["model", 0], "datasets": ["data", 0],
+                                                             "network": ["net", 0], "settings": ["settings", 0],
+                                                             "steps": 2}},
+        }
+
+    entry = server.run(prompt("eri_images"))
+    summary = _summary(entry, "train")
+    assert summary.startswith("step 2, loss "), summary
+    folders = sorted((b / "output" / "eridiffusion" / "datasets").iterdir())
+    assert len(folders) == 1, folders
+    written = sorted(p.name for p in folders[0].iterdir())
+    assert written == ["00000.png", "00000.txt", "00001.png", "00001.txt"], written
+    assert (folders[0] / "00001.txt").read_text(encoding="utf-8") == "sks, a blue square"
+    from PIL import Image
+
+    with Image.open(folders[0] / "00000.png") as im:
+        assert im.size == (64, 64) and im.getpixel((3, 3)) == (255, 0, 0)
+    mtime = (folders[0] / "00000.png").stat().st_mtime_ns
+    server.run(prompt("eri_images_again"))
+    assert sorted((b / "output" / "eridiffusion" / "datasets").iterdir()) == folders
+    assert (folders[0] / "00000.png").stat().st_mtime_ns == mtime
+    print(f"E (images from the graph): {entry['seconds']}s, {summary}")
+
+
 def test_comfy_model_train_save_apply(server):
     """B: ComfyUI's loaders -> EriComfyModel -> EriTrain (2 steps) -> EriSaveLoRA; and EriApplyLoRA -> KSampler."""
     b, f = server.base, server.files
