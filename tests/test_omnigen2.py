@@ -1,7 +1,8 @@
 """OmniGen2 family: config from shapes (real size too), loading, Qwen2.5 text as ComfyUI encodes it, the trimmed
 padding, ComfyUI's simple schedule, text-to-image and edit training (reference latents from control_path) whose LoRA
 merged into the original weights computes what the trainer computed, and resume. The transformer itself is proven
-equal to ComfyUI's in tests/integration/test_comfyui_omnigen2_model.py."""
+equal to ComfyUI's in tests/integration/test_comfyui_omnigen2_model.py, the prompt encoding (token ids, valid hidden
+states, mask lengths) in tests/integration/test_comfyui_omnigen2_text.py."""
 
 from __future__ import annotations
 

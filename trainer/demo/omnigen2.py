@@ -63,13 +63,14 @@ def build_qwen_tokenizer(folder: Path, words: tuple[str, ...] = tuple(tiny.WORDS
 
 
 def make_qwen_file(path: Path, vocab: int, hidden: int, layers: int = 1, seed: int = 72,
-                   dtype: torch.dtype = torch.float32) -> None:
-    """A Qwen2 decoder with random weights, one head of 128 (its width), under `model.` like ComfyUI's file."""
+                   dtype: torch.dtype = torch.float32, heads: int = 1, kv_heads: int = 1) -> None:
+    """A Qwen2 decoder with random weights, heads of 128 (one by default), under `model.` like ComfyUI's file
+    (ComfyUI's detection reads Qwen2.5-VL-3B from a k_proj bias 256 wide: kv_heads=2)."""
     from transformers import Qwen2Config, Qwen2Model
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-6,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128, rms_norm_eps=1e-6,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     sd = {f"model.{k}": v.to(dtype) for k, v in Qwen2Model(cfg).state_dict().items()}
     sd["visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 2, 2, dtype=dtype)  # never loaded
