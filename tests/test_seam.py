@@ -274,3 +274,26 @@ def test_no_family_reads_by_name_outside_families():
         assert "hasattr(" not in text and "getattr(model" not in text and "getattr(self.model" not in text, f
     assert set(TrainingModel.__abstractmethods__) == {"targets", "latent_channels", "encode_text", "predict",
                                                       "sample_sigmas"}
+
+
+def test_ragged_conditioning_keeps_each_captions_own_shape():
+    """ComfyUI encodes each caption at its own length: a batch holds them zero-padded with their true shapes, a
+    sample comes back exactly, and the text cache's per-caption items collate (padded) across batches of other
+    lengths; a varying tensor without its shape record is refused."""
+    from trainer.models.base import collate_conditioning, ragged_batch, sample_of, split_conditioning
+
+    a = {"cross_attn": torch.randn(5, 8), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    b = {"cross_attn": torch.randn(9, 8), "attention_mask": torch.ones(1, 9, dtype=torch.long)}
+    c = {"cross_attn": torch.randn(3, 8), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    batch = ragged_batch([a, b])
+    assert batch["cross_attn"].shape == (2, 9, 8) and batch["attention_mask"].shape == (2, 1, 9)
+    for i, want in enumerate((a, b)):
+        got = sample_of(batch, i)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    items = split_conditioning(batch) + split_conditioning(ragged_batch([c]))
+    again = collate_conditioning([items[2], items[0]])
+    assert again["cross_attn"].shape == (2, 9, 8)
+    assert torch.equal(sample_of(again, 0)["cross_attn"], c["cross_attn"]) and torch.equal(
+        sample_of(again, 1)["cross_attn"], a["cross_attn"])
+    with pytest.raises(RuntimeError, match="varies in shape"):
+        collate_conditioning([{"x": torch.zeros(2)}, {"x": torch.zeros(3)}])

@@ -35,8 +35,54 @@ def split_conditioning(cond: Conditioning) -> list[Conditioning]:
     return [{k: v[i] for k, v in cond.items()} for i in range(n)]
 
 
+# `<name>__shape` (b, ndim): the true shape of each sample's `<name>`, for conditioning whose length varies by caption
+# (ComfyUI's encodes: each prompt at its own length); the batch holds them zero-padded to the longest
+SHAPE_SUFFIX = "__shape"
+
+
+def pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one rank stacked, each zero-padded at the end of every dimension to the largest."""
+    size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = tensors[0].new_zeros((len(tensors), *size))
+    for i, t in enumerate(tensors):
+        out[(i, *[slice(0, n) for n in t.shape])] = t
+    return out
+
+
+def ragged_batch(per_sample: list[dict[str, torch.Tensor]]) -> Conditioning:
+    """Per-sample tensors of varying shapes as one batch: each name zero-padded, with its `<name>__shape`."""
+    out: Conditioning = {}
+    for k in per_sample[0]:
+        ts = [d[k] for d in per_sample]
+        out[k] = pad_stack(ts)
+        out[k + SHAPE_SUFFIX] = torch.tensor([list(t.shape) for t in ts], dtype=torch.long)
+    return out
+
+
+def sample_of(cond: Conditioning, i: int) -> dict[str, torch.Tensor]:
+    """Sample i's tensors of a batch, cut back to their true shapes where the batch records them."""
+    out = {}
+    for k, v in cond.items():
+        if k.endswith(SHAPE_SUFFIX):
+            continue
+        shape = cond.get(k + SHAPE_SUFFIX)
+        t = v[i]
+        out[k] = t[tuple(slice(0, int(n)) for n in shape[i])] if shape is not None else t
+    return out
+
+
 def collate_conditioning(items: list[Conditioning]) -> Conditioning:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    """Per-caption conditioning (from the text cache) as a batch; tensors whose shapes vary are padded."""
+    out: Conditioning = {}
+    for k in items[0]:
+        ts = [it[k] for it in items]
+        if len({tuple(t.shape) for t in ts}) == 1:
+            out[k] = torch.stack(ts)
+        elif k + SHAPE_SUFFIX in items[0]:
+            out[k] = pad_stack(ts)
+        else:
+            raise RuntimeError(f"conditioning {k!r} varies in shape across captions without a {k}{SHAPE_SUFFIX} record")
+    return out
 
 
 def batch_of_one(cond: Conditioning) -> Conditioning:

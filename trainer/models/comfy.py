@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Conditioning, Target, TargetMember, TrainingModel
+from .base import Conditioning, Target, TargetMember, TrainingModel, ragged_batch, sample_of
 from .blocks import spread_over_depth
 from .fingerprint import module_fingerprint
 from .objectives import EpsObjective, FlowObjective
@@ -309,19 +309,24 @@ class ComfyModel(TrainingModel):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Conditioning:
+        """ComfyUI's whole conditioning of each caption, as its CLIPTextEncode makes it: the context (`cross_attn`)
+        and every tensor beside it (pooled_output, attention_mask, HiDream's conditioning_llama3, ...), each caption at
+        its own length (zero-padded in the batch, with its true shape: base.ragged_batch)."""
         if self.clip is None:
             raise RuntimeError("no CLIP: connect a CLIP to encode captions, or cache the text embeddings")
-        conds, pooled = [], []
+        per_sample = []
         for c in captions:
             out = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(c), show_pbar=False)
             cond, extra = out[0][0], out[0][1]
-            conds.append(cond[0].float().cpu())
-            p = extra.get("pooled_output")
-            pooled.append(p[0].float().cpu() if p is not None else torch.zeros(1))
-        length = math.lcm(*[c.shape[0] for c in conds])
-        # different lengths batch as ComfyUI does: repeat to a common multiple (cross-attention invariant)
-        conds = [c.repeat(length // c.shape[0], 1) for c in conds]
-        return {"cross_attn": torch.stack(conds), "pooled_output": torch.stack(pooled)}
+            item = {"cross_attn": cond[0].float().cpu()}
+            for k, v in extra.items():
+                if isinstance(v, torch.Tensor):  # as ComfyUI hands them to extra_conds (a batch of one)
+                    item[k] = (v.float() if v.is_floating_point() else v).cpu()
+            per_sample.append(item)
+        keys = set(per_sample[0])
+        if any(set(d) != keys for d in per_sample):
+            raise RuntimeError("ComfyUI's CLIP returned different conditioning entries for different captions")
+        return ragged_batch(per_sample)
 
     @torch.no_grad()
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -350,33 +355,39 @@ class ComfyModel(TrainingModel):
         return (img.float().movedim(-1, 1) * 2 - 1).clamp(-1, 1).cpu()
 
     # --- denoising ----------------------------------------------------------------------------
-    def _model_conds(self, noisy: torch.Tensor, cond: Conditioning, guidance: float | None) -> dict:
-        b = noisy.shape[0]
-        per_sample = []
-        for i in range(b):
-            params = {"cross_attn": cond["cross_attn"][i:i + 1].to(self.device), "device": self.device,
-                      "noise": noisy[i:i + 1], "width": noisy.shape[-1] * self.vae_scale,
-                      "height": noisy.shape[-2] * self.vae_scale}
-            if cond.get("pooled_output") is not None and cond["pooled_output"].numel() > b:
-                params["pooled_output"] = cond["pooled_output"][i:i + 1].to(self.device)
-            if self.distilled_guidance:
-                params["guidance"] = 1.0 if guidance is None else float(guidance)
-            per_sample.append(self.base.extra_conds(**params))
-        out = {}
-        for k in per_sample[0]:
-            items = [d[k].process_cond(batch_size=1, device=self.device, area=None) for d in per_sample]
-            out[k] = items[0].concat(items[1:]) if len(items) > 1 else items[0].cond
-        return out
+    def _sample_conds(self, noisy: torch.Tensor, cond: dict[str, torch.Tensor], guidance: float | None) -> dict:
+        """One sample's model inputs from ComfyUI's own extra_conds, given its whole conditioning (as ComfyUI's
+        sampling passes a prompt's conditioning dict to it)."""
+        params = {k: v.to(self.device) for k, v in cond.items()}
+        params["cross_attn"] = cond["cross_attn"][None].to(self.device)
+        params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
+                      height=noisy.shape[-2] * self.vae_scale)
+        if self.distilled_guidance:
+            params["guidance"] = 1.0 if guidance is None else float(guidance)
+        out = self.base.extra_conds(**params)
+        return {k: v.process_cond(batch_size=1, device=self.device, area=None) for k, v in out.items()}
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
         x = noisy.to(self.device, torch.float32)
-        s = sigmas.to(self.device, torch.float32)
+        s = sigmas.to(self.device, torch.float32).reshape(-1).expand(x.shape[0])
+        per_sample = [self._sample_conds(x[i:i + 1], sample_of(cond, i), guidance) for i in range(x.shape[0])]
+        # one batch where ComfyUI would batch them (same conditioning shapes); else one sample at a time, as ComfyUI
+        # runs prompts whose conditioning it cannot concatenate
+        first = per_sample[0]
+        if all(set(d) == set(first) and all(first[k].can_concat(d[k]) for k in first) for d in per_sample[1:]):
+            groups = [(slice(0, x.shape[0]), {k: first[k].concat([d[k] for d in per_sample[1:]]) if len(per_sample) > 1
+                                              else first[k].cond for k in first})]
+        else:
+            groups = [(slice(i, i + 1), {k: v.cond for k, v in d.items()}) for i, d in enumerate(per_sample)]
+        outs = []
         # ComfyUI's models add residuals in place (Flux: `x += ...` after a norm saved x), which autograd
         # refuses: the activations it saves are copied as they are saved, so later in-place updates miss them
         with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _same):
-            denoised = self.base.apply_model(x, s, **self._model_conds(x, cond, guidance))
-        # eps for eps/v models, the velocity (noise - x0) for flow models
-        return (x - denoised) / s.view(-1, *([1] * (x.dim() - 1)))
+            for sel, conds in groups:
+                denoised = self.base.apply_model(x[sel], s[sel], **conds)
+                # eps for eps/v models, the velocity (noise - x0) for flow models
+                outs.append((x[sel] - denoised) / s[sel].view(-1, *([1] * (x.dim() - 1))))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def train_sigmas(self, kind: str, batch: int, gen: torch.Generator, latent_shape: tuple[int, ...]) -> torch.Tensor:
         if self.is_flow:
