@@ -320,8 +320,8 @@ class ComfyModel(TrainingModel):
             cond, extra = out[0][0], out[0][1]
             item = {"cross_attn": cond[0].float().cpu()}
             for k, v in extra.items():
-                if isinstance(v, torch.Tensor):  # as ComfyUI hands them to extra_conds (a batch of one)
-                    item[k] = (v.float() if v.is_floating_point() else v).cpu()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1:  # ComfyUI's batch of one
+                    item[k] = (v[0].float() if v.is_floating_point() else v[0]).cpu()
             per_sample.append(item)
         keys = set(per_sample[0])
         if any(set(d) != keys for d in per_sample):
@@ -358,8 +358,7 @@ class ComfyModel(TrainingModel):
     def _sample_conds(self, noisy: torch.Tensor, cond: dict[str, torch.Tensor], guidance: float | None) -> dict:
         """One sample's model inputs from ComfyUI's own extra_conds, given its whole conditioning (as ComfyUI's
         sampling passes a prompt's conditioning dict to it)."""
-        params = {k: v.to(self.device) for k, v in cond.items()}
-        params["cross_attn"] = cond["cross_attn"][None].to(self.device)
+        params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
                       height=noisy.shape[-2] * self.vae_scale)
         if self.distilled_guidance:
