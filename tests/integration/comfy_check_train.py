@@ -164,6 +164,10 @@ def main() -> int:
     if a.family == "wan":  # a video preview through ComfyUI's VAE: the frames of a clip
         with torch.inference_mode(False):
             sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=5).shape)
+    if a.family == "omnigen2":  # a preview with CFG: the caption and the (empty) negative at their own lengths
+        with torch.inference_mode(False):
+            preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1)
+        sample_shape = list(preview.shape) if bool(torch.isfinite(preview).all()) else None
 
     # the trainer's model at the end of training, on a fixed noisy latent and prompt
     lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 2, 8, 8), "flux": (1, 16, 8, 8),

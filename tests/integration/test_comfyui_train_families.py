@@ -16,7 +16,7 @@ Each family runs in its own ComfyUI python process (comfy_check_train.py) on ran
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
 5.7 GB in fp8). Needs COMFYUI_PATH (see comfy_env.py); skipped without it.
-Measured on the 2-core dev machine with the fixtures cached: Flux ~0.8 min, SDXL ~1 min, Wan ~4 min (the
+Measured on the 2-core dev machine with the fixtures cached: Flux ~0.8 min, SDXL ~1 min, OmniGen2 ~10 s, Wan ~4 min (the
 UMT5-XXL encoder runs 512 tokens per caption on the CPU); writing the Wan fixtures adds ~2 min once.
 """
 
@@ -90,3 +90,4 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
             assert s["ran"] == want and s["trained"] == want, (name, s)
         # batch 2, samples one at a time (ComfyUI cannot concatenate conds of different lengths): 3 steps x 2
         assert r["train_forward_batches"] == [1] * 6, r["train_forward_batches"]
+        assert r["sample_shape"] == [3, 64, 64], r["sample_shape"]  # a CFG preview through ComfyUI's VAE, finite
