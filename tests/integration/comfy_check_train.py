@@ -176,7 +176,8 @@ def main() -> int:
     x = torch.randn(lat_shape, generator=g)
     sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()  # not an inference tensor
     cond = model.encode_text(["sks, a photo of a red cat"])
-    other = model.encode_text(["sks, a small sketch of a big blue house with a dark tree on the bright sky"])
+    long_caption = "sks, a small sketch of a big blue house with a dark tree on the bright sky"
+    other = model.encode_text([long_caption])
     net = session.trainer.network
 
     def out(m: ComfyModel, c=cond) -> torch.Tensor:
@@ -190,9 +191,8 @@ def main() -> int:
         trained_other = out(model, other)
         # both captions in one batch (padded to the longer, each cut back to its own length) = each alone
         with torch.no_grad():
-            pair = model.predict(torch.cat([x, x]), sigma.repeat(2), model.encode_text(
-                ["sks, a photo of a red cat", "sks, a small sketch of a big blue house with a dark tree on the bright sky"]),
-                guidance=3.5).float().cpu()
+            pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
+                                 model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
     finally:
         net.detach()
     base = out(model)
@@ -240,7 +240,8 @@ def main() -> int:
 
     stacks: dict[str, dict[str, int]] = {}
     for key in net.targets:
-        moved = any(t.abs().max() > 0 for k, t in tensors.items() if k.startswith(key + ".") and "up" in k[len(key) + 1:])
+        ups = [t for k, t in tensors.items() if k.startswith(key + ".") and "up" in k[len(key) + 1:]]
+        moved = any(t.abs().max() > 0 for t in ups)
         s = stacks.setdefault(stack(key), {"targets": 0, "trained": 0, "ran": 0})
         s["targets"] += 1
         s["trained"] += int(moved)

@@ -195,7 +195,8 @@ def omnigen2_files(cache: Path, comfyui: str) -> dict:
     demo_og.make_omnigen2_file(files["unet"], cfg)
     with torch.device("meta"):
         full_cfg = OmniGen2Transformer(**cfg).config
-    small = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in full_cfg.items() if k in OMNIGEN2_COMFY_KEYS}
+    small = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in full_cfg.items()
+             if k in OMNIGEN2_COMFY_KEYS}
     files["unet_config"].write_text(json.dumps(small))
     vocab = len(AutoTokenizer.from_pretrained(str(Path(comfyui) / "comfy" / "text_encoders" / "qwen25_tokenizer")))
     hidden, heads = cfg["text_feat_dim"], 2

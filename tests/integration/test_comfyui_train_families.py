@@ -9,8 +9,9 @@ OmniGen2 (ComfyUI fixes its config at full size, so its own Omnigen2 model is bu
 trains with batch size 2 on two captions of different token lengths, each at its own length (ComfyUI's attention mask
 all ones, as its text encoder gives it): ComfyUI cannot concatenate their conds, so every training forward runs one
 sample; a batch of the two predicts what each alone does. Every stack of blocks is a target (layers, noise_refiner,
-context_refiner, ref_image_refiner); ref_image_refiner runs only on reference images, which text-to-image training has
-none of, so its LoRA stays zero (and its layers out of the checkpointing gradient comparison) while the other three train.
+context_refiner, ref_image_refiner); ref_image_refiner runs only on reference images, which text-to-image training
+has none of, so its LoRA stays zero (and its layers out of the checkpointing gradient comparison) while the other
+three train.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
