@@ -3,13 +3,21 @@ EriComfyModel -> EriTrain -> EriSaveLoRA nodes take, through the same trainer.se
 Save node does, load it back with ComfyUI's LoRA loader (what LoraLoaderModelOnly calls) and compare ComfyUI's
 patched model with the trainer's model at the end of training.
 
-    cd <ComfyUI> && <comfy python> comfy_check_train.py --repo <EriDiffusion> --family sdxl|wan|flux \
+    cd <ComfyUI> && <comfy python> comfy_check_train.py --repo <EriDiffusion> --family sdxl|wan|flux|omnigen2 \
         --cache <fixture cache> --work <scratch folder> --report report.json
 
 The report holds: the class ComfyUI detected, the losses, the LoRA keys ComfyUI did not load, the number of
 weights it patched against the number of trained layers, and `rel_err` = max |patched - trained| / max
 |trained| over the model's output on a fixed noisy latent, plus `lora_effect` (how far the LoRA moved that
-output from the base model's), so a LoRA that did nothing cannot pass.
+output from the base model's), so a LoRA that did nothing cannot pass; `caption_effect`, how far another caption
+moves the trained model's output (the conditioning reached the model); the trained layers by stack.
+
+OmniGen2: ComfyUI fixes its config at full size (4B), so its MODEL is ComfyUI's own Omnigen2 model built small from
+`supported_models.Omnigen2` with a small unet_config, as load_diffusion_model builds a detected one (get_model,
+load_model_weights, ModelPatcher); its CLIP is a small Qwen2.5 through ComfyUI's CLIP loader (type omnigen2, the
+small Qwen25_3BConfig through model_options["qwen25_3b_model_config"]). It trains with batch size 2 on captions of
+different token lengths: ComfyUI's conds of the two (c_crossattn, num_tokens) do not concatenate, so the trainer runs
+them one at a time (`train_forward_batches`: the batch size of every denoiser call while training).
 """
 
 from __future__ import annotations
@@ -23,7 +31,12 @@ from comfy_boot import boot
 from pathlib import Path
 
 
-def _write_dataset(folder: Path, n: int = 2, size: int = 64) -> Path:
+CAPTIONS = ["a photo of a red cat", "a sketch of a blue house"]
+# OmniGen2: captions of different token lengths (its per-sample conditioning path)
+OMNIGEN2_CAPTIONS = ["a photo of a red cat", "a small sketch of a big blue house with a dark tree on the bright sky"]
+
+
+def _write_dataset(folder: Path, n: int = 2, size: int = 64, captions: list[str] = CAPTIONS) -> Path:
     import numpy as np
     from PIL import Image
 
@@ -33,7 +46,7 @@ def _write_dataset(folder: Path, n: int = 2, size: int = 64) -> Path:
         yy, xx = np.mgrid[0:size, 0:size]
         img = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, rng.integers(0, 256, (size, size))], -1)
         Image.fromarray(img.astype(np.uint8)).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(["a photo of a red cat", "a sketch of a blue house"][i % 2])
+        (folder / f"img{i}.txt").write_text(captions[i % len(captions)])
     return folder
 
 
@@ -44,6 +57,8 @@ def _load(family: str, files: dict):
     import comfy.sd
     import comfy.utils
 
+    if family == "omnigen2":
+        return _load_omnigen2(files)
     clip_type = {"sdxl": comfy.sd.CLIPType.STABLE_DIFFUSION, "wan": comfy.sd.CLIPType.WAN,
                  "flux": comfy.sd.CLIPType.STABLE_DIFFUSION}[family]
     clips = {"sdxl": ["clip_l", "clip_g"], "wan": ["umt5"], "flux": ["clip"]}[family]
@@ -54,11 +69,41 @@ def _load(family: str, files: dict):
     return model, clip, vae
 
 
+def _load_omnigen2(files: dict):
+    """ComfyUI's own Omnigen2 model built small (load_diffusion_model's steps on supported_models.Omnigen2 with the
+    small unet_config), the small Qwen2.5 through ComfyUI's CLIP loader (type omnigen2), the VAE as VAELoader."""
+    import torch
+
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    with torch.inference_mode():  # as every node runs
+        unet_config = {"image_model": "omnigen2", **json.loads(Path(files["unet_config"]).read_text())}
+        model_config = comfy.supported_models.Omnigen2(unet_config)
+        model_config.set_inference_dtype(torch.float32, None)
+        sd = comfy.utils.load_torch_file(files["unet"])
+        prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+        model = model_config.get_model(sd, "")
+        model.load_model_weights(sd, "")
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        small = json.loads(Path(files["qwen_config"]).read_text())
+        clip = comfy.sd.load_clip([files["clip"]], clip_type=comfy.sd.CLIPType.OMNIGEN2,
+                                  model_options={"qwen25_3b_model_config": small})
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(files["vae"]))
+    return patcher, clip, vae
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--repo", required=True)
-    ap.add_argument("--family", required=True, choices=["sdxl", "wan", "flux"])
+    ap.add_argument("--family", required=True, choices=["sdxl", "wan", "flux", "omnigen2"])
     ap.add_argument("--cache", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--steps", type=int, default=3)
@@ -78,8 +123,8 @@ def main() -> int:
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cache, work = Path(a.cache), Path(a.work)
-    files = {"sdxl": comfy_fixtures.sdxl_files, "wan": comfy_fixtures.wan_files,
-             "flux": comfy_fixtures.flux_files}[a.family](cache)
+    files = {"sdxl": comfy_fixtures.sdxl_files, "wan": comfy_fixtures.wan_files, "flux": comfy_fixtures.flux_files,
+             "omnigen2": lambda c: comfy_fixtures.omnigen2_files(c, a.comfyui)}[a.family](cache)
     patcher, clip, vae = _load(a.family, files)
 
     if a.family == "wan":  # a video family trains on clips: 5 frames of moving shapes (2 latent frames)
@@ -89,10 +134,11 @@ def main() -> int:
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
                    "num_frames": 5}
     else:
-        data = _write_dataset(work / "dataset")
+        data = _write_dataset(work / "dataset", captions=OMNIGEN2_CAPTIONS if a.family == "omnigen2" else CAPTIONS)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
-    settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw", "batch_size": 1,
+    settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw",
+                                                      "batch_size": 2 if a.family == "omnigen2" else 1,
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
                                                       "cache_text_embeddings": True},
                 "save": {"save_every": 1000, "dtype": "float32"}}
@@ -102,30 +148,51 @@ def main() -> int:
         model = ComfyModel(patcher, clip, vae)
         model.ensure_loaded()
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
-        session.advance(a.steps)
+        forward_batches: list[int] = []  # the batch size of every denoiser call while training
+        pre = model.denoiser.register_forward_pre_hook(lambda mod, args: forward_batches.append(int(args[0].shape[0])))
+        try:
+            session.advance(a.steps)
+        finally:
+            pre.remove()
+    # the cached captions' true token lengths (each caption encoded at its own length)
+    text_lengths = sorted(int(c["cross_attn__shape"][0]) if "cross_attn__shape" in c else int(c["cross_attn"].shape[0])
+                          for c in session.trainer.texts.mem.values())
+    text_keys = sorted({k for c in session.trainer.texts.mem.values() for k in c})
     losses = [loss for _, loss in session.losses]
     latent_shapes = sorted({tuple(v.shape) for v in session.trainer.latents.mem.values()})
     sample_shape = None
     if a.family == "wan":  # a video preview through ComfyUI's VAE: the frames of a clip
         with torch.inference_mode(False):
             sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=5).shape)
+    if a.family == "omnigen2":  # a preview with CFG: the caption and the (empty) negative at their own lengths
+        with torch.inference_mode(False):
+            preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1)
+        sample_shape = list(preview.shape) if bool(torch.isfinite(preview).all()) else None
 
     # the trainer's model at the end of training, on a fixed noisy latent and prompt
-    lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 2, 8, 8), "flux": (1, 16, 8, 8)}[a.family]
+    lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 2, 8, 8), "flux": (1, 16, 8, 8),
+                 "omnigen2": (1, 16, 8, 8)}[a.family]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(lat_shape, generator=g)
     sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()  # not an inference tensor
     cond = model.encode_text(["sks, a photo of a red cat"])
+    long_caption = "sks, a small sketch of a big blue house with a dark tree on the bright sky"
+    other = model.encode_text([long_caption])
     net = session.trainer.network
 
-    def out(m: ComfyModel) -> torch.Tensor:
+    def out(m: ComfyModel, c=cond) -> torch.Tensor:
         with torch.no_grad():
-            return m.predict(x, sigma, cond, guidance=3.5).float().cpu()
+            return m.predict(x, sigma, c, guidance=3.5).float().cpu()
 
     net.attach()
     net.eval()
     try:
         trained = out(model)
+        trained_other = out(model, other)
+        # both captions in one batch (padded to the longer, each cut back to its own length) = each alone
+        with torch.no_grad():
+            pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
+                                 model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
     finally:
         net.detach()
     base = out(model)
@@ -151,7 +218,13 @@ def main() -> int:
     first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if isinstance(m, torch.nn.Linear))
     calls: list[int] = []
     hook = first_linear.register_forward_hook(lambda *_: calls.append(1))
+    # the targets whose layers run in this forward (OmniGen2's ref_image_refiner runs only with reference images)
+    ran: set[str] = set()
+    run_hooks = [m.module.register_forward_hook(lambda *_, k=key: ran.add(k))
+                 for key, t in net.targets.items() for m in t.members]
     plain = lora_grads(0.0)
+    for h in run_hooks:
+        h.remove()
     calls_plain = len(calls)
     ckpt = lora_grads(1.0)
     calls_ckpt = len(calls) - calls_plain
@@ -161,6 +234,18 @@ def main() -> int:
 
     # saved as EriSaveLoRA saves, loaded as LoraLoaderModelOnly loads
     tensors, metadata = session.export("float32")
+
+    def stack(key: str) -> str:  # diffusion_model.<stack>.<i>...
+        return key.split(".")[1]
+
+    stacks: dict[str, dict[str, int]] = {}
+    for key in net.targets:
+        ups = [t for k, t in tensors.items() if k.startswith(key + ".") and "up" in k[len(key) + 1:]]
+        moved = any(t.abs().max() > 0 for t in ups)
+        s = stacks.setdefault(stack(key), {"targets": 0, "trained": 0, "ran": 0})
+        s["targets"] += 1
+        s["trained"] += int(moved)
+        s["ran"] += int(key in ran)
     path = work / "loras" / f"eri_{a.family}.safetensors"
     save_safetensors_atomic(tensors, path, metadata)
     before = len(collect.messages)
@@ -188,9 +273,16 @@ def main() -> int:
         "not_loaded": not_loaded,
         "rel_err": rel(result, trained),
         "lora_effect": rel(trained, base),
+        "caption_effect": rel(trained_other, trained),
+        "pair_rel_err": max(rel(pair[:1], trained), rel(pair[1:], trained_other)),
+        "text_lengths": text_lengths,
+        "text_keys": text_keys,
+        "train_forward_batches": forward_batches,
+        "stacks": stacks,
+        "n_targets_ran": len(ran),
         "finite": bool(torch.isfinite(trained).all()),
         "ckpt_blocks": n_blocks,
-        "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(net.targets),
+        "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(ran),
         "ckpt_grad_rel_err": max(rel(ckpt[k], plain[k]) for k in plain if k in ckpt),
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
         "block_calls_plain_ckpt": [calls_plain, calls_ckpt],

@@ -165,3 +165,45 @@ def flux_files(cache: Path) -> dict:
     _save(clip, files["clip"])
     tiny.make_vae_file(files["vae"], [128, 256, 512, 512], layers=2, latent=16, dtype=torch.bfloat16)
     return {k: str(v) for k, v in files.items()}
+
+
+# ComfyUI's OmniGen2 constructor arguments (what model_detection sets at full size)
+OMNIGEN2_COMFY_KEYS = ("patch_size", "in_channels", "out_channels", "hidden_size", "num_layers", "num_refiner_layers",
+                       "num_attention_heads", "num_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+                       "axes_dim_rope", "axes_lens", "text_feat_dim", "timestep_scale")
+
+
+def omnigen2_files(cache: Path, comfyui: str) -> dict:
+    """A small OmniGen2 (trainer.demo.omnigen2: hidden 240, 2 layers, 1 refiner layer per refiner, 64-wide text) with
+    the small constructor arguments ComfyUI's own Omnigen2 model is built with (ComfyUI fixes the config at full
+    size: `unet_config`, JSON), a small Qwen2.5 (2 heads and 2 KV heads of 128, which ComfyUI detects as Qwen2.5-VL-3B;
+    its vocab that of ComfyUI's own qwen25_tokenizer) with its Qwen25_3BConfig override (`qwen_config`, JSON, for
+    model_options["qwen25_3b_model_config"]) and a 16-channel Flux-layout VAE (8x, Flux's widths)."""
+    from transformers import AutoTokenizer
+
+    from trainer.demo import omnigen2 as demo_og
+    from trainer.demo import tiny
+    from trainer.models.omnigen2_transformer import OmniGen2Transformer
+
+    folder = cache / f"omnigen2_v{VERSION}"
+    files = {n: folder / f"{n}.safetensors" for n in ("unet", "clip", "vae")}
+    files["unet_config"], files["qwen_config"] = folder / "unet_config.json", folder / "qwen_config.json"
+    if all(p.exists() for p in files.values()):
+        return {k: str(v) for k, v in files.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = demo_og.omnigen2_config()
+    demo_og.make_omnigen2_file(files["unet"], cfg)
+    with torch.device("meta"):
+        full_cfg = OmniGen2Transformer(**cfg).config
+    small = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in full_cfg.items()
+             if k in OMNIGEN2_COMFY_KEYS}
+    files["unet_config"].write_text(json.dumps(small))
+    vocab = len(AutoTokenizer.from_pretrained(str(Path(comfyui) / "comfy" / "text_encoders" / "qwen25_tokenizer")))
+    hidden, heads = cfg["text_feat_dim"], 2
+    demo_og.make_qwen_file(files["clip"], vocab, hidden, layers=1, heads=heads, kv_heads=heads)
+    files["qwen_config"].write_text(json.dumps(
+        {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 1,
+         "num_attention_heads": heads, "num_key_value_heads": heads}))
+    # ComfyUI builds a 16-channel ldm VAE at Flux's fixed widths (it reads no widths from the file)
+    tiny.make_vae_file(files["vae"], [128, 256, 512, 512], layers=2, latent=16)
+    return {k: str(v) for k, v in files.items()}

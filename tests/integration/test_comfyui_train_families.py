@@ -1,14 +1,23 @@
-"""Training on ComfyUI's own MODEL, for Flux, SDXL (a UNet family) and Wan 2.1 (a video family): the LoRA
+"""Training on ComfyUI's own MODEL, for Flux, SDXL (a UNet family), Wan 2.1 (a video family) and OmniGen2: the LoRA
 the trainer saves loads back through ComfyUI's LoRA loader with no "lora key not loaded", patches one weight
 per trained layer, and ComfyUI's patched model gives the output the trainer's model gave at the end of
 training (max relative error < 1e-3, fp32). Gradient checkpointing on ComfyUI's own blocks recomputes them and
 gives the same LoRA gradients (< 1e-3; Flux exactly, SDXL 1.7e-4: CPU attention picks other kernels without grad).
+The conditioning reaches the model: the trained model's output changes with the caption.
+
+OmniGen2 (ComfyUI fixes its config at full size, so its own Omnigen2 model is built small: comfy_check_train.py)
+trains with batch size 2 on two captions of different token lengths, each at its own length (ComfyUI's attention mask
+all ones, as its text encoder gives it): ComfyUI cannot concatenate their conds, so every training forward runs one
+sample; a batch of the two predicts what each alone does. Every stack of blocks is a target (layers, noise_refiner,
+context_refiner, ref_image_refiner); ref_image_refiner runs only on reference images, which text-to-image training
+has none of, so its LoRA stays zero (and its layers out of the checkpointing gradient comparison) while the other
+three train.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
 5.7 GB in fp8). Needs COMFYUI_PATH (see comfy_env.py); skipped without it.
-Measured on the 2-core dev machine with the fixtures cached: Flux ~0.8 min, SDXL ~1 min, Wan ~4 min (the
+Measured on the 2-core dev machine with the fixtures cached: Flux ~0.8 min, SDXL ~1 min, OmniGen2 ~10 s, Wan ~4 min (the
 UMT5-XXL encoder runs 512 tokens per caption on the CPU); writing the Wan fixtures adds ~2 min once.
 """
 
@@ -26,7 +35,8 @@ from integration.comfy_env import comfy_install
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 TOL = 1e-3
-DETECTED = {"flux": "Flux", "sdxl": "SDXL", "wan": "WAN21_T2V"}
+DETECTED = {"flux": "Flux", "sdxl": "SDXL", "wan": "WAN21_T2V", "omnigen2": "Omnigen2"}
+OMNIGEN2_STACKS = {"layers", "noise_refiner", "context_refiner", "ref_image_refiner"}
 
 
 def _cache() -> Path:
@@ -34,7 +44,7 @@ def _cache() -> Path:
     return Path(os.environ.get("ERI_FIXTURE_CACHE", default)).expanduser()
 
 
-@pytest.mark.parametrize("family", ["flux", "sdxl", "wan"])
+@pytest.mark.parametrize("family", ["flux", "sdxl", "wan", "omnigen2"])
 def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path: Path) -> None:
     comfy, python = comfy_install(f"ComfyUI-MODEL training test ({family})")
     report = tmp_path / "report.json"
@@ -55,11 +65,30 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     # the LoRA moved the output far more than the patched/trained disagreement: the comparison can fail
     assert r["lora_effect"] > 1e-3 and r["lora_effect"] > 100 * r["rel_err"], r
     assert r["rel_err"] < TOL, r
+    # the conditioning reached the model: another caption moves the trained model's output
+    print(f"{family}: caption effect {r['caption_effect']:.1e}; text {r['text_keys']}, lengths {r['text_lengths']}")
+    assert r["caption_effect"] > 1e-3 and r["caption_effect"] > 100 * r["rel_err"], r
+    assert r["pair_rel_err"] < TOL, r
     # gradient checkpointing on ComfyUI's own blocks: recomputed (a layer runs twice), same gradients
     print(f"{family}: checkpointing {r['ckpt_blocks']} blocks, gradient rel err {r['ckpt_grad_rel_err']:.1e}")
     assert r["ckpt_blocks"] > 0 and r["block_calls_plain_ckpt"] == [1, 2], r
+    assert r["n_targets_ran"] == (r["n_targets"] - r["stacks"].get("ref_image_refiner", {}).get("targets", 0)), r
     assert r["ckpt_grads_complete"] and r["grad_norm"] > 0, r
     assert r["ckpt_grad_rel_err"] < TOL, r
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]
+    if family == "omnigen2":
+        print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
+        assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r
+        lengths = r["text_lengths"]
+        assert len(lengths) == 2 and lengths[0] != lengths[1], lengths  # two captions, two token lengths
+        assert set(r["stacks"]) == OMNIGEN2_STACKS, r["stacks"]
+        for name, s in r["stacks"].items():
+            assert s["targets"] > 0, (name, s)
+            # what ran trained; ref_image_refiner never runs without reference images (its LoRA stays zero)
+            want = 0 if name == "ref_image_refiner" else s["targets"]
+            assert s["ran"] == want and s["trained"] == want, (name, s)
+        # batch 2, samples one at a time (ComfyUI cannot concatenate conds of different lengths): 3 steps x 2
+        assert r["train_forward_batches"] == [1] * 6, r["train_forward_batches"]
+        assert r["sample_shape"] == [3, 64, 64], r["sample_shape"]  # a CFG preview through ComfyUI's VAE, finite

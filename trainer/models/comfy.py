@@ -9,7 +9,6 @@ ComfyUI (it imports `comfy`).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
