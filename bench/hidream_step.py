@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from step_harness import parse_case, run_cases, swap_check, time_steps
+from step_harness import parse_case, random_frozen, run_cases, swap_check, time_steps
 from trainer.models.hidream import VARIANTS, HiDreamModel
 from trainer.models.hidream_layout import ROPE_AXES, llama_layer_of_blocks
 
@@ -47,18 +47,7 @@ def config(size: str) -> dict:
 def build(size: str, device: torch.device, dtype: torch.dtype) -> HiDreamModel:
     from diffusers import HiDreamImageTransformer2DModel
 
-    with torch.device("meta"):
-        model = HiDreamImageTransformer2DModel(**config(size))
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = p.data.to(dtype)
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[1] ** -0.5, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    model.requires_grad_(False).eval()
+    model = random_frozen(HiDreamImageTransformer2DModel, config(size), device, dtype)
     encoders = {"clip_l": None, "clip_g": None, "t5": None, "llama": None}
     return HiDreamModel(model, None, encoders, {}, device, dtype, VARIANTS["full"])
 

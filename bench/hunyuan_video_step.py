@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from step_harness import parse_case, run_cases, swap_check, time_steps
+from step_harness import parse_case, random_frozen, run_cases, swap_check, time_steps
 from trainer.models.hunyuan_video import HunyuanVideoModel
 
 SIZES = {
@@ -45,19 +45,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype) -> HunyuanVideoMo
 
     s = SIZES[size]
     cfg = hunyuan_diffusers_config(s["hidden"], s["double"], s["single"], s["text_dim"], pooled_dim=768)
-    with torch.device("meta"):
-        model = HunyuanVideoTransformer3DModel(**cfg)
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = p.data.to(dtype)
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.normal_(0, fan_in ** -0.5, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    model.requires_grad_(False)
+    model = random_frozen(HunyuanVideoTransformer3DModel, cfg, device, dtype)
     return HunyuanVideoModel(model, None, None, None, None, None, device, dtype)
 
 

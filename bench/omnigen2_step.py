@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from step_harness import parse_case, run_cases, time_steps
+from step_harness import parse_case, random_frozen, run_cases, time_steps
 from trainer.models.omnigen2 import OmniGen2Model
 
 TEXT = 100
@@ -34,18 +34,7 @@ SIZES = {"full": dict(hidden_size=2520, num_layers=32, num_refiner_layers=2, num
 def build(size: str, device: torch.device, dtype: torch.dtype) -> OmniGen2Model:
     from trainer.models.omnigen2_transformer import OmniGen2Transformer
 
-    with torch.device("meta"):
-        model = OmniGen2Transformer(**SIZES[size])
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = p.data.to(dtype)
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[1] ** -0.5, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    model.requires_grad_(False).eval()
+    model = random_frozen(OmniGen2Transformer, SIZES[size], device, dtype)
     return OmniGen2Model(model, None, None, None, device, dtype)
 
 

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from step_harness import parse_case, run_cases, time_steps
+from step_harness import parse_case, random_frozen, run_cases, time_steps
 from trainer.models.sana import MAX_TOKENS, SanaModel
 
 SIZES = {"600m": (1152, 28, 16, False), "1600m": (2240, 20, 20, False), "4800m": (2240, 60, 20, True),
@@ -38,18 +38,7 @@ def config(size: str) -> dict:
 def build(size: str, device: torch.device, dtype: torch.dtype) -> SanaModel:
     from diffusers import SanaTransformer2DModel
 
-    with torch.device("meta"):
-        model = SanaTransformer2DModel(**config(size))
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = p.data.to(dtype)
-            if p.dim() >= 2:
-                p.normal_(0, (p[0].numel()) ** -0.5, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    model.requires_grad_(False).eval()
+    model = random_frozen(SanaTransformer2DModel, config(size), device, dtype)
     return SanaModel(model, None, None, None, device, dtype)
 
 

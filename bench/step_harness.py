@@ -30,6 +30,23 @@ GIB = 1024**3
 PEAK_TFLOPS = 790.0
 
 
+def random_frozen(cls, cfg: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls(**cfg)` built on the meta device and filled on `device` in `dtype` with random weights of sane scale
+    (matrices and kernels normal / sqrt(fan in), norm scales 1, other vectors 0), frozen, in eval mode."""
+    with torch.device("meta"):
+        model = cls(**cfg)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = p.data.to(dtype)
+            if p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5, generator=g)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    return model.requires_grad_(False).eval()
+
+
 def parse_case(case: str) -> tuple[str, dict[str, str]]:
     """`size:opt:opt=value` -> (size, {opt: value}); a bare option is "1"."""
     parts = case.split(":")

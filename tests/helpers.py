@@ -111,3 +111,30 @@ def run_through_and_resumed(d: dict, tmp_path: Path, stop_at: int = 2) -> tuple[
 
 def quiet(_msg: str) -> None:
     """A report callback that prints nothing (the trainer's progress lines)."""
+
+
+def assert_family_resumes(model_cfg: dict, data: Path, tmp_path: Path) -> None:
+    """A family's cached-text job (cosine schedule, caption dropout) stopped at step 2 and resumed ends with the
+    LoRA a run never stopped ends with."""
+    d = job_dict(model_cfg, data, tmp_path / "a", steps=4, lr_scheduler="cosine", cache_text_embeddings=True,
+                 disable_sampling=True)
+    d["config"]["process"][0]["datasets"][0]["caption_dropout_rate"] = 0.3
+    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def merge_lora(original: dict, lora: dict) -> dict:
+    """W + alpha / rank * up @ down on original-layout weights, by ComfyUI's key names (`diffusion_model.<weight
+    name without .weight>`; conv LoRAs as their matrices): an independent reading of a saved LoRA."""
+    out = dict(original)
+    for k in lora:
+        if not k.endswith(".lora_down.weight"):
+            continue
+        name = k.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
+        down, up = lora[k].double(), lora[k.replace("lora_down", "lora_up")].double()
+        scale = float(lora[k.replace("lora_down.weight", "alpha")]) / down.shape[0]
+        w = out[f"{name}.weight"]
+        out[f"{name}.weight"] = (w.double() + (up.flatten(1) @ down.flatten(1) * scale).reshape(w.shape)).to(w.dtype)
+    return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, quiet, run_through_and_resumed
+from helpers import assert_family_resumes, job_dict, make_images, quiet
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.hidream import hidream_diffusers_config, llama_test_config, write_hidream_files
 from trainer.errors import ConfigError, ModelFileError
@@ -327,13 +327,7 @@ def test_trains_and_diffusers_reads_the_lora(hd, data, tmp_path):
 
 
 def test_resume_matches_uninterrupted(hd, data, tmp_path):
-    d = job_dict(hd, data, tmp_path / "a", steps=4, lr_scheduler="cosine", cache_text_embeddings=True,
-                 disable_sampling=True)
-    d["config"]["process"][0]["datasets"][0]["caption_dropout_rate"] = 0.3
-    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert_family_resumes(hd, data, tmp_path)
 
 
 def test_demo_config_is_detected_by_the_trainer(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, quiet, run_through_and_resumed
+from helpers import assert_family_resumes, job_dict, make_images, merge_lora, quiet
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.omnigen2 import omnigen2_config, write_omnigen2_files
 from trainer.errors import ModelFileError
@@ -154,17 +154,6 @@ def test_a_reference_is_used_and_zero_references_are_none(model):
     assert rel_err(mixed[0], with_ref[0]) < 1e-5 and rel_err(mixed[1], plain[1]) < 1e-5
 
 
-def _merge(original: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = dict(original)
-    for k in lora:
-        if k.endswith(".lora_down.weight"):
-            name = k.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
-            down, up = lora[k].double(), lora[k.replace("lora_down", "lora_up")].double()
-            scale = float(lora[k.replace("lora_down.weight", "alpha")]) / down.shape[0]
-            out[f"{name}.weight"] = (out[f"{name}.weight"].double() + scale * up @ down).to(out[f"{name}.weight"].dtype)
-    return out
-
-
 @pytest.mark.parametrize("edit", [False, True])
 def test_trains_and_the_merged_lora_computes_the_same(og, data, tmp_path, edit):
     d = job_dict(og, data, tmp_path / "out", steps=2, cache_text_embeddings=True)
@@ -189,7 +178,7 @@ def test_trains_and_the_merged_lora_computes_the_same(og, data, tmp_path, edit):
     if edit:
         cond["control"] = torch.randn(1, 16, 6, 4, generator=g)
     merged = tmp_path / "merged.safetensors"
-    save_safetensors_atomic(_merge(load_state_dict(Path(og["name_or_path"])), sd), merged)
+    save_safetensors_atomic(merge_lora(load_state_dict(Path(og["name_or_path"])), sd), merged)
     with torch.no_grad():
         ours = trainer.model.predict(noisy, sigmas, cond)
         base = _load(og).predict(noisy, sigmas, cond)
@@ -199,13 +188,7 @@ def test_trains_and_the_merged_lora_computes_the_same(og, data, tmp_path, edit):
 
 
 def test_resume_matches_uninterrupted(og, data, tmp_path):
-    d = job_dict(og, data, tmp_path / "a", steps=4, lr_scheduler="cosine", cache_text_embeddings=True,
-                 disable_sampling=True)
-    d["config"]["process"][0]["datasets"][0]["caption_dropout_rate"] = 0.3
-    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert_family_resumes(og, data, tmp_path)
 
 
 def test_demo_files_are_detected_as_omnigen2(tmp_path):

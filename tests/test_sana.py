@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import job_dict, make_images, quiet, run_through_and_resumed
+from helpers import assert_family_resumes, job_dict, make_images, merge_lora, quiet
 from trainer.config import ModelConfig, load_job_dict
 from trainer.demo.sana import sana_diffusers_config, write_sana_files
 from trainer.errors import ModelFileError
@@ -236,21 +236,6 @@ def test_sampler_matches_pipeline(model):
 
 # --- training ----------------------------------------------------------------------------------------------
 
-def _merge(original: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """W + alpha / rank * up @ down on the original weights, by ComfyUI's key names (convs as their matrices)."""
-    out = dict(original)
-    for k in lora:
-        if not k.endswith(".lora_down.weight"):
-            continue
-        name = k.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
-        down, up = lora[k].double(), lora[k.replace("lora_down", "lora_up")].double()
-        scale = float(lora[k.replace("lora_down.weight", "alpha")]) / down.shape[0]
-        w = out[f"{name}.weight"]
-        delta = (up.flatten(1) @ down.flatten(1)) * scale
-        out[f"{name}.weight"] = (w.double() + delta.reshape(w.shape)).to(w.dtype)
-    return out
-
-
 @pytest.mark.parametrize("conv", [False, True])
 def test_trains_and_the_lora_merged_into_the_original_computes_the_same(sana, data, tmp_path, conv):
     d = job_dict(sana, data, tmp_path / "out", steps=2, cache_text_embeddings=True)
@@ -270,7 +255,7 @@ def test_trains_and_the_lora_merged_into_the_original_computes_the_same(sana, da
 
     original = load_state_dict(Path(sana["name_or_path"]))
     merged = tmp_path / "merged.safetensors"
-    save_safetensors_atomic(_merge(original, sd), merged, metadata={"sana.num_cross_attention_heads": "2"})
+    save_safetensors_atomic(merge_lora(original, sd), merged, metadata={"sana.num_cross_attention_heads": "2"})
     noisy, sigmas, cond = _inputs(seed=5)
     with torch.no_grad():
         ours = trainer.model.predict(noisy, sigmas, cond)
@@ -281,13 +266,7 @@ def test_trains_and_the_lora_merged_into_the_original_computes_the_same(sana, da
 
 
 def test_resume_matches_uninterrupted(sana, data, tmp_path):
-    d = job_dict(sana, data, tmp_path / "a", steps=4, lr_scheduler="cosine", cache_text_embeddings=True,
-                 disable_sampling=True)
-    d["config"]["process"][0]["datasets"][0]["caption_dropout_rate"] = 0.3
-    a, b = run_through_and_resumed(d, tmp_path, stop_at=2)
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert_family_resumes(sana, data, tmp_path)
 
 
 def test_demo_files_are_detected_as_sana(tmp_path):
