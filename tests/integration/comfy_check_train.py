@@ -99,6 +99,103 @@ def _load_omnigen2(files: dict):
     return patcher, clip, vae
 
 
+def _write_controls(folder: Path, n: int = 2, size: int = 64) -> Path:
+    """Reference images of the dataset's stems (img0.png ...): smooth colour fields, each its own."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        img = np.stack([(xx * 4 + 60 * i) % 256, (255 - yy * 4) % 256, np.full((size, size), 200 - 90 * i)], -1)
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict, network: dict) -> dict:
+    """OmniGen2 trained with a control folder (one reference image per item): ComfyUI's reference_latents. A fresh
+    small model; the LoRA saved and loaded back as ComfyUI loads it, and ComfyUI's patched model run on its own
+    extra_conds with reference_latents = [VAE.encode(reference)] (what VAEEncode -> ReferenceLatent give) against the
+    trained model; another reference image moves the prediction."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.base import sample_of
+    from trainer.models.comfy import ComfyModel
+    from trainer.session import TrainingSession, job_from_parts
+
+    patcher, clip, vae = _load_omnigen2(files)
+    data = _write_dataset(work / "ref_dataset", captions=OMNIGEN2_CAPTIONS)
+    controls = _write_controls(work / "ref_control")
+    dataset = {"folder_path": str(data), "control_path": str(controls), "caption_ext": "txt", "resolution": [64],
+               "trigger_word": "sks"}
+    job = job_from_parts({"comfy": (patcher, clip, vae)}, [dataset], network, {**settings, "name": "eri_omnigen2_ref"},
+                         steps, str(work / "ref_runs"))
+    with torch.inference_mode(False), torch.enable_grad():
+        model = ComfyModel(patcher, clip, vae)
+        model.ensure_loaded()
+        session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
+        session.advance(steps)
+    cond_keys = sorted({k for c in session.trainer.latents.conds.values() for k in (c or {})})
+    net = session.trainer.network
+
+    def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
+        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((1, 16, 8, 8), generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+    text = model.encode_text(["sks, a photo of a red cat"])
+    refs = [model.encode_conditions(pixels(i), pixels(i)) for i in (0, 1)]  # as the latent cache encodes them
+
+    def out(c) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(x, sigma, {**text, **{k: v[None] for k, v in c.items()}}).float().cpu()
+
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(refs[0]), out(refs[1])
+    finally:
+        net.detach()
+    base = out(refs[0])
+    no_ref = model.predict(x, sigma, text).float().cpu()
+
+    tensors, metadata = session.export("float32")
+    ref_keys = [k for k in net.targets if k.split(".")[1] == "ref_image_refiner"]
+    ref_trained = sum(any(t.abs().max() > 0 for kk, t in tensors.items() if kk.startswith(k + ".") and "up" in
+                          kk[len(k) + 1:]) for k in ref_keys)
+    path = work / "loras" / "eri_omnigen2_ref.safetensors"
+    save_safetensors_atomic(tensors, path, metadata)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with torch.inference_mode():  # ComfyUI on its own: LoRA loader, VAEEncode, ReferenceLatent, the model's extra_conds
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
+        mm.load_models_gpu([patched], force_full_load=True)
+        raw = vae.encode(((pixels(0) + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None])
+        dev = mm.get_torch_device()
+        t = sample_of(text, 0)
+        conds = patched.model.extra_conds(cross_attn=t["cross_attn"][None].to(dev),
+                                          attention_mask=t["attention_mask"][None].to(dev),
+                                          reference_latents=[raw.to(dev)], device=dev, noise=x.to(dev))
+        conds = {k: v.process_cond(batch_size=1, device=dev, area=None).cond for k, v in conds.items()}
+        xs, ss = x.to(dev), sigma.to(dev)
+        comfy_out = ((xs - patched.model.apply_model(xs, ss, **conds)) / ss).float().cpu()
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    return {"losses": [loss for _, loss in session.losses], "cond_keys": cond_keys, "comfy_cond_keys": sorted(conds),
+            "ref_targets": len(ref_keys), "ref_trained": int(ref_trained), "rel_err": rel(comfy_out, trained),
+            "lora_effect": rel(trained, base), "reference_effect": rel(trained_other, trained),
+            "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -289,6 +386,8 @@ def main() -> int:
         "grad_norm": float(sum(v.double().norm() ** 2 for v in plain.values()) ** 0.5),
         "device": str(mm.get_torch_device()),
     }
+    if a.family == "omnigen2":  # a second run with reference images (a control folder)
+        report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
     return 0

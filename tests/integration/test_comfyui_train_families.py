@@ -12,6 +12,9 @@ sample; a batch of the two predicts what each alone does. Every stack of blocks 
 context_refiner, ref_image_refiner); ref_image_refiner runs only on reference images, which text-to-image training
 has none of, so its LoRA stays zero (and its layers out of the checkpointing gradient comparison) while the other
 three train.
+A second OmniGen2 run trains with a control folder (one reference image per item, ComfyUI's reference_latents): its
+ref_image_refiner trains, ComfyUI's patched model fed the same reference through its own extra_conds (VAEEncode ->
+ReferenceLatent) gives the trained model's output (< 1e-3), and another reference image moves the prediction.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
@@ -92,3 +95,16 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         # batch 2, samples one at a time (ComfyUI cannot concatenate conds of different lengths): 3 steps x 2
         assert r["train_forward_batches"] == [1] * 6, r["train_forward_batches"]
         assert r["sample_shape"] == [3, 64, 64], r["sample_shape"]  # a CFG preview through ComfyUI's VAE, finite
+        # trained with a control folder: the reference images go in as ComfyUI's reference_latents
+        ref = r["reference"]
+        print(f"omnigen2 with references: losses {ref['losses']}; ref_image_refiner {ref['ref_trained']}/"
+              f"{ref['ref_targets']} trained; patched vs trained rel err {ref['rel_err']:.1e}, LoRA effect"
+              f" {ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e}")
+        assert ref["finite"] and all(loss == loss for loss in ref["losses"]), ref
+        assert ref["cond_keys"] == ["control"], ref  # the cached condition of each item
+        assert "ref_latents" in ref["comfy_cond_keys"], ref
+        assert ref["ref_targets"] > 0 and ref["ref_trained"] == ref["ref_targets"], ref  # now they train
+        assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
+        assert ref["rel_err"] < TOL, ref  # ComfyUI's own reference_latents path gives the trained model's output
+        assert ref["reference_effect"] > 1e-3 and ref["reference_effect"] > 100 * ref["rel_err"], ref
+        assert ref["no_reference_effect"] > 1e-3, ref  # the reference reaches the model at all

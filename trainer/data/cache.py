@@ -72,6 +72,10 @@ class LatentCache:
                 raise DatasetError(f"{key}.reference_path: model.arch {model.arch!r} takes no reference images"
                                    " (wan21_vace does)")
             if ds.cfg.control_path is not None and not model.takes_control:
+                if model.backend == "comfyui":
+                    raise DatasetError(f"{key}.control_path: ComfyUI's {type(model.base).__name__} MODEL takes no"
+                                       " reference images (ComfyUI's OmniGen2, Flux.2 and Qwen-Image models take them"
+                                       " as reference_latents); remove control_path or use a model that takes them")
                 raise DatasetError(f"{key}.control_path: model.arch {model.arch!r} takes no control images (flex2,"
                                    " wan21_i2v do); remove control_path or use a family that takes them")
             if need and ds.cfg.control_path is None and not ds.cfg.do_i2v and ds.cfg.reference_path is None:

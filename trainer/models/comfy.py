@@ -101,6 +101,17 @@ def missing_conditioning(model_config) -> str | None:
     return None
 
 
+# ComfyUI model classes (comfy.model_base) whose extra_conds take `reference_latents` as reference images beside the
+# prompt (ComfyUI's ReferenceLatent node): the dataset's control images are fed to them that way. Flux.1's Flux reads
+# the key too (Kontext), but a plain Flux.1 was not trained on references, so it is left out.
+REFERENCE_LATENT_MODELS = ("Omnigen2", "Flux2", "QwenImage")
+
+
+def takes_reference_latents(base) -> bool:
+    """Whether a ComfyUI model (comfy.model_base.BaseModel) takes reference images as `reference_latents`."""
+    return any(cls.__name__ in REFERENCE_LATENT_MODELS for cls in type(base).__mro__)
+
+
 # ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
 FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
@@ -250,6 +261,8 @@ class ComfyModel(TrainingModel):
         if need:
             raise ConfigError(f"{type(self.base.model_config).__name__} on ComfyUI's MODEL: it trains on {need}, which"
                               " this path does not build yet; without it, it would train on zeros")
+        # reference images (the dataset's control_path, a preview's control_image) as ComfyUI's reference_latents
+        self.takes_control = takes_reference_latents(self.base)
         self.is_flow = isinstance(self.sampling, ms.CONST)
         self.objective = FlowObjective() if self.is_flow else EpsObjective()
         unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
@@ -356,8 +369,14 @@ class ComfyModel(TrainingModel):
     # --- denoising ----------------------------------------------------------------------------
     def _sample_conds(self, noisy: torch.Tensor, cond: dict[str, torch.Tensor], guidance: float | None) -> dict:
         """One sample's model inputs from ComfyUI's own extra_conds, given its whole conditioning (as ComfyUI's
-        sampling passes a prompt's conditioning dict to it)."""
+        sampling passes a prompt's conditioning dict to it). A reference image (`control`, a latent as encode_pixels
+        gives it) goes in as ComfyUI's ReferenceLatent node puts it: `reference_latents`, a list of raw latents that
+        extra_conds runs through process_latent_in itself; an all-zero one (an item without it in a batch) is none."""
+        cond = dict(cond)
+        control = cond.pop("control", None)
         params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
+        if control is not None and self.takes_control and bool(control.abs().amax() > 0):
+            params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
                       height=noisy.shape[-2] * self.vae_scale)
         if self.distilled_guidance:
