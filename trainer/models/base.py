@@ -71,6 +71,14 @@ def sample_of(cond: Conditioning, i: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def trim_right_padding(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-padded captions (b, n, d) with their mask (b, n) cut to the batch's longest caption; the mask None when
+    no padding is left (a batch of one), so attention runs unmasked (flash / compiled SDPA)."""
+    n = max(1, int(mask.sum(dim=1).max()))
+    mask = mask[:, :n]
+    return context[:, :n], None if bool(mask.all()) else mask
+
+
 def collate_conditioning(items: list[Conditioning]) -> Conditioning:
     """Per-caption conditioning (from the text cache) as a batch; tensors whose shapes vary are padded."""
     out: Conditioning = {}

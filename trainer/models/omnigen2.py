@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from .base import Conditioning, Target, TargetMember, TrainingModel
+from .base import Conditioning, Target, TargetMember, TrainingModel, trim_right_padding
 from .detect import require_family
 from .family import Family
 from .files import dequantize_scaled_fp8, diffusers_component, load_state_dict, safetensors_shapes
@@ -152,9 +152,8 @@ class OmniGen2Model(TrainingModel):
         b = noisy.shape[0]
         s = sigmas.float().reshape(-1)
         s = (s.expand(b) if s.numel() == 1 else s).to(dev)
-        mask = cond["mask"]
-        n = max(1, int(mask.sum(dim=1).max()))  # right padding beyond the longest caption is dropped
-        context, mask = cond["context"][:, :n].to(dev, dt), mask[:, :n].to(dev)
+        context, mask = trim_right_padding(cond["context"], cond["mask"])
+        context, mask = context.to(dev, dt), None if mask is None else mask.to(dev)
         x = noisy.to(dev, dt)
         if "control" not in cond:
             return self._run(x, s, context, mask, None)
@@ -166,12 +165,11 @@ class OmniGen2Model(TrainingModel):
             return self._run(x, s, context, mask, refs if bool(has.all()) else None)
         out = torch.empty_like(x)
         for sel, r in ((has, refs[has]), (~has, None)):
-            out[sel] = self._run(x[sel], s[sel], context[sel], mask[sel], r)
+            out[sel] = self._run(x[sel], s[sel], context[sel], None if mask is None else mask[sel], r)
         return out
 
     def _run(self, x, s, context, mask, refs):
-        return self.denoiser(x, s, context, attention_mask=None if bool(mask.all()) else mask,
-                             ref_latents=[refs] if refs is not None else None)
+        return self.denoiser(x, s, context, attention_mask=mask, ref_latents=[refs] if refs is not None else None)
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         return comfy_simple_sigmas(steps, self.sample_shift)

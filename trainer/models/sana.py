@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from .base import Conditioning, Target, TargetMember, TrainingModel
+from .base import Conditioning, Target, TargetMember, TrainingModel, trim_right_padding
 from .detect import require_family
 from .family import Family
 from .files import diffusers_component, load_state_dict, safetensors_metadata, safetensors_shapes
@@ -204,11 +204,9 @@ class SanaModel(TrainingModel):
         t = (s.expand(b) if s.numel() == 1 else s) * NUM_TRAIN_TIMESTEPS  # fp32: bf16 would round 1000 sigma
         # captions are right-padded: the padding past the batch's longest caption is cut (what ExtraModels does, and
         # masked tokens change nothing), so a batch of one attends without a mask (a bias breaks compiled SDPA)
-        mask = cond["mask"]
-        n = max(1, int(mask.sum(dim=1).max()))
-        mask = mask[:, :n]
-        return self.denoiser(noisy.to(dev, dt), encoder_hidden_states=cond["context"][:, :n].to(dev, dt),
-                             encoder_attention_mask=None if bool(mask.all()) else mask.to(dev), timestep=t.to(dev),
+        context, mask = trim_right_padding(cond["context"], cond["mask"])
+        return self.denoiser(noisy.to(dev, dt), encoder_hidden_states=context.to(dev, dt),
+                             encoder_attention_mask=None if mask is None else mask.to(dev), timestep=t.to(dev),
                              return_dict=False)[0]
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
