@@ -67,3 +67,57 @@ def run_with_each_lora(patcher, loras: list[tuple[str, str]], capture: LogCaptur
         del patched, lora_sd
     outputs["base_after"] = run(patcher)
     return outputs, report
+
+
+def _header_tensors(path: str):
+    """A safetensors header's tensors on the meta device (what ComfyUI's detection reads), no weights."""
+    import json
+    import struct
+
+    import torch
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: torch.empty(v["shape"], dtype=torch.bfloat16, device="meta") for k, v in header.items()
+            if k != "__metadata__"}
+
+
+def detect_header(path: str, keys_file: str | None, model_cls, base_cls) -> dict:
+    """ComfyUI's detection of a header-only file with a full-size key set: the config class it picks, its own
+    diffusion model (`model_cls`) at the detected config built on the meta device and compared key by key with the
+    file, and, with `keys_file` (LoRA target keys), those keys looked up in the LoRA key map of its `base_cls` model."""
+    import json
+
+    import torch
+
+    import comfy.lora
+    import comfy.model_detection as md
+    import comfy.ops
+    import comfy.utils
+
+    sd = _header_tensors(path)
+    prefix = md.unet_prefix_from_state_dict(sd)
+    stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+    cfg = md.model_config_from_unet(stripped, "")
+    out = {"class": type(cfg).__name__ if cfg is not None else None, "prefix": prefix}
+    if cfg is None:
+        return out
+    out["unet_config"] = {k: v for k, v in cfg.unet_config.items() if isinstance(v, (int, float, str, list, tuple))
+                          or v is None}
+    with torch.device("meta"):
+        comfy_model = model_cls(**cfg.unet_config, operations=comfy.ops.disable_weight_init)
+    theirs = {k: list(v.shape) for k, v in comfy_model.state_dict().items()}
+    ours = {k: list(v.shape) for k, v in stripped.items()}
+    out["keys_only_in_file"] = sorted(set(ours) - set(theirs))[:20]
+    out["keys_only_in_comfy"] = sorted(set(theirs) - set(ours))[:20]
+    out["shape_mismatches"] = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])[:20]
+    out["n_keys"] = len(theirs)
+    if keys_file:
+        cfg.set_inference_dtype(torch.bfloat16, None)
+        base = base_cls(cfg, device=torch.device("meta"))
+        key_map = comfy.lora.model_lora_keys_unet(base, {})
+        wanted = json.loads(open(keys_file, encoding="utf-8").read())
+        out["lora_keys"] = len(wanted)
+        out["lora_keys_unmapped"] = [k for k in wanted if key_map.get(k) != f"{k}.weight"][:20]
+    return out

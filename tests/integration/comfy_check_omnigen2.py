@@ -25,47 +25,16 @@ import json
 import os
 import sys
 
-from comfy_boot import boot, named_file, run_with_each_lora
-from comfy_check_hidream import _header_tensors
+from comfy_boot import boot, detect_header, named_file, run_with_each_lora
 
 STEPS = 4
 
 
 def detect(path: str, keys_file: str | None) -> dict:
-    import torch
-
-    import comfy.lora
     import comfy.model_base
-    import comfy.model_detection as md
-    import comfy.ops
-    import comfy.utils
     from comfy.ldm.omnigen.omnigen2 import OmniGen2Transformer2DModel
 
-    sd = _header_tensors(path)
-    prefix = md.unet_prefix_from_state_dict(sd)
-    stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
-    cfg = md.model_config_from_unet(stripped, "")
-    out = {"class": type(cfg).__name__ if cfg is not None else None, "prefix": prefix}
-    if cfg is None:
-        return out
-    out["unet_config"] = {k: v for k, v in cfg.unet_config.items() if isinstance(v, (int, float, str, list, tuple))
-                          or v is None}
-    with torch.device("meta"):
-        comfy_model = OmniGen2Transformer2DModel(**cfg.unet_config, operations=comfy.ops.disable_weight_init)
-    theirs = {k: list(v.shape) for k, v in comfy_model.state_dict().items()}
-    ours = {k: list(v.shape) for k, v in stripped.items()}
-    out["keys_only_in_file"] = sorted(set(ours) - set(theirs))[:20]
-    out["keys_only_in_comfy"] = sorted(set(theirs) - set(ours))[:20]
-    out["shape_mismatches"] = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])[:20]
-    out["n_keys"] = len(theirs)
-    if keys_file:
-        cfg.set_inference_dtype(torch.bfloat16, None)
-        base = comfy.model_base.Omnigen2(cfg, device=torch.device("meta"))
-        key_map = comfy.lora.model_lora_keys_unet(base, {})
-        wanted = json.loads(open(keys_file, encoding="utf-8").read())
-        out["lora_keys"] = len(wanted)
-        out["lora_keys_unmapped"] = [k for k in wanted if key_map.get(k) != f"{k}.weight"][:20]
-    return out
+    return detect_header(path, keys_file, OmniGen2Transformer2DModel, comfy.model_base.Omnigen2)
 
 
 def main() -> int:
