@@ -99,6 +99,35 @@ def _load_omnigen2(files: dict):
     return patcher, clip, vae
 
 
+# the families whose files ComfyUI's own detection loads (comfy_fixtures.py): fixture, latent of the test, clip
+# frames (video), captions, train: keys
+FIXTURE_FAMILIES = {
+    "sdxl": ("sdxl_files", (1, 4, 8, 8), None, CAPTIONS, {}),
+    "wan": ("wan_files", (1, 16, 2, 8, 8), 5, CAPTIONS, {}),
+    "flux": ("flux_files", (1, 16, 8, 8), None, CAPTIONS, {}),
+    # two captions of different token lengths in one batch (its per-sample conditioning path)
+    "omnigen2": ("omnigen2_files", (1, 16, 8, 8), None, OMNIGEN2_CAPTIONS, {"batch_size": 2}),
+}
+
+
+def family_inputs(family: str, cache: Path, comfyui: str):
+    """(SmallFamily, EXPECT): a fixture family's files through ComfyUI's loaders, or comfy_small_<family>.py's
+    ComfyUI model built small."""
+    import importlib
+
+    import comfy_fixtures
+    from comfy_small import SmallFamily
+
+    if family in FIXTURE_FAMILIES:
+        fixture, latent, frames, captions, train = FIXTURE_FAMILIES[family]
+        maker = getattr(comfy_fixtures, fixture)
+        files = maker(cache, comfyui) if family == "omnigen2" else maker(cache)
+        patcher, clip, vae = _load(family, files)
+        return SmallFamily(patcher, clip, vae, latent, frames, captions, train), {}
+    module = importlib.import_module(f"comfy_small_{family}")
+    return module.build(cache, comfyui), module.EXPECT
+
+
 def _write_controls(folder: Path, n: int = 2, size: int = 64) -> Path:
     """Reference images of the dataset's stems (img0.png ...): smooth colour fields, each its own."""
     import numpy as np
@@ -200,7 +229,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
     ap.add_argument("--repo", required=True)
-    ap.add_argument("--family", required=True, choices=["sdxl", "wan", "flux", "omnigen2"])
+    ap.add_argument("--family", required=True, help=f"{', '.join(FIXTURE_FAMILIES)}, or NAME of comfy_small_NAME.py")
     ap.add_argument("--cache", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--steps", type=int, default=3)
@@ -213,31 +242,28 @@ def main() -> int:
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
-    import comfy_fixtures
     from trainer.fileio import save_safetensors_atomic
     from trainer.models.comfy import ComfyModel
     from trainer.session import TrainingSession, job_from_parts
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cache, work = Path(a.cache), Path(a.work)
-    files = {"sdxl": comfy_fixtures.sdxl_files, "wan": comfy_fixtures.wan_files, "flux": comfy_fixtures.flux_files,
-             "omnigen2": lambda c: comfy_fixtures.omnigen2_files(c, a.comfyui)}[a.family](cache)
-    patcher, clip, vae = _load(a.family, files)
+    fam, expect = family_inputs(a.family, cache, a.comfyui)
+    patcher, clip, vae = fam.patcher, fam.clip, fam.vae
 
-    if a.family == "wan":  # a video family trains on clips: 5 frames of moving shapes (2 latent frames)
+    if fam.video_frames:  # a video family trains on clips of moving shapes
         from trainer.demo.videos import make_video_dataset
 
         data = make_video_dataset(work / "dataset", n=2, size=(64, 64), frames=12, fps=16)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
-                   "num_frames": 5}
+                   "num_frames": fam.video_frames}
     else:
-        data = _write_dataset(work / "dataset", captions=OMNIGEN2_CAPTIONS if a.family == "omnigen2" else CAPTIONS)
+        data = _write_dataset(work / "dataset", captions=fam.captions)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
-    settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw",
-                                                      "batch_size": 2 if a.family == "omnigen2" else 1,
+    settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw", "batch_size": 1,
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
-                                                      "cache_text_embeddings": True},
+                                                      "cache_text_embeddings": True, **fam.settings},
                 "save": {"save_every": 1000, "dtype": "float32"}}
     job = job_from_parts({"comfy": (patcher, clip, vae)}, [dataset], network, settings, a.steps, str(work / "runs"))
 
@@ -258,17 +284,17 @@ def main() -> int:
     losses = [loss for _, loss in session.losses]
     latent_shapes = sorted({tuple(v.shape) for v in session.trainer.latents.mem.values()})
     sample_shape = None
-    if a.family == "wan":  # a video preview through ComfyUI's VAE: the frames of a clip
+    if fam.video_frames:  # a video preview through ComfyUI's VAE: the frames of a clip
         with torch.inference_mode(False):
-            sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=5).shape)
+            sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1,
+                                               frames=fam.video_frames).shape)
     if a.family == "omnigen2":  # a preview with CFG: the caption and the (empty) negative at their own lengths
         with torch.inference_mode(False):
             preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1)
         sample_shape = list(preview.shape) if bool(torch.isfinite(preview).all()) else None
 
     # the trainer's model at the end of training, on a fixed noisy latent and prompt
-    lat_shape = {"sdxl": (1, 4, 8, 8), "wan": (1, 16, 2, 8, 8), "flux": (1, 16, 8, 8),
-                 "omnigen2": (1, 16, 8, 8)}[a.family]
+    lat_shape = fam.latent_shape
     g = torch.Generator().manual_seed(3)
     x = torch.randn(lat_shape, generator=g)
     sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()  # not an inference tensor
@@ -385,8 +411,12 @@ def main() -> int:
         "block_calls_plain_ckpt": [calls_plain, calls_ckpt],
         "grad_norm": float(sum(v.double().norm() ** 2 for v in plain.values()) ** 0.5),
         "device": str(mm.get_torch_device()),
+        "expect": expect,
     }
     if a.family == "omnigen2":  # a second run with reference images (a control folder)
+        import comfy_fixtures
+
+        files = comfy_fixtures.omnigen2_files(cache, a.comfyui)
         report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
