@@ -22,3 +22,9 @@ def comfy_install(what: str) -> tuple[Path, Path]:
     if not python.exists():
         pytest.skip(f"set COMFYUI_PYTHON to ComfyUI's python ({python} does not exist)")
     return comfy, python
+
+
+def fixture_cache() -> Path:
+    """Where the integration tests keep the random model files they write (ERI_FIXTURE_CACHE)."""
+    default = Path.home() / ".cache" / "eridiffusion" / "comfy-fixtures"
+    return Path(os.environ.get("ERI_FIXTURE_CACHE", default)).expanduser()
