@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io
 
-from ..trainer.graph_parts import MODEL_OPTIONAL_WIDGETS, MODEL_WIDGETS, model_section
+from ..trainer.graph_parts import EXPERT_WIDGETS, MODEL_OPTIONAL_WIDGETS, MODEL_WIDGETS, host_model_keys, model_section
 from ..trainer.models import registry
 from .types import CATEGORY, EriModel
 from .widgets import widget_inputs
@@ -18,13 +18,14 @@ class EriComfyModel(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip", optional=True, tooltip="encodes the captions; needed unless embeddings are cached"),
                 io.Vae.Input("vae", optional=True, tooltip="encodes the dataset images and decodes samples"),
+                *widget_inputs(EXPERT_WIDGETS, optional=True),
             ],
             outputs=[EriModel.Output(display_name="training_model")],
         )
 
     @classmethod
-    def execute(cls, model, clip=None, vae=None) -> io.NodeOutput:
-        return io.NodeOutput({"comfy": (model, clip, vae)})
+    def execute(cls, model, clip=None, vae=None, **values) -> io.NodeOutput:
+        return io.NodeOutput({"comfy": (model, clip, vae), "model_keys": host_model_keys(values)})
 
 
 class EriModelByArch(io.ComfyNode):

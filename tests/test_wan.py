@@ -443,3 +443,60 @@ def test_session_samples_vace_with_a_reference_image(wan_vace, clips, tmp_path):
     b = s.sample("a red circle", 32, 32, 2, 1.0, seed=3, frames=5, reference=blue)
     assert a.shape == b.shape == (3, 5, 32, 32) and torch.isfinite(a).all()
     assert float((a - b).abs().max()) > 1e-4
+
+
+# --- Wan 2.2 A14B experts ---------------------------------------------------------------------------------------
+
+def _sigmas_seen(trainer) -> list[float]:
+    """Every training noise level of the run, as the loop draws them."""
+    seen: list[float] = []
+    draw = trainer.train_sigmas
+
+    def record(*args, **kwargs):
+        s = draw(*args, **kwargs)
+        seen.extend(s.tolist())
+        return s
+
+    trainer.train_sigmas = record
+    trainer.train()
+    return seen
+
+
+@pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
+def test_expert_trains_its_share_of_the_schedule_and_names_its_lora(wan_t2v, clips, tmp_path, expert):
+    d = _video_job(wan_t2v, clips, tmp_path / "out", steps=4, cache_text_embeddings=True, timestep_type="sigmoid")
+    d["config"]["process"][0]["model"]["expert"] = expert
+    job = load_job_dict(d)
+    assert job.process.model.expert_boundary == 0.875 and job.name == f"run_{expert}"  # Wan 2.2 T2V's boundary
+    seen = _sigmas_seen(build_trainer(job, report=quiet))
+    assert len(seen) == 4
+    assert all(s >= 0.875 for s in seen) if expert == "high_noise" else all(s < 0.875 for s in seen), seen
+    assert (tmp_path / "out" / f"run_{expert}" / f"run_{expert}.safetensors").is_file()
+
+    # the family's own distribution spans both sides of the boundary: the window is what kept the expert to its own
+    trainer = build_trainer(load_job_dict(_video_job(wan_t2v, clips, tmp_path / "whole", steps=1,
+                                                     timestep_type="sigmoid")), report=quiet)
+    drawn = trainer.model.train_sigmas("sigmoid", 4000, torch.Generator().manual_seed(0), (4000, 16, 2, 4, 4))
+    assert (drawn >= 0.875).sum() > 20 and (drawn < 0.875).sum() > 20
+
+
+def test_expert_boundary_defaults_per_variant_and_keys_are_checked(wan_t2v, wan_i2v, tiny_flux, clips, tmp_path):
+    i2v = _video_job(wan_i2v, clips, tmp_path / "i2v", steps=1)
+    i2v["config"]["process"][0]["model"].update(arch="wan21_i2v", expert="low_noise")
+    i2v["config"]["process"][0]["datasets"][0]["do_i2v"] = True
+    assert load_job_dict(i2v).process.model.expert_boundary == 0.9  # Wan 2.2 I2V's boundary
+    own = _video_job(wan_t2v, clips, tmp_path / "own", steps=1)
+    own["config"]["process"][0]["model"].update(expert="high_noise", expert_boundary=0.8)
+    assert load_job_dict(own).process.model.expert_boundary == 0.8
+    lone = _video_job(wan_t2v, clips, tmp_path / "lone", steps=1)
+    lone["config"]["process"][0]["model"]["expert_boundary"] = 0.8
+    with pytest.raises(ConfigError, match=r"model\.expert_boundary: set model\.expert"):
+        load_job_dict(lone)
+    flux = job_dict(tiny_flux, clips, tmp_path / "flux")
+    flux["config"]["process"][0]["model"]["expert"] = "high_noise"
+    with pytest.raises(ConfigError, match=r"model\.expert: not used by model\.arch 'flux'"):
+        load_job_dict(flux)
+    bad = _video_job(wan_t2v, clips, tmp_path / "bad", steps=1)
+    bad["config"]["process"][0]["model"]["expert"] = "middle"
+    with pytest.raises(ConfigError, match=r"model\.expert: expected one of high_noise, low_noise"):
+        load_job_dict(bad)

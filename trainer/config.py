@@ -141,6 +141,12 @@ class TrainConfig:
     disable_sampling: bool = spec(False)
 
 
+EXPERTS = ("high_noise", "low_noise")
+# where Wan 2.2 A14B's experts meet (its boundary ratio on the 0..1 schedule) when model.expert_boundary is unset:
+# on ComfyUI's MODEL, whose detection cannot tell A14B from Wan 2.1 14B (same blocks), the text-to-video one
+DEFAULT_EXPERT_BOUNDARY = 0.875
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = spec(required=True)
@@ -173,6 +179,12 @@ class ModelConfig:
     train_guidance: Optional[float] = spec(None, ge=0, le=100, help="guidance embedding while training (HunyuanVideo: 1)")
     # which variant of the family a checkpoint is, where its file name does not say (HiDream-I1: full, dev, fast)
     variant: Optional[str] = spec(None, help="the variant where the file name does not say (HiDream: full, dev, fast)")
+    # Wan 2.2 A14B: the expert this run trains (each expert is its own model file and gets its own LoRA): high_noise
+    # the noise levels at and above expert_boundary, low_noise those below; the run's name takes the expert's suffix
+    expert: Optional[str] = spec(None, choices=EXPERTS, help="Wan 2.2 A14B: the expert this run trains; its LoRA is"
+                                 " saved as <name>_high_noise / <name>_low_noise")
+    expert_boundary: Optional[float] = spec(None, gt=0, le=0.999, help="where the experts meet on the schedule"
+                                            " (Wan 2.2 T2V: 0.875, I2V: 0.9)")
     low_vram: bool = spec(False, ignored="memory is set by model.quantize, train.blocks_to_swap and"
                           " train.gradient_checkpointing")
     # ai-toolkit's names for block swap: true = train.blocks_to_swap auto, or the fraction of blocks swapped
@@ -467,7 +479,27 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
     job = JobConfig(name=name, process=proc, raw=data, warnings=ctx.warnings)
     job.arch = resolve_arch(proc.model)
     check_family_keys(job)
+    resolve_expert(job)
     return job
+
+
+def resolve_expert(job: JobConfig) -> None:
+    """model.expert: the boundary set (the family's default where unset) and the run named after the expert, so the
+    two experts' runs, files and resume states never mix."""
+    mc = job.process.model
+    if mc.expert is None:
+        if mc.expert_boundary is not None:
+            raise ConfigError("config.process[0].model.expert_boundary: set model.expert (high_noise or low_noise)"
+                              " too; without it the whole schedule trains")
+        return
+    if mc.expert_boundary is None:
+        defaults = {}
+        if mc.backend == "diffusers":
+            from .models import registry
+
+            defaults = registry.get_family(job.arch).model_defaults
+        mc.expert_boundary = defaults.get("expert_boundary", DEFAULT_EXPERT_BOUNDARY)
+    job.name = f"{job.name}_{mc.expert}"
 
 
 def resolve_arch(model: ModelConfig) -> str:
@@ -511,7 +543,8 @@ def check_family_keys(job: JobConfig) -> None:
             " denoiser is trained; sdxl trains its text encoders); set it to false"
         )
     mc = job.process.model
-    for key in ("sample_shift", "train_shift", "train_guidance", "clip_vision_path", "variant"):
+    for key in ("sample_shift", "train_shift", "train_guidance", "clip_vision_path", "variant", "expert",
+                "expert_boundary"):
         if getattr(mc, key) is not None and key not in fam.model_defaults and not (key == "clip_vision_path"
                                                                                  and fam.takes_control and fam.video):
             raise ConfigError(f"config.process[0].model.{key}: not used by model.arch {job.arch!r}; remove it")

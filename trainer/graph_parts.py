@@ -188,6 +188,12 @@ MODEL_OPTIONAL_WIDGETS = [
     _w("quantize", ModelConfig, "quantize"),
     _w("clip_vision_path", ModelConfig, "clip_vision_path"),
 ]
+# Wan 2.2 A14B's experts (each its own model file): on both model nodes
+EXPERT_WIDGETS = [
+    _w("expert", ModelConfig, "expert"),
+    _w("expert_boundary", ModelConfig, "expert_boundary", tooltip="0: Wan 2.2's (T2V 0.875, I2V 0.9)"),
+]
+MODEL_OPTIONAL_WIDGETS += EXPERT_WIDGETS
 
 # widgets whose node default differs from the YAML's on purpose (the host decides): name -> why
 HOST_DEFAULTS = {
@@ -223,3 +229,8 @@ def dataset_section(values: dict[str, Any]) -> dict:
 
 def model_section(arch: str, values: dict[str, Any]) -> dict:
     return {"arch": arch, **section_of(MODEL_WIDGETS + MODEL_OPTIONAL_WIDGETS, values)}
+
+
+def host_model_keys(values: dict[str, Any]) -> dict:
+    """The model keys a ComfyUI MODEL still takes from its node (it has no file to name): the expert it is."""
+    return section_of(EXPERT_WIDGETS, values)

@@ -63,7 +63,7 @@ def job_from_parts(model_part: dict, datasets: list[dict], network: dict, settin
     s.setdefault("training_folder", default_folder)
     s.setdefault("train", {})["steps"] = steps
     if "comfy" in model_part:
-        model = dict(HOST_MODEL)
+        model = {**HOST_MODEL, **model_part.get("model_keys", {})}
     else:
         model = model_part["model"]
     return assemble_job(name, model, datasets, network, s)

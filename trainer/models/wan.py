@@ -43,6 +43,14 @@ T5_MAX_LENGTH = 512
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLE_SHIFT = 5.0  # Wan's own sampling shift (ComfyUI's ModelSamplingSD3 for Wan defaults to 8)
 TRAIN_SHIFT = 3.0  # timestep_type: shift, as the peers train Wan
+# Wan 2.2 A14B (Wan 2.1 14B's blocks, two experts by noise level): where its high-noise expert hands over to the
+# low-noise one on the 0..1 schedule, as Wan 2.2's own configs set it
+T2V_BOUNDARY, I2V_BOUNDARY = 0.875, 0.9
+
+
+def expert_defaults(boundary: float) -> dict:
+    """The model keys of a family whose files may be Wan 2.2 A14B experts (model.expert), with its boundary."""
+    return {"expert": None, "expert_boundary": boundary}
 FPS = 16.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -413,12 +421,15 @@ def load_wan(mc: ModelConfig, device: torch.device, dtype: torch.dtype, variant:
 FAMILIES = [
     Family("wan21", "Wan 2.1 T2V (1.3B, 14B): UMT5-XXL, the Wan 2.1 VAE; video clips and images",
            lambda mc, device, dtype: load_wan(mc, device, dtype, T2V), video=True,
-           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT, **expert_defaults(T2V_BOUNDARY)},
+           comfy_clip_type="wan"),
     Family("wan21_i2v", "Wan 2.1 I2V (14B 480p / 720p): as T2V plus the start image and CLIP vision H",
            lambda mc, device, dtype: load_wan(mc, device, dtype, I2V), video=True, takes_control=True,
-           requires_control=I2V_NEEDS, model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
+           requires_control=I2V_NEEDS, comfy_clip_type="wan",
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT, **expert_defaults(I2V_BOUNDARY)}),
     Family("wan21_vace", "Wan 2.1 VACE (1.3B, 14B): as T2V plus control videos and masks",
            lambda mc, device, dtype: load_wan(mc, device, dtype, VACE), video=True, takes_control=True,
            takes_masks=True, takes_references=True, requires_control=VACE_NEEDS,
-           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT}, comfy_clip_type="wan"),
+           model_defaults={"sample_shift": SAMPLE_SHIFT, "train_shift": TRAIN_SHIFT, **expert_defaults(T2V_BOUNDARY)},
+           comfy_clip_type="wan"),
 ]

@@ -24,7 +24,7 @@ from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .optim import build_optimizer, build_scheduler
 from .run_identity import changed_job_error, past_steps_error, split_changes
-from .timesteps import linear_timestep_weights
+from .timesteps import expert_window, in_window, linear_timestep_weights
 
 log = logging.getLogger("trainer")
 
@@ -221,9 +221,18 @@ class Trainer:
         if tc.noise_offset:
             # one offset per sample and channel, over every spatial (and frame) position
             noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=gen)
-        sigmas = self.model.train_sigmas(tc.timestep_type, latents.shape[0], gen, tuple(latents.shape))
+        sigmas = self.train_sigmas(latents.shape[0], gen, tuple(latents.shape))
         dev = self.model.device
         return latents.to(dev), noise.to(dev), sigmas.to(dev), cond
+
+    def train_sigmas(self, batch: int, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """The batch's noise levels: the family's distribution, kept to model.expert's share of the schedule."""
+        kind = self.cfg.train.timestep_type
+        window = expert_window(self.cfg.model.expert, self.cfg.model.expert_boundary)
+        if window is None:
+            return self.model.train_sigmas(kind, batch, gen, shape)
+        return in_window(lambda n: self.model.train_sigmas(kind, n, gen, (n, *shape[1:])),
+                         self.model.schedule_position, batch, window)
 
     def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights: linear_timesteps (a bell over the schedule) and min-SNR-gamma."""

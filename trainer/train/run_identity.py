@@ -41,6 +41,7 @@ def run_identity(job: JobConfig, base_model: str) -> dict[str, Any]:
         "gradient_accumulation": tc.gradient_accumulation,
         "dtype": tc.dtype,
         "timestep_type": tc.timestep_type,
+        "expert_boundary": p.model.expert_boundary,
         "datasets": [{k: v for k, v in vars(d).items()} for d in p.datasets],
     }
 
