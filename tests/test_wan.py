@@ -500,3 +500,14 @@ def test_expert_boundary_defaults_per_variant_and_keys_are_checked(wan_t2v, wan_
     bad["config"]["process"][0]["model"]["expert"] = "middle"
     with pytest.raises(ConfigError, match=r"model\.expert: expected one of high_noise, low_noise"):
         load_job_dict(bad)
+
+
+def test_wan22_files_this_loader_cannot_train_are_named():
+    from trainer.models.wan import refuse_wan22_only
+
+    refuse_wan22_only(Path("t2v.safetensors"), {"in_channels": 16, "out_channels": 16}, "t2v")  # Wan 2.1 / 2.2 A14B T2V
+    refuse_wan22_only(Path("i2v.safetensors"), {"in_channels": 36, "out_channels": 16}, "i2v")  # Wan 2.1 I2V
+    with pytest.raises(ModelFileError, match=r"5b\.safetensors: Wan 2\.2 TI2V 5B .*ComfyUI's MODEL"):
+        refuse_wan22_only(Path("5b.safetensors"), {"in_channels": 48, "out_channels": 48}, "t2v")
+    with pytest.raises(ModelFileError, match=r"a14b\.safetensors: an image-to-video Wan .*36 input channels"):
+        refuse_wan22_only(Path("a14b.safetensors"), {"in_channels": 36, "out_channels": 16}, "t2v")

@@ -74,6 +74,19 @@ VACE_NEEDS = ("Wan 2.1 VACE trains on control data: set datasets[].control_path 
               " the Wan 2.1 T2V base instead, whose LoRA applies to VACE")
 
 
+def refuse_wan22_only(path: Path, cfg: dict, kind: str) -> None:
+    """Wan 2.2 files this loader cannot train, named before their weights are read: TI2V 5B (48-channel latents of
+    the Wan 2.2 VAE) and I2V A14B (image channels without Wan 2.1's CLIP-vision keys, which ComfyUI's detection
+    calls I2V too)."""
+    if cfg.get("out_channels") == 48:
+        raise ModelFileError(f"{path}: Wan 2.2 TI2V 5B (48-channel latents, the Wan 2.2 VAE), which this loader does"
+                             " not train; train it on ComfyUI's MODEL (Training Model (from ComfyUI), or"
+                             " model.backend: comfyui)")
+    if kind == "t2v" and cfg.get("in_channels") != cfg.get("out_channels"):
+        raise ModelFileError(f"{path}: an image-to-video Wan without CLIP-vision keys (Wan 2.2 I2V A14B:"
+                             f" {cfg.get('in_channels')} input channels), which no loader here trains yet")
+
+
 def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
     from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
@@ -93,6 +106,7 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, variant: WanVariant):
             raise ModelFileError(f"{path}: a {VARIANTS[kind].name} checkpoint,"
                                  f" but model.arch is {variant.arch!r}; use model.arch {want}")
         cfg = diffusers_config_from_original(shapes, str(path))
+        refuse_wan22_only(path, cfg, kind)
         with torch.device("meta"):
             model = (WanVACETransformer3DModel if kind == "vace" else WanTransformer3DModel)(**cfg)
         model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
