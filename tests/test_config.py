@@ -176,3 +176,22 @@ def test_relative_path_found_only_from_the_current_folder_warns(tmp_path, monkey
                             f" read from the current folder ({tmp_path}); relative paths in a job file are read from"
                             " its folder"]
     assert job.process.model.name_or_path == "org/some-model"  # a hub id is left for the loader to explain
+
+
+def test_training_adapter_only_on_comfyui_and_turbo_without_one_is_warned(tmp_path):
+    from helpers import job_dict, make_images
+
+    data = make_images(tmp_path / "data", n=1)
+    turbo = job_dict({"backend": "comfyui", "name_or_path": str(tmp_path / "z_image_turbo_bf16.safetensors")}, data,
+                     tmp_path / "out")
+    warned = [w for w in load_job_dict(turbo).warnings if "model.name_or_path" in w]
+    assert len(warned) == 1 and "model.assistant_lora_path" in warned[0], warned
+    turbo["config"]["process"][0]["model"]["assistant_lora_path"] = str(tmp_path / "adapter.safetensors")
+    assert not [w for w in load_job_dict(turbo).warnings if "model.name_or_path" in w]
+    base = job_dict({"backend": "comfyui", "name_or_path": str(tmp_path / "z_image_bf16.safetensors")}, data,
+                    tmp_path / "out")
+    assert not [w for w in load_job_dict(base).warnings if "model.name_or_path" in w]
+    engine = job_dict({"arch": "flux", "name_or_path": str(tmp_path / "flux.safetensors"),
+                       "assistant_lora_path": str(tmp_path / "adapter.safetensors")}, data, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"model\.assistant_lora_path: only on model\.backend comfyui"):
+        load_job_dict(engine)

@@ -157,6 +157,10 @@ class ModelConfig:
     comfyui_path: Optional[str] = spec(None)
     # comfyui backend: the type of ComfyUI's CLIP loader for text_encoder_paths (default: from the detected model)
     clip_type: Optional[str] = spec(None)
+    # comfyui backend: a LoRA merged into the base for training only, never saved into the trained LoRA (ai-toolkit's
+    # name): a de-distill training adapter for a step-distilled model (Z-Image Turbo)
+    assistant_lora_path: Optional[str] = spec(None, help="a training adapter merged into the base while training,"
+                                              " never saved (Z-Image Turbo's de-distill adapter)")
     is_flux: bool = spec(False)
     is_v3: bool = spec(False)
     is_xl: bool = spec(False)
@@ -483,6 +487,17 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
     return job
 
 
+def check_distilled(job: JobConfig) -> None:
+    """A step-distilled (Turbo) model trained without a de-distill adapter: said before the run, since its few-step
+    sampling breaks within a few hundred steps of plain training."""
+    mc = job.process.model
+    if "turbo" in Path(mc.name_or_path).name.lower() and not mc.assistant_lora_path:
+        job.warnings.append(
+            f"config.process[0].model.name_or_path: {Path(mc.name_or_path).name} looks step-distilled (Turbo); without"
+            " a de-distill training adapter (model.assistant_lora_path, e.g. the Z-Image Turbo training adapter) the"
+            " LoRA soon undoes its few-step sampling")
+
+
 def resolve_expert(job: JobConfig) -> None:
     """model.expert: the boundary set (the family's default where unset) and the run named after the expert, so the
     two experts' runs, files and resume states never mix."""
@@ -532,7 +547,11 @@ def resolve_arch(model: ModelConfig) -> str:
 def check_family_keys(job: JobConfig) -> None:
     """Keys a family cannot honour are refused before anything loads (seconds, not after a 23 GB read)."""
     if job.process.model.backend != "diffusers":
+        check_distilled(job)
         return
+    if job.process.model.assistant_lora_path:
+        raise ConfigError("config.process[0].model.assistant_lora_path: only on model.backend comfyui (ComfyUI's own"
+                          " LoRA loader merges it); the engine's loaders do not take a training adapter")
     from .models import registry
 
     fam = registry.get_family(job.arch)

@@ -117,7 +117,7 @@ def check_before_loading(job: JobConfig, model_files: bool = True) -> None:
 def check_model_files(mc) -> None:
     """Every file the model section names exists and is not a pickle checkpoint (named by key)."""
     named = [("model.name_or_path", mc.name_or_path), ("model.vae_path", mc.vae_path),
-             ("model.clip_vision_path", mc.clip_vision_path)]
+             ("model.clip_vision_path", mc.clip_vision_path), ("model.assistant_lora_path", mc.assistant_lora_path)]
     named += [(f"model.text_encoder_paths[{i}]", p) for i, p in enumerate(mc.text_encoder_paths)]
     named += [(f"model.tokenizer_paths[{i}]", p) for i, p in enumerate(mc.tokenizer_paths)]
     for key, value in named:

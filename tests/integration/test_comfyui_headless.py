@@ -36,16 +36,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _job(tmp_path: Path, comfyui: Path, files: dict) -> Path:
+def _job(tmp_path: Path, comfyui: Path, files: dict, name: str = "headless", **model_keys) -> Path:
     data = make_images(tmp_path / "data", n=2, size=(64, 64))
     model = {"backend": "comfyui", "comfyui_path": str(comfyui), "name_or_path": files["unet"],
-             "text_encoder_paths": [files["clip"]], "vae_path": files["vae"], "clip_type": "stable_diffusion"}
-    d = job_dict(model, data, tmp_path / "runs", name="headless", steps=3, lr=2e-3)
+             "text_encoder_paths": [files["clip"]], "vae_path": files["vae"], "clip_type": "stable_diffusion",
+             **model_keys}
+    d = job_dict(model, data, tmp_path / "runs", name=name, steps=3, lr=2e-3)
     proc = d["config"]["process"][0]
     proc["datasets"][0]["resolution"] = [64]
     proc["save"] = {"dtype": "fp32", "save_every": 1000}
     proc["sample"]["sample_every"] = 1000
-    path = tmp_path / "job.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d), encoding="utf-8")
     return path
 
@@ -85,6 +86,33 @@ def test_yaml_job_trains_on_comfyui_loaders(tmp_path: Path) -> None:
     assert effect > 1e-3, effect
     assert torch.equal(out["base_after"], out["base"])  # the comparison is against the unpatched model
 
+    # the same job with a training adapter (model.assistant_lora_path): merged for training by ComfyUI's loader, so
+    # the LoRA trained over it differs, but never saved into it (the same keys, none of the adapter's own)
+    adapter = _adapter(tmp_path / "adapter.safetensors", {"diffusion_model.img_in": (64, 3072),
+                                                          "diffusion_model.double_blocks.0.img_attn.qkv": (3072, 9216)})
+    job = _job(tmp_path, comfy, files, name="assisted", assistant_lora_path=str(adapter))
+    proc = subprocess.run([str(python), "-m", "trainer", str(job)], cwd=str(REPO), env=_env(), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, f"python -m trainer failed:\n{proc.stderr[-6000:]}"
+    plain, assisted = load_file(str(lora)), load_file(str(tmp_path / "runs" / "assisted" / "assisted.safetensors"))
+    assert sorted(assisted) == sorted(plain), sorted(set(assisted) ^ set(plain))[:10]
+    moved = max(((assisted[k] - plain[k]).abs().max() / plain[k].abs().max().clamp_min(1e-12)).item()
+                for k in plain if "lora_up" in k)
+    print(f"training adapter: the LoRA trained over it differs by {moved:.1e} (relative, max over the up weights)")
+    assert moved > 1e-2, moved
+
+
+def _adapter(path: Path, layers: dict[str, tuple[int, int]], rank: int = 4) -> Path:
+    """A random LoRA in ComfyUI's keys over `layers` (key -> (in, out))."""
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for key, (fan_in, fan_out) in layers.items():
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
+        sd[f"{key}.lora_up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.05
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path))
+    return path
+
 
 def test_yaml_job_names_a_path_that_is_not_comfyui(tmp_path: Path) -> None:
     comfy, python = comfy_install("headless comfyui-backend test")
@@ -97,3 +125,13 @@ def test_yaml_job_names_a_path_that_is_not_comfyui(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "model.comfyui_path" in proc.stderr and "is not a ComfyUI checkout" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+    # a training adapter for another model (SDXL's keys): one message naming the key, no run started
+    other = _adapter(tmp_path / "sdxl_adapter.safetensors", {"lora_unet_input_blocks_4_1_proj_in": (640, 640)})
+    job = _job(tmp_path, comfy, files, name="wrong_adapter", assistant_lora_path=str(other))
+    proc = subprocess.run([str(python), "-m", "trainer", str(job)], cwd=str(REPO), env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "model.assistant_lora_path" in proc.stderr and "cannot place" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "runs" / "wrong_adapter").glob("*.safetensors"))

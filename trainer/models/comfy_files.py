@@ -4,6 +4,7 @@ use, so every family ComfyUI loads also trains from YAML, outside the UI."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -87,4 +88,42 @@ def load_with_comfyui(mc, device: torch.device, dtype: torch.dtype):
             vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path)) if vae_path else None
     except RuntimeError as e:  # ComfyUI's "could not detect model type"
         raise ModelFileError(f"{path}: ComfyUI cannot load it ({str(e).splitlines()[0]})") from None
+    if mc.assistant_lora_path:
+        patcher = with_assistant_lora(patcher, str(local_path(mc.assistant_lora_path, "model.assistant_lora_path")))
     return ComfyModel(patcher, clip, vae, arch=mc.arch)
+
+
+class UnloadedKeys(logging.Handler):
+    """The keys ComfyUI's LoRA loader logs as not loaded (it reports them only in its log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "lora key not loaded" in msg:
+            self.keys.append(msg.split(":", 1)[-1].strip())
+
+
+def with_assistant_lora(patcher, path: str):
+    """The MODEL with a training adapter merged by ComfyUI's own LoRA loader (what LoraLoaderModelOnly does, at
+    strength 1): the trained network sits on top of it and is saved without it. Keys of the adapter ComfyUI does not
+    load are an error: a half-applied adapter would train a LoRA for another model."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    watch = UnloadedKeys()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    try:
+        with torch.inference_mode():
+            patched, _ = comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0)
+    finally:
+        root.removeHandler(watch)
+    if watch.keys or not patched.patches:
+        what = f"{len(watch.keys)} keys it cannot place (first: {watch.keys[0]})" if watch.keys else "no key it can place"
+        raise ModelFileError(f"model.assistant_lora_path: {path}: ComfyUI finds {what} on this model; is it the adapter"
+                             " for this model?")
+    return patched
