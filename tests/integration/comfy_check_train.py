@@ -410,6 +410,9 @@ def main() -> int:
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
         "block_calls_plain_ckpt": [calls_plain, calls_ckpt],
         "grad_norm": float(sum(v.double().norm() ** 2 for v in plain.values()) ** 0.5),
+        # the training shift the backend gives at the test latent (mu: resolution-dependent; shift: the fixed one)
+        "train_shift_mu": model.train_shift_mu(tuple(lat_shape)),
+        "train_shift": model.train_shift(),
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }

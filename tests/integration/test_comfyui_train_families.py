@@ -103,6 +103,12 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert r["text_keys"] == expect["text_keys"], r
         for name, s in r["stacks"].items():  # every stack ran and trained
             assert s["targets"] > 0 and s["ran"] == s["targets"] and s["trained"] == s["targets"], (name, s)
+        if "train_forward_batches" in expect:  # the batch size of every training forward
+            assert r["train_forward_batches"] == expect["train_forward_batches"], r["train_forward_batches"]
+            assert len(set(r["text_lengths"])) == len(r["text_lengths"]), r["text_lengths"]  # captions' own lengths
+        for key in ("train_shift_mu", "train_shift"):  # the training shift ComfyUI's config gives the family
+            if key in expect:
+                assert r[key] == (None if expect[key] is None else pytest.approx(expect[key], rel=1e-6)), (key, r[key])
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]

@@ -141,6 +141,16 @@ def native_fps(model_config) -> float | None:
     return None
 
 
+def comfy_conditioning(cond: dict[str, torch.Tensor], device: torch.device | str) -> dict:
+    """One sample's cached conditioning as ComfyUI's sampling hands a prompt's conditioning to extra_conds: each
+    entry a batch of one again, and `pooled_output` always there, None where the text encoder has no pooled vector
+    (T5 alone: Chroma), as ComfyUI's CLIP encode returns it; Flux's extra_conds read it unconditionally, and a None
+    is not cached."""
+    params = {k: v[None].to(device) for k, v in cond.items()}
+    params.setdefault("pooled_output", None)
+    return params
+
+
 def _autograd_ready(module: nn.Module) -> None:
     """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
     cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
@@ -374,7 +384,7 @@ class ComfyModel(TrainingModel):
         extra_conds runs through process_latent_in itself; an all-zero one (an item without it in a batch) is none."""
         cond = dict(cond)
         control = cond.pop("control", None)
-        params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
+        params = comfy_conditioning(cond, self.device)
         if control is not None and self.takes_control and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
