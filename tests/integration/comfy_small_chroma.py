@@ -28,6 +28,7 @@ T5 = {"d_model": T5_WIDTH, "d_kv": 16, "num_heads": 2, "d_ff": 64, "num_layers":
 
 EXPECT = {"detected": "Chroma", "model_class": "Chroma", "stacks": ["double_blocks", "single_blocks"],
           "text_keys": ["cross_attn", "cross_attn__shape"],
+          "model_cond_keys": ["c_crossattn", "guidance"],  # no pooled y; guidance at Chroma's default, 0
           "train_forward_batches": [1] * 6,  # batch 2 of two lengths, one sample a forward: 3 steps x 2
           "train_shift_mu": 0.5 + (1.15 - 0.5) * (4 * 4 - 256) / (4096 - 256)}  # Flux.1's mu at 4x4 tokens
 CAPTIONS = ["a photo of a red cat", "a small sketch of a big blue house with a dark tree on the bright sky"]

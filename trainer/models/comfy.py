@@ -130,6 +130,15 @@ def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> floa
     return linear_mu((h // 2) * (w // 2))
 
 
+def sampling_shift(sampling) -> float | None:
+    """The fixed shift of ComfyUI's discrete flow schedule (ModelSamplingDiscreteFlow, by class name through the
+    MRO: its config's sampling_settings shift, SD3's 3.0, AuraFlow's 1.73 ...), which `timestep_type: shift` (and
+    `flux_shift` where there is no resolution shift) trains with; None on its other schedules."""
+    if any(cls.__name__ == "ModelSamplingDiscreteFlow" for cls in type(sampling).__mro__):
+        return float(sampling.shift)
+    return None
+
+
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
 NATIVE_FPS = {"WAN21_T2V": 16.0, "WAN22_T2V": 24.0, "LTXV": 25.0, "HunyuanVideo": 24.0, "HunyuanVideo15": 24.0}
 
@@ -431,6 +440,10 @@ class ComfyModel(TrainingModel):
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         return flow_shift_mu(self.base.model_config, self.sampling, latent_shape)
+
+    def train_shift(self) -> float:
+        shift = sampling_shift(self.sampling)
+        return super().train_shift() if shift is None else shift
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
