@@ -243,6 +243,7 @@ def main() -> int:
     import comfy.sd
     import comfy.utils
     from trainer.fileio import save_safetensors_atomic
+    from trainer.models.base import sample_of
     from trainer.models.comfy import ComfyModel
     from trainer.session import TrainingSession, job_from_parts
 
@@ -312,6 +313,9 @@ def main() -> int:
     try:
         trained = out(model)
         trained_other = out(model, other)
+        # the pooled vector alone (SD3's y) moves the output: it reached the model
+        unpooled = (out(model, {**cond, "pooled_output": torch.zeros_like(cond["pooled_output"])})
+                    if "pooled_output" in cond else None)
         # both captions in one batch (padded to the longer, each cut back to its own length) = each alone
         with torch.no_grad():
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
@@ -319,6 +323,8 @@ def main() -> int:
     finally:
         net.detach()
     base = out(model)
+    # the model inputs ComfyUI's extra_conds make of the test caption's conditioning
+    model_cond_keys = sorted(model._sample_conds(x.to(model.device), sample_of(cond, 0), 3.5))
 
     # gradient checkpointing on ComfyUI's blocks gives the same LoRA gradients as none
     w = torch.randn(lat_shape, generator=g)
@@ -397,6 +403,8 @@ def main() -> int:
         "rel_err": rel(result, trained),
         "lora_effect": rel(trained, base),
         "caption_effect": rel(trained_other, trained),
+        "pooled_effect": None if unpooled is None else rel(unpooled, trained),
+        "model_cond_keys": model_cond_keys,
         "pair_rel_err": max(rel(pair[:1], trained), rel(pair[1:], trained_other)),
         "text_lengths": text_lengths,
         "text_keys": text_keys,
@@ -410,6 +418,9 @@ def main() -> int:
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
         "block_calls_plain_ckpt": [calls_plain, calls_ckpt],
         "grad_norm": float(sum(v.double().norm() ** 2 for v in plain.values()) ** 0.5),
+        # the training shift the backend gives at the test latent (mu: resolution-dependent; shift: the fixed one)
+        "train_shift_mu": model.train_shift_mu(tuple(lat_shape)),
+        "train_shift": model.train_shift(),
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }

@@ -1,5 +1,5 @@
 """Training on ComfyUI's own MODEL, for Flux, SDXL (a UNet family), Wan 2.1 (a video family), OmniGen2 and the families
-built small from ComfyUI's own model classes (comfy_small_<name>.py: Z-Image ...): the LoRA
+built small from ComfyUI's own model classes (comfy_small_<name>.py: Z-Image, Chroma, SD 3.5 ...): the LoRA
 the trainer saves loads back through ComfyUI's LoRA loader with no "lora key not loaded", patches one weight
 per trained layer, and ComfyUI's patched model gives the output the trainer's model gave at the end of
 training (max relative error < 1e-3, fp32). Gradient checkpointing on ComfyUI's own blocks recomputes them and
@@ -103,6 +103,17 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert r["text_keys"] == expect["text_keys"], r
         for name, s in r["stacks"].items():  # every stack ran and trained
             assert s["targets"] > 0 and s["ran"] == s["targets"] and s["trained"] == s["targets"], (name, s)
+        if "train_forward_batches" in expect:  # the batch size of every training forward
+            assert r["train_forward_batches"] == expect["train_forward_batches"], r["train_forward_batches"]
+            assert len(set(r["text_lengths"])) == len(r["text_lengths"]), r["text_lengths"]  # captions' own lengths
+        if "model_cond_keys" in expect:  # what ComfyUI's extra_conds made of the conditioning
+            assert r["model_cond_keys"] == expect["model_cond_keys"], r["model_cond_keys"]
+        if expect.get("pooled"):  # the pooled vector alone moves the output: it reached the model
+            print(f"{family}: pooled effect {r['pooled_effect']:.1e}; model inputs {r['model_cond_keys']}")
+            assert r["pooled_effect"] > 1e-3 and r["pooled_effect"] > 100 * r["rel_err"], r
+        for key in ("train_shift_mu", "train_shift"):  # the training shift ComfyUI's config gives the family
+            if key in expect:
+                assert r[key] == (None if expect[key] is None else pytest.approx(expect[key], rel=1e-6)), (key, r[key])
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]

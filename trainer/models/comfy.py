@@ -130,6 +130,15 @@ def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> floa
     return linear_mu((h // 2) * (w // 2))
 
 
+def sampling_shift(sampling) -> float | None:
+    """The fixed shift of ComfyUI's discrete flow schedule (ModelSamplingDiscreteFlow, by class name through the
+    MRO: its config's sampling_settings shift, SD3's 3.0, AuraFlow's 1.73 ...), which `timestep_type: shift` (and
+    `flux_shift` where there is no resolution shift) trains with; None on its other schedules."""
+    if any(cls.__name__ == "ModelSamplingDiscreteFlow" for cls in type(sampling).__mro__):
+        return float(sampling.shift)
+    return None
+
+
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
 NATIVE_FPS = {"WAN21_T2V": 16.0, "WAN22_T2V": 24.0, "LTXV": 25.0, "HunyuanVideo": 24.0, "HunyuanVideo15": 24.0}
 
@@ -139,6 +148,16 @@ def native_fps(model_config) -> float | None:
         if cls.__name__ in NATIVE_FPS:
             return NATIVE_FPS[cls.__name__]
     return None
+
+
+def comfy_conditioning(cond: dict[str, torch.Tensor], device: torch.device | str) -> dict:
+    """One sample's cached conditioning as ComfyUI's sampling hands a prompt's conditioning to extra_conds: each
+    entry a batch of one again, and `pooled_output` always there, None where the text encoder has no pooled vector
+    (T5 alone: Chroma), as ComfyUI's CLIP encode returns it; Flux's extra_conds read it unconditionally, and a None
+    is not cached."""
+    params = {k: v[None].to(device) for k, v in cond.items()}
+    params.setdefault("pooled_output", None)
+    return params
 
 
 def _autograd_ready(module: nn.Module) -> None:
@@ -374,7 +393,7 @@ class ComfyModel(TrainingModel):
         extra_conds runs through process_latent_in itself; an all-zero one (an item without it in a batch) is none."""
         cond = dict(cond)
         control = cond.pop("control", None)
-        params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
+        params = comfy_conditioning(cond, self.device)
         if control is not None and self.takes_control and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
@@ -421,6 +440,10 @@ class ComfyModel(TrainingModel):
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         return flow_shift_mu(self.base.model_config, self.sampling, latent_shape)
+
+    def train_shift(self) -> float:
+        shift = sampling_shift(self.sampling)
+        return super().train_shift() if shift is None else shift
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
