@@ -86,10 +86,10 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
     setting = swap_setting(job)
     if setting == 0:
         return None
-    if model.backend != "diffusers":
-        raise ConfigError("train.blocks_to_swap: not on ComfyUI's MODEL (ComfyUI's own model management loads"
-                          " it partially); use the by-arch loader for block swap")
     blocks = model.repeated_blocks()
+    if model.host_places_weights:
+        reserve_for_partial_load(model, job, report, blocks, setting, largest)
+        return None
     if isinstance(setting, str) and setting.startswith("fraction:"):
         n = round(float(setting.split(":", 1)[1]) * len(blocks))
     elif setting == "auto":
@@ -110,6 +110,25 @@ def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[s
     model.block_swap = swap
     report(f"block swap: {n} of {len(blocks)} blocks ({swap.swapped_bytes / 2**30:.1f} GiB) kept in host memory")
     return swap
+
+
+def reserve_for_partial_load(model: TrainingModel, job: JobConfig, report: Callable[[str], None], blocks: list,
+                             setting: int | str, largest: tuple[int, int, int] | None) -> None:
+    """Block swap on a model whose host places the weights (ComfyUI's MODEL): the host loads what fits beside the
+    step's memory and streams the rest per layer; every block checkpointed, so a streamed weight is held only while
+    its block runs (forward, and its recompute in backward)."""
+    if setting != "auto":
+        raise ConfigError(f"train.blocks_to_swap: {setting!r} on ComfyUI's MODEL, whose own model management loads"
+                          " what fits by memory, not by block: use auto")
+    tc = job.process.train
+    need = activation_bytes(model, blocks, largest, tc.batch_size, tc.offload_activations) if largest else 0
+    reserve = max(4 * 2**30, need) + HEADROOM_BYTES
+    if model.checkpointed_blocks() != blocks:
+        report("train.blocks_to_swap: gradient checkpointing turned on for every block (streamed weights need it)")
+        model.set_gradient_checkpointing(1.0)
+    model.reserve_memory(reserve)
+    report(f"train.blocks_to_swap auto: ComfyUI loads the weights that fit beside {reserve / 2**30:.1f} GiB for the"
+           " step and streams the rest from host memory")
 
 
 # bytes a training step holds per token and hidden unit beside the resident weights (a checkpointed block's recompute:

@@ -316,6 +316,14 @@ class TrainingModel(ABC):
         """Before work that runs the denoiser: a backend whose host may have moved the weights (ComfyUI's model
         management) puts them back; loaded-by-us models are where the prepare step put them."""
 
+    # whose model management places the weights (ComfyUI's): block swap is then the host's partial loading
+    host_places_weights = False
+
+    def reserve_memory(self, nbytes: int) -> None:
+        """A host that places the weights itself (host_places_weights) loads only what fits on the card beside
+        `nbytes` for the training step, and streams the rest from host memory layer by layer."""
+        raise NotImplementedError(f"{type(self).__name__} places its own weights: use block swap")
+
     def quantize(self) -> tuple[int, int]:
         """`model.quantize`: the repeated blocks' linears stored in fp8. Returns (layers, bytes saved)."""
         return quantize_blocks(self.repeated_blocks())

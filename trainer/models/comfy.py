@@ -160,6 +160,16 @@ def comfy_conditioning(cond: dict[str, torch.Tensor], device: torch.device | str
     return params
 
 
+def capped_away(device: torch.device) -> int:
+    """The card's memory this process may not use (torch.cuda.set_per_process_memory_fraction), which ComfyUI's free
+    memory (the card's) does not see."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(index)
+    return int((1.0 - fraction) * torch.cuda.get_device_properties(index).total_memory)
+
+
 def _autograd_ready(module: nn.Module) -> None:
     """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
     cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
@@ -299,12 +309,23 @@ class ComfyModel(TrainingModel):
         # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
         self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)
 
+    host_places_weights = True
+    _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
+
     def ensure_loaded(self) -> None:
-        """ComfyUI's model management places (and may later move) the weights: load them for training."""
+        """ComfyUI's model management places (and may later move) the weights: load them for training, all of them,
+        or (reserve_memory) what fits beside the training step's memory, the rest cast to the card per layer from
+        host memory as ComfyUI's low-VRAM mode runs it."""
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        if self._reserve is None:
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        else:
+            mm.load_models_gpu([self.patcher], memory_required=self._reserve + capped_away(self.device))
         _autograd_ready(self.denoiser)
+
+    def reserve_memory(self, nbytes: int) -> None:
+        self._reserve = int(nbytes)
 
     def place_denoiser(self) -> None:
         self.ensure_loaded()
