@@ -225,6 +225,123 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
+def _start_image_run(fam, work: Path, steps: int, settings: dict, network: dict) -> dict:
+    """Image-to-video on a model that takes a start image through ComfyUI's latent node (Wan 2.2 5B:
+    Wan22ImageToVideoLatent): trained on clips with their first frame as the start image (do_i2v), on the same
+    MODEL; the denoiser's timesteps while training (per latent frame, 0 on the start frame); ComfyUI's patched model
+    fed by the node itself (its LATENT's noise_mask as the sampler's denoise_mask, the start frame clean as its
+    sampler keeps it) against the trained model; another start image moves the generated frames' prediction."""
+    import torch
+
+    from trainer.demo.videos import make_video_dataset
+    from trainer.models.comfy import ComfyModel
+    from trainer.session import TrainingSession, job_from_parts
+
+    data = make_video_dataset(work / "i2v_dataset", n=2, size=(64, 64), frames=12, fps=16)
+    dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
+               "num_frames": fam.video_frames, "do_i2v": True}
+    name = settings["name"] + "_i2v"
+    job = job_from_parts({"comfy": (fam.patcher, fam.clip, fam.vae)}, [dataset], network, {**settings, "name": name},
+                         steps, str(work / "i2v_runs"))
+    seen: list[list[float]] = []  # the timesteps the denoiser is given, per call (ComfyUI's patched model's too)
+    with torch.inference_mode(False), torch.enable_grad():
+        model = ComfyModel(fam.patcher, fam.clip, fam.vae)
+        model.ensure_loaded()
+        session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
+        hook = model.denoiser.register_forward_pre_hook(lambda m, a: seen.append(a[1].detach().float().reshape(-1).tolist()))
+        try:
+            session.advance(steps)
+            train_timesteps = list(seen)
+            return _start_image_checks(fam, work, session, model, net_seen=seen, train_timesteps=train_timesteps)
+        finally:
+            hook.remove()
+
+
+def _start_image_checks(fam, work: Path, session, model, net_seen: list, train_timesteps: list) -> dict:
+    """The trained start-image run's checks (_start_image_run)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+    import comfy.sd
+    import comfy.utils
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+    from trainer.data.cache import conditions_of_image
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.base import sample_of
+
+    seen = net_seen
+    conds = list(session.trainer.latents.conds.values())
+    given_frames = sorted({tuple(c["start_given"].float().mean(dim=(0, 2, 3)).tolist()) for c in conds})
+    net = session.trainer.network
+
+    controls = _write_controls(work / "start_images")
+
+    def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
+        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(fam.latent_shape, generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+    text = model.encode_text(["sks, a photo of a red cat"])
+    starts = [conditions_of_image(model, pixels(i), fam.video_frames) for i in (0, 1)]  # as a preview's are built
+
+    def out(c) -> torch.Tensor:  # the start frames put in clean, as the loop and the sampler put them
+        values, given = model.known_latents(c, x)
+        with torch.no_grad():
+            return model.predict(x * (1 - given) + values * given, sigma, {**text, **c}).float().cpu()
+
+    net.attach()
+    net.eval()
+    try:
+        seen.clear()
+        trained, trained_other = out(starts[0]), out(starts[1])
+        frame_timesteps = seen[0]
+    finally:
+        net.detach()
+    base = out(starts[0])
+    with torch.no_grad():
+        no_start = model.predict(x, sigma, text).float().cpu()
+    with torch.inference_mode(False):
+        preview = session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=fam.video_frames,
+                                 control=pixels(0))
+
+    tensors, metadata = session.export("float32")
+    path = work / "loras" / f"{session.job.name}.safetensors"
+    save_safetensors_atomic(tensors, path, metadata)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+
+    image = ((pixels(0) + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]
+    with torch.inference_mode():  # ComfyUI on its own: LoRA loader, the node, its sampler's mask and inputs
+        patched, _ = comfy.sd.load_lora_for_models(fam.patcher, None, lora, 1.0, 0)
+        mm.load_models_gpu([patched], force_full_load=True)
+        res = Wan22ImageToVideoLatent.execute(fam.vae, 64, 64, fam.video_frames, 1, start_image=image)
+        latent = res.args[0] if hasattr(res, "args") else res[0]
+        dev = mm.get_torch_device()
+        mask = comfy.sampler_helpers.prepare_mask(latent["noise_mask"], x.shape, dev)
+        clean = patched.model.process_latent_in(latent["samples"].to(dev))
+        xs = x.to(dev) * mask + clean * (1 - mask)  # KSamplerX0Inpaint with WAN22.scale_latent_inpaint: clean frames
+        t = sample_of(text, 0)
+        c = patched.model.extra_conds(cross_attn=t["cross_attn"][None].to(dev), denoise_mask=mask, device=dev, noise=xs)
+        c = {k: v.process_cond(batch_size=1, device=dev, area=None).cond for k, v in c.items()}
+        ss = sigma.to(dev)
+        seen.clear()  # the same module: ComfyUI's patched model shares the diffusion model
+        comfy_out = ((xs - patched.model.apply_model(xs, ss, **c)) / ss).float().cpu()
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    return {"losses": [loss for _, loss in session.losses], "cond_keys": sorted({k for c in conds for k in c}),
+            "given_frames": [list(f) for f in given_frames], "train_timesteps": train_timesteps,
+            "frame_timesteps": frame_timesteps, "comfy_frame_timesteps": seen[0], "comfy_cond_keys": sorted(c),
+            "rel_err": rel(comfy_out, trained), "lora_effect": rel(trained, base),
+            "start_effect": rel(trained_other[:, :, 1:], trained[:, :, 1:]), "no_start_effect": rel(no_start, base),
+            "sample_shape": list(preview.shape), "finite": bool(torch.isfinite(trained).all())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -273,7 +390,13 @@ def main() -> int:
         model.ensure_loaded()
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         forward_batches: list[int] = []  # the batch size of every denoiser call while training
-        pre = model.denoiser.register_forward_pre_hook(lambda mod, args: forward_batches.append(int(args[0].shape[0])))
+        timestep_shapes: list[list[int]] = []  # and the shape of the timesteps it was given
+
+        def seen(mod, args) -> None:
+            forward_batches.append(int(args[0].shape[0]))
+            timestep_shapes.append(list(args[1].shape) if len(args) > 1 else [])
+
+        pre = model.denoiser.register_forward_pre_hook(seen)
         try:
             session.advance(a.steps)
         finally:
@@ -409,6 +532,11 @@ def main() -> int:
         "text_lengths": text_lengths,
         "text_keys": text_keys,
         "train_forward_batches": forward_batches,
+        "train_timestep_shapes": timestep_shapes,
+        # pixels per latent cell, frames per latent frame, latent cells per token side; a 96x80 5-frame clip's latent
+        "vae_factors": {"vae_scale": model.vae_scale, "vae_temporal": model.vae_temporal, "patch": model.patch,
+                        "pixel_factor": model.pixel_factor},
+        "latent_96x80x5": list(model.latent_shape(96, 80, 5)),
         "stacks": stacks,
         "n_targets_ran": len(ran),
         "finite": bool(torch.isfinite(trained).all()),
@@ -429,6 +557,8 @@ def main() -> int:
 
         files = comfy_fixtures.omnigen2_files(cache, a.comfyui)
         report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
+    if model.start_image_node is not None:  # a second run with start images (image-to-video)
+        report["start_image"] = _start_image_run(fam, work, a.steps, settings, network)
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
     return 0

@@ -17,6 +17,11 @@ A second OmniGen2 run trains with a control folder (one reference image per item
 ref_image_refiner trains, ComfyUI's patched model fed the same reference through its own extra_conds (VAEEncode ->
 ReferenceLatent) gives the trained model's output (< 1e-3), and another reference image moves the prediction.
 
+Wan 2.2 TI2V 5B (comfy_small_wan22_5b.py) trains on clips (16x / 4x VAE, 2x2 patches: 32 px cells) with one timestep
+per sample, then a second run with start images (do_i2v, through ComfyUI's Wan22ImageToVideoLatent): the start frame
+clean at timestep 0 and out of the loss, ComfyUI's patched model fed by the node itself gives the trained model's
+output, and another start image moves the prediction.
+
 Each family's targets are the stacks the README's table lists for it.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
@@ -117,6 +122,30 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]
+    if family == "wan22_5b":  # the 16x / 4x VAE and 2x2 patches: 32 px cells; real clips; start images
+        print(f"wan22_5b: factors {r['vae_factors']}, latents {r['latent_shapes']}, preview {r['sample_shape']}")
+        assert r["vae_factors"] == {"vae_scale": 16, "vae_temporal": 4, "patch": 2, "pixel_factor": 32}, r
+        assert r["latent_96x80x5"] == [1, 48, 2, 4, 6], r  # buckets of 32 px: 96x80 -> 96x64
+        assert r["latent_shapes"] == [[48, 2, 4, 4]], r["latent_shapes"]  # 5 frames of 64 px -> 2 latent frames
+        assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]  # a preview clip: 5 frames
+        # text-to-video: one timestep per sample (ComfyUI's WAN22 without a denoise_mask)
+        assert r["train_timestep_shapes"] == [[1]] * 3, r["train_timestep_shapes"]
+        s = r["start_image"]
+        print(f"wan22_5b with start images: losses {s['losses']}; timesteps {s['train_timesteps']}; patched vs"
+              f" trained rel err {s['rel_err']:.1e}, LoRA effect {s['lora_effect']:.1e}, start image effect"
+              f" {s['start_effect']:.1e}")
+        assert s["finite"] and all(loss == loss for loss in s["losses"]), s
+        assert s["cond_keys"] == ["start_given", "start_latent"], s
+        assert s["given_frames"] == [[1.0, 0.0]], s  # the first latent frame is the start image's
+        # per-frame timesteps: 0 on the start frame, the step's timestep on the frame it generates
+        assert len(s["train_timesteps"]) == 3 and all(len(t) == 2 and t[0] == 0 < t[1] for t in s["train_timesteps"]), s
+        assert s["frame_timesteps"][0] == 0 < s["frame_timesteps"][1], s
+        assert s["frame_timesteps"] == pytest.approx(s["comfy_frame_timesteps"], rel=1e-6), s
+        assert "denoise_mask" in s["comfy_cond_keys"], s  # ComfyUI's own path: the node's noise_mask as the sampler's
+        assert s["lora_effect"] > 1e-3 and s["lora_effect"] > 100 * s["rel_err"], s
+        assert s["rel_err"] < TOL, s
+        assert s["start_effect"] > 1e-3 and s["start_effect"] > 100 * s["rel_err"], s  # another start image
+        assert s["sample_shape"] == [3, 5, 64, 64], s
     if family == "omnigen2":
         print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
         assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r

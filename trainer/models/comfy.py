@@ -112,6 +112,31 @@ def takes_reference_latents(base) -> bool:
     return any(cls.__name__ in REFERENCE_LATENT_MODELS for cls in type(base).__mro__)
 
 
+# ComfyUI model classes (comfy.model_base) that take a start image (image-to-video) as ComfyUI's latent node for them
+# gives it: the clip's latent with the start image's frames in it and a noise_mask, 0 on those frames, which the
+# model reads as `denoise_mask` (clean frames at timestep 0: WAN22.process_timestep). (module, node class)
+START_IMAGE_LATENT_NODES = {"WAN22": ("comfy_extras.nodes_wan", "Wan22ImageToVideoLatent")}
+
+
+def start_image_node_name(base) -> tuple[str, str] | None:
+    """ComfyUI's latent node (module, class) that builds the start-image input of this model class, or None."""
+    for cls in type(base).__mro__:
+        if cls.__name__ in START_IMAGE_LATENT_NODES:
+            return START_IMAGE_LATENT_NODES[cls.__name__]
+    return None
+
+
+def start_conditions(samples: torch.Tensor, noise_mask: torch.Tensor, process_in, one_frame: bool) -> dict:
+    """One item's start-image conditions from the LATENT a start-image node returned (`samples` (1, c, f, h, w) in
+    the VAE's raw units, `noise_mask` (1, 1, f, h, w), 1 where the model generates): `start_latent` (c, f, h, w), the
+    normalized latent (the start frames; 0 elsewhere), and `start_given` (1, f, h, w), 1 on the frames it gives.
+    A one-frame item is all start image, nothing left to generate: it is marked not given (trained as without)."""
+    given = (1.0 - noise_mask.float())[0]
+    if one_frame:
+        given = torch.zeros_like(given)
+    return {"start_latent": process_in(samples.float())[0].detach().cpu().clone(), "start_given": given.cpu().clone()}
+
+
 # ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
 FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
@@ -290,8 +315,11 @@ class ComfyModel(TrainingModel):
         if need:
             raise ConfigError(f"{type(self.base.model_config).__name__} on ComfyUI's MODEL: it trains on {need}, which"
                               " this path does not build yet; without it, it would train on zeros")
-        # reference images (the dataset's control_path, a preview's control_image) as ComfyUI's reference_latents
-        self.takes_control = takes_reference_latents(self.base)
+        # reference images (the dataset's control_path, a preview's control_image) as ComfyUI's reference_latents, or
+        # a start image (control_path, do_i2v's first frame) through ComfyUI's latent node for the model
+        self.reference_latents = takes_reference_latents(self.base)
+        self.start_image_node = start_image_node_name(self.base)
+        self.takes_control = self.reference_latents or self.start_image_node is not None
         self.is_flow = isinstance(self.sampling, ms.CONST)
         self.objective = FlowObjective() if self.is_flow else EpsObjective()
         unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
@@ -414,15 +442,57 @@ class ComfyModel(TrainingModel):
         extra_conds runs through process_latent_in itself; an all-zero one (an item without it in a batch) is none."""
         cond = dict(cond)
         control = cond.pop("control", None)
+        cond.pop("start_latent", None)  # in the noisy latent already (known_latents)
+        given = cond.pop("start_given", None)
         params = comfy_conditioning(cond, self.device)
-        if control is not None and self.takes_control and bool(control.abs().amax() > 0):
+        if control is not None and self.reference_latents and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
                       height=noisy.shape[-2] * self.vae_scale)
         if self.distilled_guidance:
             params["guidance"] = 1.0 if guidance is None else float(guidance)
+        if given is not None and bool(given.amax() > 0):
+            params["denoise_mask"] = self._denoise_mask(given, noisy.shape)
         out = self.base.extra_conds(**params)
         return {k: v.process_cond(batch_size=1, device=self.device, area=None) for k, v in out.items()}
+
+    def _denoise_mask(self, given: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """An item's start frames as ComfyUI's sampler hands a LATENT's noise_mask to extra_conds (`denoise_mask`, 1
+        where the model generates, at the latent's shape): the model then gives the start frames' tokens timestep 0.
+        Without one (text-to-video) its timestep is one per sample, as ComfyUI samples text-to-video."""
+        import comfy.sampler_helpers
+
+        return comfy.sampler_helpers.prepare_mask(1.0 - given[None].float(), shape, self.device)
+
+    # --- start images (image-to-video) --------------------------------------------------------
+    @torch.no_grad()
+    def encode_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None,
+                          mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> Conditioning | None:
+        """A start image (control (3, h, w), or a clip's (3, f, h, w): its first frame) through ComfyUI's own latent
+        node for the model (Wan22ImageToVideoLatent), at the item's size and length, as a graph builds it; reference
+        images as the default does (a control latent)."""
+        if self.start_image_node is None:
+            return super().encode_conditions(pixels, control, mask, reference)
+        if control is None:
+            return None
+        import importlib
+
+        module, name = self.start_image_node
+        node = getattr(importlib.import_module(module), name)
+        frames = pixels.shape[1] if pixels.dim() == 4 else 1
+        h, w = pixels.shape[-2:]
+        start = control if control.dim() == 3 else control[:, 0]
+        image = ((start.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]  # (1, h, w, 3), ComfyUI's IMAGE
+        out = node.execute(self.vae, w, h, frames, 1, start_image=image)
+        latent = out.args[0] if hasattr(out, "args") else out[0]
+        return start_conditions(latent["samples"], latent["noise_mask"], self.base.process_latent_in, frames == 1)
+
+    def known_latents(self, cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The start image's frames (`start_latent` where `start_given`): the loop puts them into the noisy latent
+        clean and leaves them out of the loss, the sampler keeps them (ComfyUI's sampler does so with the mask)."""
+        if "start_given" not in cond:
+            return None
+        return cond["start_latent"].float(), cond["start_given"].float()  # (b, c, f, h, w), (b, 1, f, h, w)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
         x = noisy.to(self.device, torch.float32)
