@@ -383,7 +383,8 @@ def main() -> int:
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
                                                       "cache_text_embeddings": True, **fam.settings},
                 "save": {"save_every": 1000, "dtype": "float32"}}
-    job = job_from_parts({"comfy": (patcher, clip, vae)}, [dataset], network, settings, a.steps, str(work / "runs"))
+    job = job_from_parts({"comfy": (patcher, clip, vae), "model_keys": fam.model_keys}, [dataset], network, settings,
+                         a.steps, str(work / "runs"))
 
     with torch.inference_mode(False), torch.enable_grad():  # as EriTrain runs
         model = ComfyModel(patcher, clip, vae)
@@ -391,10 +392,13 @@ def main() -> int:
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         forward_batches: list[int] = []  # the batch size of every denoiser call while training
         timestep_shapes: list[list[int]] = []  # and the shape of the timesteps it was given
+        timesteps: list[float] = []  # and their values
 
         def seen(mod, args) -> None:
             forward_batches.append(int(args[0].shape[0]))
             timestep_shapes.append(list(args[1].shape) if len(args) > 1 else [])
+            if len(args) > 1:
+                timesteps.extend(args[1].detach().float().reshape(-1).tolist())
 
         pre = model.denoiser.register_forward_pre_hook(seen)
         try:
@@ -533,6 +537,9 @@ def main() -> int:
         "text_keys": text_keys,
         "train_forward_batches": forward_batches,
         "train_timestep_shapes": timestep_shapes,
+        "train_timesteps": timesteps,
+        "run_name": session.job.name,
+        "timestep_scale": float(model.sampling.timestep(torch.tensor([1.0])).item()),
         # pixels per latent cell, frames per latent frame, latent cells per token side; a 96x80 5-frame clip's latent
         "vae_factors": {"vae_scale": model.vae_scale, "vae_temporal": model.vae_temporal, "patch": model.patch,
                         "pixel_factor": model.pixel_factor},

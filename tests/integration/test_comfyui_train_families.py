@@ -108,6 +108,12 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert r["text_keys"] == expect["text_keys"], r
         for name, s in r["stacks"].items():  # every stack ran and trained
             assert s["targets"] > 0 and s["ran"] == s["targets"] and s["trained"] == s["targets"], (name, s)
+        if "expert" in expect:  # a Wan 2.2 A14B expert: only its share of the schedule trained, the run named after it
+            cut = expect["expert_boundary"] * r["timestep_scale"]  # ComfyUI's timesteps: sigma x its multiplier
+            seen = r["train_timesteps"]
+            print(f"{family}: training timesteps {[round(t, 1) for t in seen]} (boundary {cut:g})")
+            assert len(seen) == 3 and r["run_name"].endswith("_" + expect["expert"]), r["run_name"]
+            assert all(t >= cut for t in seen) if expect["expert"] == "high_noise" else all(t < cut for t in seen), seen
         if "train_forward_batches" in expect:  # the batch size of every training forward
             assert r["train_forward_batches"] == expect["train_forward_batches"], r["train_forward_batches"]
             assert len(set(r["text_lengths"])) == len(r["text_lengths"]), r["text_lengths"]  # captions' own lengths
