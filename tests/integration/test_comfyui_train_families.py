@@ -41,17 +41,12 @@ from pathlib import Path
 
 import pytest
 
-from integration.comfy_env import comfy_install
+from integration.comfy_env import comfy_install, fixture_cache
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 TOL = 1e-3
 DETECTED = {"flux": "Flux", "sdxl": "SDXL", "wan": "WAN21_T2V", "omnigen2": "Omnigen2"}
-
-
-def _cache() -> Path:
-    default = Path.home() / ".cache" / "eridiffusion" / "comfy-fixtures"
-    return Path(os.environ.get("ERI_FIXTURE_CACHE", default)).expanduser()
 
 
 # the families built small from ComfyUI's own model classes (comfy_small_<name>.py)
@@ -76,7 +71,7 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
     cmd = [str(python), str(HERE / "comfy_check_train.py"), "--comfyui", str(comfy), "--repo", str(REPO),
-           "--family", family, "--cache", str(_cache()), "--work", str(tmp_path / "work"), "--report", str(report)]
+           "--family", family, "--cache", str(fixture_cache()), "--work", str(tmp_path / "work"), "--report", str(report)]
     proc = subprocess.run(cmd, cwd=str(comfy), env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"comfy_check_train.py {family} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     r = json.loads(report.read_text())
