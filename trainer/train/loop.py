@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -320,14 +323,15 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.state.step += 1
+        with _interrupts_held():
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.state.step += 1
         return total
 
     # --- sampling ------------------------------------------------------------------------------
@@ -442,6 +446,26 @@ class Trainer:
                 log.warning("the network is not finite at step %d: not saved", self.state.step)
             except UserError as e:  # the disk is full too: say so, and let the first error through
                 log.warning("%s", e)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM (a launcher's teardown of the other ranks) held over the update: the stop lands before it
+    or after the step count, never between, so the save on stop names the step its weights are at. (Held by
+    Python handlers, not a thread's signal mask: the kernel hands a process's signal to any of its threads.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers are the main thread's; a host's training thread (ComfyUI) is stopped by its host
+        return
+    caught: list[int] = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]  # None: not Python's
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in caught:  # delivered now, to the handler it was meant for
+            signal.raise_signal(s)
 
 
 def _peak_gib(device: torch.device) -> float:
