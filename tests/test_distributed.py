@@ -73,14 +73,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ranks(path: Path) -> tuple[list[subprocess.Popen], list[Path]]:
-    """The two ranks started as a launcher starts them; their stderr goes to files."""
+def _ranks(path: Path, tag: str = "") -> tuple[list[subprocess.Popen], list[Path]]:
+    """The two ranks started as a launcher starts them; their output goes to rank{r}{tag}.out / .err beside the job."""
     port, procs, logs = str(_free_port()), [], []
     for r in range(2):
-        logs.append(path.parent / f"rank{r}.err")
+        logs.append(path.parent / f"rank{r}{tag}.err")
         env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=path.parent, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=logs[-1].open("w")))
+                                      stdout=logs[-1].with_suffix(".out").open("w"), stderr=logs[-1].open("w")))
     return procs, logs
 
 
@@ -151,8 +151,10 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_same_end(two_r
     assert saves and all(load_file(str(p)) for p in saves)
     step = read_state(run / "training_state.safetensors")["step"]
     assert 2 <= step == int(saves[-1].stem.rsplit("_", 1)[1]) < STEPS and not (run / "run.safetensors").exists()
-    r = _torchrun(path)  # the same command again: both ranks resume from that state
-    assert r.returncode == 0 and f"resuming {run} from step {step}" in r.stdout, r.stderr[-4000:]
+    procs, logs = _ranks(path, "_again")  # the same command again: both ranks resume from that state
+    _exit_times(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    assert f"resuming {run} from step {step}" in logs[0].with_suffix(".out").read_text()
     resumed = load_file(str(run / "run.safetensors"))
     for k in two_ranks:
         torch.testing.assert_close(resumed[k], two_ranks[k], rtol=0, atol=1e-6, msg=k)

@@ -116,9 +116,13 @@ def _run(job, restart: bool, dist) -> int:
     try:
         trainer.train(bar, report=lambda m: bar.bar.write(m) if bar else None)
     except (KeyboardInterrupt, RankLost) as e:
-        why = str(e) if isinstance(e, RankLost) else "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
-        saved = f"; saved {trainer.state.last_save or 'nothing yet'}" if main else ""
-        raise UserError(f"{why} at step {trainer.state.step}{saved}. Run the same job again to resume.") from None
+        step, saved = trainer.state.step, trainer.state.last_save or "nothing yet"
+        if isinstance(e, RankLost):  # another rank failed: what it said comes last
+            kept = f", saved {saved}" if main else ""
+            raise UserError(f"stopped at step {step}{kept} (run the same job again to resume): {e}") from None
+        why = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
+        kept = f"; saved {saved}" if main else ""
+        raise UserError(f"{why} at step {step}{kept}. Run the same job again to resume.") from None
     finally:
         if bar is not None:
             bar.close()

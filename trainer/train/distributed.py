@@ -92,8 +92,8 @@ def start(job: JobConfig, device: torch.device) -> "Distributed | None":
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("pg", store),
                                 rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # torch's store and rendezvous errors are RuntimeErrors
-        raise UserError(f"rank {rank} of {world}: the ranks did not meet within train.distributed_timeout"
-                        f" ({tc.distributed_timeout} s): {_first_line(e)}") from None
+        raise UserError(f"rank {rank} of {world}: the process group did not form (the ranks wait for each other up to"
+                        f" train.distributed_timeout, {tc.distributed_timeout} s): {_first_line(e)}") from None
     # without torchrun's agent (a plain env launch) rank 0's process serves the store: it must outlive its message
     hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     return Distributed(rank, world, device, ours, hosts_store=hosts)
@@ -193,7 +193,7 @@ class Distributed:
                 raise RankLost(f"lost the job's store while waiting for rank 0 ({what}): {_first_line(e)}") from None
             news = self.news()
             if news:
-                raise RankLost(f"stopped while waiting for rank 0 ({what}): {news}")
+                raise RankLost(f"waiting for rank 0 ({what}): {news}")
             time.sleep(POLL_S)
 
     # --- failures ------------------------------------------------------------------------------
