@@ -45,11 +45,15 @@ class RankLost(RuntimeError):
 
 def launched_world() -> int:
     """WORLD_SIZE of a torchrun / accelerate launch; 1 in a plain process."""
-    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    return _env_int("WORLD_SIZE", "1")
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    raw = (os.environ.get(name) or default or "").strip()
     try:
         return int(raw)
     except ValueError:
-        raise UserError(f"WORLD_SIZE={raw!r} in the environment is not a number of processes") from None
+        raise UserError(f"{name}={raw!r} in the environment (set by the launcher) is not a whole number") from None
 
 
 def require_single_process(what: str) -> None:
@@ -72,7 +76,7 @@ def start(job: JobConfig, device: torch.device) -> "Distributed | None":
     if missing:
         raise ConfigError(f"{key}: ddp needs a multi-process launch, and {', '.join(missing)} is not set; run"
                           " `torchrun --nproc_per_node N -m trainer job.yaml` (or accelerate launch), or set it to auto")
-    world, rank, local = (int(os.environ[v]) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    world, rank, local = (_env_int(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if device.type == "cuda":
         if device.index is not None and world > 1:
             raise ConfigError(f"config.process[0].device: {device} names one card, but each of the {world} ranks trains"
