@@ -128,7 +128,7 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(two_ranks, tiny_flu
         final[b] = load_file(str(tmp_path / f"b{b}" / "run" / "run.safetensors"))
     assert _rel(two_ranks, final[2]) < 1e-5
     # the comparison can fail: a rank's own batch alone trains another network
-    assert _rel(two_ranks, final[1]) > 1e-2
+    assert _rel(two_ranks, final[1]) > 1e-3
 
 
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_same_end(two_ranks, tiny_flux, data, tmp_path):
