@@ -261,3 +261,32 @@ def test_a_run_needs_room_for_its_saves_and_state(tmp_path):
     check_disk_room(tmp_path, 1_000_000, "float16")  # 28 MB
     with pytest.raises(UserError, match=r"GiB free, and this run's saves and resume state need about 9313\d\d\.\d\d GiB"):
         check_disk_room(tmp_path, 10**15 // 28, "float16")  # 1 PB: more than any disk here
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_an_interrupt_during_the_update_lands_after_the_step_count(tiny_flux, images, tmp_path):
+    """SIGTERM while the optimizer updates the weights (torchrun's teardown can send it at any time): the stop
+    comes once the step is counted, so the save on stop holds the weights of the step it names."""
+    d = _job(tiny_flux, images, tmp_path / "out", steps=4)
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    update = trainer.optimizer.step
+
+    def update_then_signal(*args, **kwargs):
+        out = update(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the step's bookkeeping
+        return out
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    trainer.optimizer.step = update_then_signal
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.state.step == 1
+    saved = load_file(str(tmp_path / "out" / "run" / "run_000000001.safetensors"))
+    now = trainer.network.export(torch.float32)
+    assert all(torch.equal(saved[k], now[k]) for k in now)

@@ -139,6 +139,11 @@ class TrainConfig:
     cache_text_embeddings: bool = spec(False, help="encode captions once; the text encoders then leave the card")
     skip_first_sample: bool = spec(False)
     disable_sampling: bool = spec(False)
+    # several processes (`torchrun --nproc_per_node N -m trainer job.yaml`): batch_size is per rank; fsdp is not built
+    distributed: str = spec("auto", choices=("auto", "ddp"),
+                            help="data-parallel over a torchrun launch's processes; auto: when launched so, ddp: only so")
+    distributed_timeout: int = spec(300, ge=5, le=86400,
+                                    help="seconds a rank waits for the others in a step before the run stops")
 
 
 EXPERTS = ("high_noise", "low_noise")

@@ -25,6 +25,7 @@ from .networks.network import Network, build_network, read_network_file
 from .prepare import compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
 from .train.checkpoints import DTYPES, RunFolder
+from .train.distributed import Distributed, require_single_process
 from .train.loop import Trainer, TrainState
 from .train.run_identity import check_job_fits_state, run_identity
 
@@ -181,34 +182,51 @@ def make_network(job: JobConfig, model: TrainingModel) -> Network:
 
 
 def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: TrainingModel | None = None,
-                  keep_text_encoders: bool = False, extendable: bool = False, restart: bool = False) -> Trainer:
+                  keep_text_encoders: bool = False, extendable: bool = False, restart: bool = False,
+                  dist: Distributed | None = None) -> Trainer:
     """Every stage up to a ready Trainer. `model`: a model a host already loaded (ComfyUI's MODEL), prepared
     exactly as a loaded one. `keep_text_encoders`: keep them (off the card) even with cached embeddings, for a
     session that samples any prompt later; `extendable`: a session continues a run past its train.steps;
-    `restart`: the run folder's state is set aside and the run starts over."""
+    `restart`: the run folder's state is set aside and the run starts over. `dist`: this rank of a multi-process
+    launch (train/distributed.py): it trains on its own device, and the run folder is the main rank's to write."""
     proc = job.process
     check_before_loading(job, model_files=model is None)
     run = RunFolder(job.run_dir, job.name)
-    run.lock()
-    if restart:
-        run.restart()
+
+    def take_folder() -> None:
+        run.lock()
+        if restart:
+            run.restart()
+
+    if dist is None:
+        take_folder()
+    else:  # the main rank's folder; the others wait, then read the same state
+        dist.main_runs("the run folder", take_folder)
     # read once: a changed job is refused now, not after a long model load; the Trainer resumes from it
     saved = None if restart else run.load_state()
     if saved is not None:
         check_job_fits_state(job, saved, run.state_path, extendable)
     if model is None:
-        device = pick_device(proc.device)
+        device = dist.device if dist is not None else pick_device(proc.device)
         dtype = pick_dtype(proc.train.dtype, device)
         report(f"loading {job.arch} from {proc.model.name_or_path} on {device} ({dtype})")
         model = load_model(job, device, dtype)
-    identity = run_identity(job, base_model_id(job, model))
+    identity = run_identity(job, base_model_id(job, model), dist.world if dist is not None else 1)
     prepare_for_encoding(model, job, report)
     datasets = load_datasets(job, model)
     n_clips = sum(m.info.is_video for d in datasets for m in d.media)
     n_files = sum(len(d.media) for d in datasets)
     what = f"{n_files - n_clips} images, {n_clips} videos" if n_clips else f"{n_files} images"
     report(f"{what}, {sum(len(d.entries) for d in datasets)} training entries")
-    latents, texts = prepare_caches(job, model, datasets, report)
+    def caches() -> tuple[LatentCache, TextCache | None]:
+        return prepare_caches(job, model, datasets, report)
+
+    # several ranks: a disk cache is written by the main rank, then read by the others; a memory cache (and the
+    # captions' embeddings) each rank encodes for itself
+    if dist is not None and any(d.cfg.cache_latents_to_disk for d in datasets):
+        latents, texts = dist.main_first("the caches", caches)
+    else:
+        latents, texts = caches()
     samples = [] if proc.train.disable_sampling else prepare_samples(job, model)
     largest = max((e.key for d in datasets for e in d.entries), key=lambda k: k[0] * k[1] * k[2])
     prepare_for_training(model, job, texts is not None, keep_text_encoders, report, largest)
@@ -218,13 +236,16 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     check_disk_room(run.root, n_params, proc.save.dtype)
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers"
            f" ({n_params / 1e6:.2f}M parameters)")
-    trainer = Trainer(job, model, network, datasets, latents, texts, samples, run, identity)
+    trainer = Trainer(job, model, network, datasets, latents, texts, samples, run, identity, dist)
     changes = trainer.resume(saved, extendable)
     if changes is not None:
         report(f"resuming {run.root} from step {trainer.state.step}")
         for c in changes:
             report(f"  changed since the run began, applied from step {trainer.state.step}: {c}")
-    write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
+    if dist is not None:
+        dist.broadcast_from_main(trainer.params)
+    if trainer.writes:
+        write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
     return trainer
 
 
@@ -244,6 +265,8 @@ def check_disk_room(folder: Path, n_params: int, save_dtype: str) -> None:
 
 
 def run_job(job: JobConfig, report: Callable[[str], None] = print, progress=None) -> TrainState:
+    """The job trained in this process (`torchrun ... -m trainer job.yaml` is the several-process path)."""
+    require_single_process("run_job")
     final = finished_run(job)
     if final is not None:
         report(f"already finished: {final}")

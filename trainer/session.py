@@ -21,6 +21,7 @@ from .data.dataset import fit_pixels
 from .previews import prepare_samples
 from .sampling import sample, to_pil
 from .train.checkpoints import DTYPES
+from .train.distributed import require_single_process
 from .train.loop import Trainer
 
 # the model section of a job whose model a host (ComfyUI) loaded: no file to name
@@ -97,6 +98,7 @@ class TrainingSession:
     """One run, advanced N steps at a time; the network is attached only while it works."""
 
     def __init__(self, job_dict: dict, model=None, report: Callable[[str], None] = print) -> None:
+        require_single_process("a training session (the ComfyUI nodes)")
         self.job: JobConfig = load_job_dict(job_dict)
         # keep the text encoders (off the card): sample() encodes any prompt, not only the cached captions
         self.trainer: Trainer = build_trainer(self.job, report, model=model, keep_text_encoders=True, extendable=True)

@@ -134,8 +134,10 @@ class LatentCache:
         cond = self.get_conditions(dataset, e, model)
         return None if cond is None else cond.get("control")
 
-    def conditions_for_batch(self, batch: list[BatchItem], model: TrainingModel, seed: int, index: int) -> Conditioning:
-        """The conditions of the `index`-th batch, stacked; empty when no item has any.
+    def conditions_for_batch(self, batch: list[BatchItem], model: TrainingModel, seed: int, index: int,
+                             first: int = 0) -> Conditioning:
+        """The conditions of the `index`-th batch (or of its part from item `first` on: a rank's share), stacked;
+        empty when no item has any.
 
         An item without them (its dataset has none, or control_dropout chose it) gets zeros: the "no control" input
         of the families that take control latents (Flex.2's reference pipeline). Dropout never zeroes the leading
@@ -147,7 +149,7 @@ class LatentCache:
         for c in conds:  # items may carry different conditions (Flex.2: a mask for some): each name's shape
             for name, t in (c or {}).items():
                 like.setdefault(name, t)
-        dropped = control_dropped(self.datasets, batch, seed, index)
+        dropped = control_dropped(self.datasets, batch, seed, index, first)
         out = {}
         for name, t in like.items():
             keep = name == model.leading_frames_key

@@ -378,18 +378,22 @@ class BatchPlan:
         return self._cached[i]
 
 
-def control_dropped(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int) -> list[bool]:
-    """Which items of the `index`-th batch train without their control image (datasets[].control_dropout)."""
+def control_dropped(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int,
+                    first: int = 0) -> list[bool]:
+    """Which items of the `index`-th batch train without their control image (datasets[].control_dropout).
+    `first`: where `batch` starts in the whole batch (a rank's share: its draws are the whole batch's)."""
     out = []
-    for j, it in enumerate(batch):
+    for j, it in enumerate(batch, first):
         rate = datasets[it.dataset].cfg.control_dropout
         out.append(rate > 0 and step_rng(seed, 0xC7A1, index, j).random() < rate)
     return out
 
 
-def captions_for_batch(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int) -> list[str]:
+def captions_for_batch(datasets: list[Dataset], batch: list[BatchItem], seed: int, index: int,
+                       first: int = 0) -> list[str]:
+    """The training captions of the `index`-th batch (dropout, shuffling); `first` as in control_dropped."""
     out = []
-    for j, it in enumerate(batch):
+    for j, it in enumerate(batch, first):
         ds = datasets[it.dataset]
         rng = step_rng(seed, 0xCA9, index, j)
         cap = ds.media[it.entry.item].caption

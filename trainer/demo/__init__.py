@@ -149,7 +149,9 @@ def comfyui_guide(model: dict, family, lora: Path) -> str:
 
 def run_demo(arch: str, out_dir: str, steps: int | None) -> int:
     from ..run import run_job_file
+    from ..train.distributed import require_single_process
 
+    require_single_process("the demo")  # every rank would write the same demo files at once
     name = registry.canonical_arch(arch)
     if name is None or name not in DEMO_WRITERS:
         raise ConfigError(f"--arch {arch}: no demo for this arch; demos: {', '.join(sorted(DEMO_WRITERS))}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -22,6 +25,7 @@ from ..previews import PreparedSample, save_preview
 from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
+from .distributed import Distributed
 from .optim import build_optimizer, build_scheduler
 from .run_identity import changed_job_error, past_steps_error, split_changes
 from .timesteps import expert_window, in_window, linear_timestep_weights
@@ -50,6 +54,7 @@ class Trainer:
         samples: list[PreparedSample],
         run: RunFolder,
         identity: dict | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.job, self.cfg = job, job.process
         self.identity = identity or {}  # what the run depends on (run_identity.py), kept in the state
@@ -57,8 +62,14 @@ class Trainer:
         self.datasets, self.latents, self.texts = datasets, latents, texts
         self.samples = samples
         self.run = run
+        # several ranks (distributed.py): the plan is the global batch's, each rank trains its share of it, and
+        # only the main rank writes (saves, previews, metrics)
+        self.dist = dist
+        self.writes = dist is None or dist.is_main
         tc = self.cfg.train
-        self.plan = BatchPlan(datasets, tc.batch_size, tc.seed)
+        world = dist.world if dist is not None else 1
+        self.plan = BatchPlan(datasets, tc.batch_size * world, tc.seed)
+        self.samples_per_step = tc.batch_size * world * tc.gradient_accumulation
         groups = network.param_groups(tc.lr, tc.text_encoder_lr)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(tc.optimizer, groups, tc.lr, dict(tc.optimizer_params), model.device)
@@ -122,6 +133,10 @@ class Trainer:
     def save(self, final: bool = False) -> None:
         self.check_finite()
         path = self.run.final_path if final else self.run.step_path(self.state.step)
+        self._on_main(f"save {path.name}", lambda: self._write_and_prune(path, final))
+        self.state.last_save = str(path)
+
+    def _write_and_prune(self, path, final: bool) -> None:
         try:
             self._write(path, final)
         except OSError as e:  # disk full, read-only folder ...: the atomic writes left the previous files whole
@@ -130,7 +145,11 @@ class Trainer:
                             " Free space in the training folder (or fix its permissions) and run again to resume.") from None
         if not final:
             self.run.prune(self.cfg.save.max_step_saves_to_keep)
-        self.state.last_save = str(path)
+
+    def _on_main(self, what: str, fn: Callable[[], object]) -> object:
+        """Run `fn` here, or with several ranks on the main rank while the others wait for it (a long preview is
+        not a collective's timeout)."""
+        return fn() if self.dist is None else self.dist.main_runs(what, fn)
 
     def _write(self, path, final: bool) -> None:
         tensors = self.network.export(DTYPES[self.cfg.save.dtype])
@@ -172,7 +191,8 @@ class Trainer:
             self._apply_current_settings()
         else:
             self.scheduler.load_state_dict(st["scheduler"])
-        self.run.trim_metrics(self.state.step)
+        if self.writes:
+            self.run.trim_metrics(self.state.step)
         return applied
 
     def _apply_current_settings(self) -> None:
@@ -202,28 +222,41 @@ class Trainer:
             return collate_conditioning([self.texts.get(c) for c in captions])
         return self.model.encode_text_for_training(captions)
 
-    def batch_inputs(self, micro: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
-        """(latents, noise, sigmas, conditioning) of micro-batch `micro`, on the training device; every random
-        draw comes from `gen`."""
+    def _share(self, n: int) -> slice:
+        """This rank's items of a global batch of `n` (all of them in one process)."""
+        return slice(0, n) if self.dist is None else self.dist.share(n)
+
+    def batch_inputs(self, micro: int, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning] | None:
+        """(latents, noise, sigmas, conditioning) of this rank's share of micro-batch `micro`, on the training
+        device; every random draw comes from `gen`, drawn for the whole batch (so a share's draws are what one
+        process would draw for those items). None: the share is empty (a short last batch), after the draws."""
         tc = self.cfg.train
         batch = self.plan.batch(micro)
-        latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in batch]).float()
-        cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
+        share = self._share(len(batch))
+        mine = batch[share]
+        items = mine or batch[:1]  # an empty share takes the batch's shape from its first item
+        first = share.start if mine else 0
+        latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in items]).float()
+        cond = self._conditioning(captions_for_batch(self.datasets, items, tc.seed, micro, first))
         # per-item conditions (control latents, I2V start images) of families that take them
-        cond = {**cond, **self.latents.conditions_for_batch(batch, self.model, tc.seed, micro)}
+        cond = {**cond, **self.latents.conditions_for_batch(items, self.model, tc.seed, micro, first)}
         if self.model.conditions_on_fps:
             native = self.model.native_fps or 16.0
-            cond["fps"] = torch.tensor([self.datasets[it.dataset].cfg.fps or native for it in batch])
+            cond["fps"] = torch.tensor([self.datasets[it.dataset].cfg.fps or native for it in items])
         lead = self.model.leading_frames_key
         if lead is not None and lead in cond:  # reference frames (VACE) are trained on before the item's own
             latents = torch.cat([cond[lead], latents], dim=2)
-        noise = torch.randn(latents.shape, generator=gen)
+        whole = (len(batch), *latents.shape[1:])
+        noise = torch.randn(whole, generator=gen)
         if tc.noise_offset:
             # one offset per sample and channel, over every spatial (and frame) position
-            noise = noise + tc.noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.dim() - 2)), generator=gen)
-        sigmas = self.train_sigmas(latents.shape[0], gen, tuple(latents.shape))
+            noise = noise + tc.noise_offset * torch.randn((*whole[:2], *[1] * (len(whole) - 2)), generator=gen)
+        sigmas = self.train_sigmas(len(batch), gen, whole)
+        if not mine:
+            return None
         dev = self.model.device
-        return latents.to(dev), noise.to(dev), sigmas.to(dev), cond
+        return latents.to(dev), noise[share].to(dev), sigmas[share].to(dev), cond
 
     def train_sigmas(self, batch: int, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
         """The batch's noise levels: the family's distribution, kept to model.expert's share of the schedule."""
@@ -244,8 +277,13 @@ class Trainer:
             weights = weights * self.model.objective.min_snr_weights(sigmas, tc.snr_gamma)
         return weights
 
-    def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor:
-        latents, noise, sigmas, cond = self.batch_inputs(micro, gen)
+    def _loss(self, micro: int, gen: torch.Generator) -> torch.Tensor | None:
+        """This rank's items' part of the micro-batch's mean loss (their sum over the whole batch's size: the ranks'
+        parts add up to the mean); None when it has no items."""
+        inputs = self.batch_inputs(micro, gen)
+        if inputs is None:
+            return None
+        latents, noise, sigmas, cond = inputs
         obj = self.model.objective
         noisy = obj.add_noise(latents, noise, sigmas)
         known = self.model.known_latents(cond, latents)
@@ -261,7 +299,7 @@ class Trainer:
         else:  # the mean over what the model generates: given frames teach nothing
             free = (1 - given).expand_as(err)
             per_sample = (err * free).sum(dim=dims) / free.sum(dim=dims).clamp_min(1.0)
-        return (per_sample * self.loss_weights(sigmas)).mean()
+        return (per_sample * self.loss_weights(sigmas)).sum() / len(self.plan.batch(micro))
 
     def step(self) -> float:
         tc = self.cfg.train
@@ -271,7 +309,10 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         total = 0.0
         for a in range(tc.gradient_accumulation):
-            loss = self._loss(step * tc.gradient_accumulation + a, gen) / tc.gradient_accumulation
+            loss = self._loss(step * tc.gradient_accumulation + a, gen)
+            if loss is None:  # this rank has no items in this micro-batch
+                continue
+            loss = loss / tc.gradient_accumulation
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             # read after the backward is queued (the one host sync of a step: reading it between forward and
             # backward would hold the backward's launches until the forward had finished on the card)
@@ -285,24 +326,30 @@ class Trainer:
                     f" or a smaller train.max_grad_norm."
                 )
             total += value
+        if self.dist is not None:  # the ranks' gradients summed: every rank steps with the global batch's
+            total = self.dist.sum_gradients(self.params, total, _peak_gib(self.model.device))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.state.step += 1
+        with _interrupts_held():
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.state.step += 1
         return total
 
     # --- sampling ------------------------------------------------------------------------------
     def sample(self, report: Callable[[str], None] | None = None) -> list:
         if not self.samples:
             return []
+        return self._on_main(f"sample at {self.state.step}", lambda: self._sample_all(report)) or []
+
+    def _sample_all(self, report: Callable[[str], None] | None) -> list:
         if report is not None:
             report(f"sampling {len(self.samples)} previews at step {self.state.step}")
         self.network.eval()
@@ -366,8 +413,12 @@ class Trainer:
                 step = self.state.step
                 self.state.losses.append(loss)
                 rec = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "s_per_step": dt,
+                       "samples_per_s": self.samples_per_step / max(dt, 1e-9),
                        "peak_mem_gib": _peak_gib(self.model.device), "time": time.time()}
-                append_jsonl(self.run.metrics_path, rec)
+                if self.dist is not None and self.model.device.type == "cuda":
+                    rec["rank_peak_mem_gib"] = self.dist.peaks
+                if self.writes:
+                    append_jsonl(self.run.metrics_path, rec)
                 if progress is not None:
                     progress(rec)
                 if on_step is not None:
@@ -395,7 +446,7 @@ class Trainer:
 
     def _save_on_stop(self) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, TrainingDiverged) or self.state.step == 0:
+        if isinstance(exc, TrainingDiverged) or self.state.step == 0 or not self.writes:
             return
         if self.state.last_save != str(self.run.step_path(self.state.step)):
             try:
@@ -404,6 +455,26 @@ class Trainer:
                 log.warning("the network is not finite at step %d: not saved", self.state.step)
             except UserError as e:  # the disk is full too: say so, and let the first error through
                 log.warning("%s", e)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM (a launcher's teardown of the other ranks) held over the update: the stop lands before it
+    or after the step count, never between, so the save on stop names the step its weights are at. (Held by
+    Python handlers, not a thread's signal mask: the kernel hands a process's signal to any of its threads.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers are the main thread's; a host's training thread (ComfyUI) is stopped by its host
+        return
+    caught: list[int] = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]  # None: not Python's
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in caught:  # delivered now, to the handler it was meant for
+            signal.raise_signal(s)
 
 
 def _peak_gib(device: torch.device) -> float:

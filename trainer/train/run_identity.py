@@ -17,7 +17,12 @@ from ..errors import UserError
 FIXED = ("arch", "base_model", "network", "optimizer")
 
 
-def run_identity(job: JobConfig, base_model: str) -> dict[str, Any]:
+# keys recorded since some states were saved, with the value those runs had
+RECORDED_LATER = {"world_size": 1}
+
+
+def run_identity(job: JobConfig, base_model: str, world_size: int = 1) -> dict[str, Any]:
+    """`world_size`: the ranks of the run (with batch_size, its global batch)."""
     p = job.process
     tc, nc = p.train, p.network
     return {
@@ -38,6 +43,7 @@ def run_identity(job: JobConfig, base_model: str) -> dict[str, Any]:
         "max_grad_norm": tc.max_grad_norm,
         "seed": tc.seed,
         "batch_size": tc.batch_size,
+        "world_size": world_size,
         "gradient_accumulation": tc.gradient_accumulation,
         "dtype": tc.dtype,
         "timestep_type": tc.timestep_type,
@@ -50,7 +56,7 @@ def differences(saved: dict, now: dict) -> list[str]:
     """`key: old -> new` for every key that differs (datasets compared item by item)."""
     out = []
     for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
+        a, b = saved.get(key, RECORDED_LATER.get(key)), now.get(key, RECORDED_LATER.get(key))
         if key == "datasets" and isinstance(a, list) and isinstance(b, list):
             for i in range(max(len(a), len(b))):
                 da = a[i] if i < len(a) else None
