@@ -225,6 +225,28 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
+def altered_conditions(model, cond: dict, names: list[str]) -> dict[str, dict]:
+    """The caption's conditioning with one condition changed, by the name of its effect: `mask_effect`, the padding
+    of its attention mask unmasked; `fps_effect`, the clip at half the native frame rate (the caption alone plays at
+    the native one)."""
+    import torch
+
+    out = {}
+    for name in names:
+        if name == "mask_effect":
+            mask = cond["attention_mask"]
+            if not bool((mask == 0).any()):
+                raise RuntimeError("mask_effect: the caption's attention mask masks nothing")
+            out[name] = {**cond, "attention_mask": torch.ones_like(mask)}
+        elif name == "fps_effect":
+            if not model.conditions_on_fps:
+                raise RuntimeError("fps_effect: the model takes no frame rate")
+            out[name] = {**cond, "fps": torch.tensor([model.native_fps / 2])}
+        else:
+            raise ValueError(name)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -240,6 +262,7 @@ def main() -> int:
     import torch
 
     import comfy.model_management as mm
+    import comfy.samplers
     import comfy.sd
     import comfy.utils
     from trainer.fileio import save_safetensors_atomic
@@ -316,6 +339,9 @@ def main() -> int:
         with torch.no_grad():
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
                                  model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
+        # the family's conditions beside the caption reach the model (EXPECT's condition_effects)
+        altered = {name: out(model, c) for name, c in
+                   altered_conditions(model, cond, expect.get("condition_effects", [])).items()}
     finally:
         net.detach()
     base = out(model)
@@ -397,6 +423,7 @@ def main() -> int:
         "rel_err": rel(result, trained),
         "lora_effect": rel(trained, base),
         "caption_effect": rel(trained_other, trained),
+        "condition_effects": {name: rel(o, trained) for name, o in altered.items()},
         "pair_rel_err": max(rel(pair[:1], trained), rel(pair[1:], trained_other)),
         "text_lengths": text_lengths,
         "text_keys": text_keys,
@@ -413,6 +440,16 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if a.family == "ltxv":  # the training shift is the one ComfyUI's ModelSamplingLTXV gives this latent
+        from comfy_extras.nodes_lt import ModelSamplingLTXV
+
+        node = ModelSamplingLTXV.execute(patcher, 2.05, 0.95, latent={"samples": torch.zeros(fam.latent_shape)})
+        node_sampling = (node.args[0] if hasattr(node, "args") else node[0]).get_model_object("model_sampling")
+        report["shift_mu"] = [model.train_shift_mu(fam.latent_shape), float(node_sampling.shift)]
+        report["default_shift"] = float(model.sampling.shift)
+        # previews sample as that patched model does with ComfyUI's simple scheduler
+        node_sigmas = comfy.samplers.calculate_sigmas(node_sampling, "simple", 8).float().cpu()
+        report["sample_sigmas_err"] = float((model.sample_sigmas(8, fam.latent_shape) - node_sigmas).abs().max())
     if a.family == "omnigen2":  # a second run with reference images (a control folder)
         import comfy_fixtures
 

@@ -17,7 +17,9 @@ A second OmniGen2 run trains with a control folder (one reference image per item
 ref_image_refiner trains, ComfyUI's patched model fed the same reference through its own extra_conds (VAEEncode ->
 ReferenceLatent) gives the trained model's output (< 1e-3), and another reference image moves the prediction.
 
-Each family's targets are the stacks the README's table lists for it.
+Each family's targets are the stacks the README's table lists for it. A family built small asserts its latent and
+preview shapes and that its conditions beside the caption reach the model (EXPECT's condition_effects: LTX-Video's
+attention mask and frame rate); LTX-Video trains with the shift ComfyUI's ModelSamplingLTXV gives its latent.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
@@ -103,9 +105,21 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert r["text_keys"] == expect["text_keys"], r
         for name, s in r["stacks"].items():  # every stack ran and trained
             assert s["targets"] > 0 and s["ran"] == s["targets"] and s["trained"] == s["targets"], (name, s)
+        for key in ("latent_shapes", "sample_shape"):  # a video family: its clips' latents, its previews' frames
+            if key in expect:
+                assert r[key] == expect[key], (key, r[key])
+        # the family's conditions beside the caption (attention mask, frame rate ...) reach the model
+        assert sorted(r["condition_effects"]) == sorted(expect.get("condition_effects", [])), r["condition_effects"]
+        for name, effect in r["condition_effects"].items():
+            print(f"{family}: {name} {effect:.1e}")
+            assert effect > 1e-3 and effect > 100 * r["rel_err"], (name, effect, r["rel_err"])
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]
+    if family == "ltxv":  # trained with the shift ComfyUI's ModelSamplingLTXV gives the latent, not the config's 2.37
+        print(f"ltxv: training mu {r['shift_mu']} (config shift {r['default_shift']})")
+        assert abs(r["shift_mu"][0] - r["shift_mu"][1]) < 1e-9 and r["shift_mu"][0] != r["default_shift"], r
+        assert r["sample_sigmas_err"] < 1e-6, r
     if family == "omnigen2":
         print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
         assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r
