@@ -225,10 +225,11 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
-def altered_conditions(model, cond: dict, names: list[str]) -> dict[str, dict]:
-    """The caption's conditioning with one condition changed, by the name of its effect: `mask_effect`, the padding
-    of its attention mask unmasked; `fps_effect`, the clip at half the native frame rate (the caption alone plays at
-    the native one)."""
+def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> dict[str, tuple[dict, float]]:
+    """The caption's conditioning (and the guidance it is run at) with one condition changed, by the name of its
+    effect: `mask_effect`, the padding of its attention mask unmasked; `fps_effect`, the clip at half the native frame
+    rate (the caption alone plays at the native one); `pooled_effect`, the pooled vector zeroed; `guidance_effect`, a
+    distilled-guidance model at another guidance."""
     import torch
 
     out = {}
@@ -237,11 +238,17 @@ def altered_conditions(model, cond: dict, names: list[str]) -> dict[str, dict]:
             mask = cond["attention_mask"]
             if not bool((mask == 0).any()):
                 raise RuntimeError("mask_effect: the caption's attention mask masks nothing")
-            out[name] = {**cond, "attention_mask": torch.ones_like(mask)}
+            out[name] = ({**cond, "attention_mask": torch.ones_like(mask)}, guidance)
         elif name == "fps_effect":
             if not model.conditions_on_fps:
                 raise RuntimeError("fps_effect: the model takes no frame rate")
-            out[name] = {**cond, "fps": torch.tensor([model.native_fps / 2])}
+            out[name] = ({**cond, "fps": torch.tensor([model.native_fps / 2])}, guidance)
+        elif name == "pooled_effect":
+            out[name] = ({**cond, "pooled_output": torch.zeros_like(cond["pooled_output"])}, guidance)
+        elif name == "guidance_effect":
+            if not model.distilled_guidance:
+                raise RuntimeError("guidance_effect: the model has no guidance embedding")
+            out[name] = (cond, guidance * 2)
         else:
             raise ValueError(name)
     return out
@@ -326,9 +333,9 @@ def main() -> int:
     other = model.encode_text([long_caption])
     net = session.trainer.network
 
-    def out(m: ComfyModel, c=cond) -> torch.Tensor:
+    def out(m: ComfyModel, c=cond, guidance: float = 3.5) -> torch.Tensor:
         with torch.no_grad():
-            return m.predict(x, sigma, c, guidance=3.5).float().cpu()
+            return m.predict(x, sigma, c, guidance=guidance).float().cpu()
 
     net.attach()
     net.eval()
@@ -340,8 +347,8 @@ def main() -> int:
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
                                  model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
         # the family's conditions beside the caption reach the model (EXPECT's condition_effects)
-        altered = {name: out(model, c) for name, c in
-                   altered_conditions(model, cond, expect.get("condition_effects", [])).items()}
+        altered = {name: out(model, c, gd) for name, (c, gd) in
+                   altered_conditions(model, cond, expect.get("condition_effects", []), 3.5).items()}
     finally:
         net.detach()
     base = out(model)
@@ -440,6 +447,12 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if a.family == "hunyuan_video":  # the training shift and guidance: ComfyUI's sampling shift, guidance 1
+        report["train_shift"] = [model.train_shift(), float(model.sampling.shift)]
+        report["train_guidance"] = [model.distilled_guidance, model.train_guidance]
+        # ComfyUI crops its prompt template away: the context is the caption's tokens, not the whole template's
+        llama_tokens = clip.tokenize("sks, a photo of a red cat")["llama"][0]
+        report["template_crop"] = [len(llama_tokens), int(cond["cross_attn"].shape[1])]
     if a.family == "ltxv":  # the training shift is the one ComfyUI's ModelSamplingLTXV gives this latent
         from comfy_extras.nodes_lt import ModelSamplingLTXV
 

@@ -19,7 +19,9 @@ ReferenceLatent) gives the trained model's output (< 1e-3), and another referenc
 
 Each family's targets are the stacks the README's table lists for it. A family built small asserts its latent and
 preview shapes and that its conditions beside the caption reach the model (EXPECT's condition_effects: LTX-Video's
-attention mask and frame rate); LTX-Video trains with the shift ComfyUI's ModelSamplingLTXV gives its latent.
+attention mask and frame rate, HunyuanVideo's pooled CLIP-L vector and guidance); LTX-Video trains with the shift
+ComfyUI's ModelSamplingLTXV gives its latent, HunyuanVideo with ComfyUI's sampling shift (7) at guidance 1, its token
+refiner (txt_in) no target.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
@@ -108,6 +110,8 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         for key in ("latent_shapes", "sample_shape"):  # a video family: its clips' latents, its previews' frames
             if key in expect:
                 assert r[key] == expect[key], (key, r[key])
+        for stack in expect.get("not_targets", []):  # left out of the targets (HunyuanVideo's token refiner)
+            assert stack not in r["stacks"], (stack, r["stacks"])
         # the family's conditions beside the caption (attention mask, frame rate ...) reach the model
         assert sorted(r["condition_effects"]) == sorted(expect.get("condition_effects", [])), r["condition_effects"]
         for name, effect in r["condition_effects"].items():
@@ -116,6 +120,11 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]
+    if family == "hunyuan_video":  # ComfyUI's sampling shift (7); guidance-distilled, trained at guidance 1
+        print(f"hunyuan_video: shift {r['train_shift']}, guidance {r['train_guidance']}, llama tokens kept of the"
+              f" templated prompt's {r['template_crop']}")
+        assert r["train_shift"] == [7.0, 7.0] and r["train_guidance"] == [True, 1.0], r
+        assert r["template_crop"][1] < r["template_crop"][0] - 90, r["template_crop"]  # the template's 94 tokens go
     if family == "ltxv":  # trained with the shift ComfyUI's ModelSamplingLTXV gives the latent, not the config's 2.37
         print(f"ltxv: training mu {r['shift_mu']} (config shift {r['default_shift']})")
         assert abs(r["shift_mu"][0] - r["shift_mu"][1]) < 1e-9 and r["shift_mu"][0] != r["default_shift"], r

@@ -149,6 +149,14 @@ def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> floa
     return linear_mu((h // 2) * (w // 2))
 
 
+def discrete_flow_shift(sampling) -> float | None:
+    """The fixed shift of a model on ComfyUI's discrete flow sampling (SD3, HunyuanVideo 7, Wan ...: its config's
+    sampling_settings, what its ComfyUI sampling shifts by): `timestep_type: shift` trains with it. None otherwise."""
+    import comfy.model_sampling as ms
+
+    return float(sampling.shift) if isinstance(sampling, ms.ModelSamplingDiscreteFlow) else None
+
+
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
 NATIVE_FPS = {"WAN21_T2V": 16.0, "WAN22_T2V": 24.0, "LTXV": 25.0, "HunyuanVideo": 24.0, "HunyuanVideo15": 24.0}
 
@@ -459,6 +467,9 @@ class ComfyModel(TrainingModel):
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         return flow_shift_mu(self.base.model_config, self.sampling, latent_shape)
+
+    def train_shift(self) -> float:
+        return discrete_flow_shift(self.sampling) or super().train_shift()
 
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
