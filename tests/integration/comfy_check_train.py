@@ -225,11 +225,12 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
-def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> dict[str, tuple[dict, float]]:
-    """The caption's conditioning (and the guidance it is run at) with one condition changed, by the name of its
-    effect: `mask_effect`, the padding of its attention mask unmasked; `fps_effect`, the clip at half the native frame
-    rate (the caption alone plays at the native one); `pooled_effect`, the pooled vector zeroed; `guidance_effect`, a
-    distilled-guidance model at another guidance."""
+def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> dict[str, tuple]:
+    """Pairs of (conditioning, guidance): a reference and the same with one condition changed, by the name of the
+    effect: `mask_effect`, the caption's attention mask with its padding unmasked; `fps_effect`, the clip
+    at half the native frame rate (the caption alone plays at the native one); `pooled_effect`, the pooled vector
+    zeroed; `guidance_effect`, a distilled-guidance model at another guidance; `byt5_effect`, a caption with quoted
+    text (ComfyUI's byT5 glyph encoding of it) without that encoding."""
     import torch
 
     out = {}
@@ -238,17 +239,24 @@ def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> 
             mask = cond["attention_mask"]
             if not bool((mask == 0).any()):
                 raise RuntimeError("mask_effect: the caption's attention mask masks nothing")
-            out[name] = ({**cond, "attention_mask": torch.ones_like(mask)}, guidance)
+            out[name] = ((cond, guidance), ({**cond, "attention_mask": torch.ones_like(mask)}, guidance))
         elif name == "fps_effect":
             if not model.conditions_on_fps:
                 raise RuntimeError("fps_effect: the model takes no frame rate")
-            out[name] = ({**cond, "fps": torch.tensor([model.native_fps / 2])}, guidance)
+            out[name] = ((cond, guidance), ({**cond, "fps": torch.tensor([model.native_fps / 2])}, guidance))
         elif name == "pooled_effect":
-            out[name] = ({**cond, "pooled_output": torch.zeros_like(cond["pooled_output"])}, guidance)
+            zeroed = {**cond, "pooled_output": torch.zeros_like(cond["pooled_output"])}
+            out[name] = ((cond, guidance), (zeroed, guidance))
         elif name == "guidance_effect":
             if not model.distilled_guidance:
                 raise RuntimeError("guidance_effect: the model has no guidance embedding")
-            out[name] = (cond, guidance * 2)
+            out[name] = ((cond, guidance), (cond, guidance * 2))
+        elif name == "byt5_effect":
+            quoted = model.encode_text(['sks, a sign that says "red cat"'])
+            plain = {k: v for k, v in quoted.items() if not k.startswith("conditioning_byt5small")}
+            if len(plain) == len(quoted):
+                raise RuntimeError("byt5_effect: no conditioning_byt5small for a caption with quoted text")
+            out[name] = ((quoted, guidance), (plain, guidance))
         else:
             raise ValueError(name)
     return out
@@ -285,6 +293,9 @@ def main() -> int:
         from trainer.demo.videos import make_video_dataset
 
         data = make_video_dataset(work / "dataset", n=2, size=(64, 64), frames=12, fps=16)
+        if fam.captions != CAPTIONS:  # the family's own captions (HunyuanVideo 1.5: quoted text for its byT5)
+            for i, txt in enumerate(sorted(data.glob("*.txt"))):
+                txt.write_text(fam.captions[i % len(fam.captions)])
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
                    "num_frames": fam.video_frames}
     else:
@@ -347,7 +358,7 @@ def main() -> int:
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
                                  model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
         # the family's conditions beside the caption reach the model (EXPECT's condition_effects)
-        altered = {name: out(model, c, gd) for name, (c, gd) in
+        altered = {name: (out(model, *ref), out(model, *changed)) for name, (ref, changed) in
                    altered_conditions(model, cond, expect.get("condition_effects", []), 3.5).items()}
     finally:
         net.detach()
@@ -395,9 +406,12 @@ def main() -> int:
         return key.split(".")[1]
 
     stacks: dict[str, dict[str, int]] = {}
+    untrained: list[str] = []
     for key in net.targets:
         ups = [t for k, t in tensors.items() if k.startswith(key + ".") and "up" in k[len(key) + 1:]]
         moved = any(t.abs().max() > 0 for t in ups)
+        if not moved:
+            untrained.append(key)
         s = stacks.setdefault(stack(key), {"targets": 0, "trained": 0, "ran": 0})
         s["targets"] += 1
         s["trained"] += int(moved)
@@ -430,7 +444,7 @@ def main() -> int:
         "rel_err": rel(result, trained),
         "lora_effect": rel(trained, base),
         "caption_effect": rel(trained_other, trained),
-        "condition_effects": {name: rel(o, trained) for name, o in altered.items()},
+        "condition_effects": {name: rel(changed, ref) for name, (ref, changed) in altered.items()},
         "pair_rel_err": max(rel(pair[:1], trained), rel(pair[1:], trained_other)),
         "text_lengths": text_lengths,
         "text_keys": text_keys,
@@ -439,6 +453,7 @@ def main() -> int:
         "n_targets_ran": len(ran),
         "finite": bool(torch.isfinite(trained).all()),
         "ckpt_blocks": n_blocks,
+        "untrained": sorted(untrained),
         "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(ran),
         "ckpt_grad_rel_err": max(rel(ckpt[k], plain[k]) for k in plain if k in ckpt),
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
@@ -447,12 +462,13 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
-    if a.family == "hunyuan_video":  # the training shift and guidance: ComfyUI's sampling shift, guidance 1
+    if a.family in ("hunyuan_video", "hunyuan_video15"):  # the training shift and guidance: ComfyUI's, guidance 1
         report["train_shift"] = [model.train_shift(), float(model.sampling.shift)]
         report["train_guidance"] = [model.distilled_guidance, model.train_guidance]
         # ComfyUI crops its prompt template away: the context is the caption's tokens, not the whole template's
-        llama_tokens = clip.tokenize("sks, a photo of a red cat")["llama"][0]
-        report["template_crop"] = [len(llama_tokens), int(cond["cross_attn"].shape[1])]
+        tokens = clip.tokenize("sks, a photo of a red cat")
+        llm_tokens = tokens["llama" if "llama" in tokens else "qwen25_7b"][0]
+        report["template_crop"] = [len(llm_tokens), int(cond["cross_attn"].shape[1])]
     if a.family == "ltxv":  # the training shift is the one ComfyUI's ModelSamplingLTXV gives this latent
         from comfy_extras.nodes_lt import ModelSamplingLTXV
 

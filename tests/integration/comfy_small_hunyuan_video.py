@@ -103,16 +103,13 @@ def comfy_llama_tokenizer(folder: Path):
 
 
 def comfy_vae(detection: dict[str, torch.Tensor], seed: int):
-    """ComfyUI's VAE for the state-dict keys it detects a VAE by (`detection`), at the size ComfyUI builds it: that
-    module's state dict, seeded random, given to ComfyUI's VAE as VAELoader gives it a file's."""
+    """ComfyUI's VAE as comfy.sd.VAE builds it for the state-dict keys it detects the VAE by (`detection`), at the
+    size ComfyUI fixes, its weights then seeded random in place (one copy: HunyuanVideo 1.5's is 1.26B weights)."""
     import comfy.sd
 
-    module = comfy.sd.VAE(sd=detection).first_stage_model.to(torch.float32)
-    fill_random(module, seed)
-    sd = {k: v.detach() for k, v in module.state_dict().items()}
-    del module
-    with torch.inference_mode():
-        return comfy.sd.VAE(sd=sd)
+    vae = comfy.sd.VAE(sd=detection)
+    fill_random(vae.first_stage_model, seed)
+    return vae
 
 
 def hunyuan_video_vae():

@@ -419,6 +419,9 @@ class ComfyModel(TrainingModel):
         control = cond.pop("control", None)
         fps = cond.pop("fps", None)
         params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
+        # ComfyUI's text encode always names a pooled_output, None for encoders without one (Qwen2.5-VL): the cache
+        # keeps tensors only, and extra_conds may read it (HunyuanVideo 1.5's encode_adm)
+        params.setdefault("pooled_output", None)
         if control is not None and self.takes_control and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
