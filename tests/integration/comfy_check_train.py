@@ -340,6 +340,41 @@ def _start_image_checks(fam, work: Path, session, model, net_seen: list, train_t
             "rel_err": rel(comfy_out, trained), "lora_effect": rel(trained, base),
             "start_effect": rel(trained_other[:, :, 1:], trained[:, :, 1:]), "no_start_effect": rel(no_start, base),
             "sample_shape": list(preview.shape), "finite": bool(torch.isfinite(trained).all())}
+def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> dict[str, tuple]:
+    """Pairs of (conditioning, guidance): a reference and the same with one condition changed, by the name of the
+    effect: `mask_effect`, the caption's attention mask with its padding unmasked; `fps_effect`, the clip
+    at half the native frame rate (the caption alone plays at the native one); `pooled_effect`, the pooled vector
+    zeroed; `guidance_effect`, a distilled-guidance model at another guidance; `byt5_effect`, a caption with quoted
+    text (ComfyUI's byT5 glyph encoding of it) without that encoding."""
+    import torch
+
+    out = {}
+    for name in names:
+        if name == "mask_effect":
+            mask = cond["attention_mask"]
+            if not bool((mask == 0).any()):
+                raise RuntimeError("mask_effect: the caption's attention mask masks nothing")
+            out[name] = ((cond, guidance), ({**cond, "attention_mask": torch.ones_like(mask)}, guidance))
+        elif name == "fps_effect":
+            if not model.conditions_on_fps:
+                raise RuntimeError("fps_effect: the model takes no frame rate")
+            out[name] = ((cond, guidance), ({**cond, "fps": torch.tensor([model.native_fps / 2])}, guidance))
+        elif name == "pooled_effect":
+            zeroed = {**cond, "pooled_output": torch.zeros_like(cond["pooled_output"])}
+            out[name] = ((cond, guidance), (zeroed, guidance))
+        elif name == "guidance_effect":
+            if not model.distilled_guidance:
+                raise RuntimeError("guidance_effect: the model has no guidance embedding")
+            out[name] = ((cond, guidance), (cond, guidance * 2))
+        elif name == "byt5_effect":
+            quoted = model.encode_text(['sks, a sign that says "red cat"'])
+            plain = {k: v for k, v in quoted.items() if not k.startswith("conditioning_byt5small")}
+            if len(plain) == len(quoted):
+                raise RuntimeError("byt5_effect: no conditioning_byt5small for a caption with quoted text")
+            out[name] = ((quoted, guidance), (plain, guidance))
+        else:
+            raise ValueError(name)
+    return out
 
 
 def main() -> int:
@@ -357,6 +392,7 @@ def main() -> int:
     import torch
 
     import comfy.model_management as mm
+    import comfy.samplers
     import comfy.sd
     import comfy.utils
     from trainer.fileio import save_safetensors_atomic
@@ -373,6 +409,9 @@ def main() -> int:
         from trainer.demo.videos import make_video_dataset
 
         data = make_video_dataset(work / "dataset", n=2, size=(64, 64), frames=12, fps=16)
+        if fam.captions != CAPTIONS:  # the family's own captions (HunyuanVideo 1.5: quoted text for its byT5)
+            for i, txt in enumerate(sorted(data.glob("*.txt"))):
+                txt.write_text(fam.captions[i % len(fam.captions)])
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks",
                    "num_frames": fam.video_frames}
     else:
@@ -431,9 +470,9 @@ def main() -> int:
     other = model.encode_text([long_caption])
     net = session.trainer.network
 
-    def out(m: ComfyModel, c=cond) -> torch.Tensor:
+    def out(m: ComfyModel, c=cond, guidance: float = 3.5) -> torch.Tensor:
         with torch.no_grad():
-            return m.predict(x, sigma, c, guidance=3.5).float().cpu()
+            return m.predict(x, sigma, c, guidance=guidance).float().cpu()
 
     net.attach()
     net.eval()
@@ -447,6 +486,9 @@ def main() -> int:
         with torch.no_grad():
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
                                  model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
+        # the family's conditions beside the caption reach the model (EXPECT's condition_effects)
+        altered = {name: (out(model, *ref), out(model, *changed)) for name, (ref, changed) in
+                   altered_conditions(model, cond, expect.get("condition_effects", []), 3.5).items()}
     finally:
         net.detach()
     base = out(model)
@@ -495,9 +537,12 @@ def main() -> int:
         return key.split(".")[1]
 
     stacks: dict[str, dict[str, int]] = {}
+    untrained: list[str] = []
     for key in net.targets:
         ups = [t for k, t in tensors.items() if k.startswith(key + ".") and "up" in k[len(key) + 1:]]
         moved = any(t.abs().max() > 0 for t in ups)
+        if not moved:
+            untrained.append(key)
         s = stacks.setdefault(stack(key), {"targets": 0, "trained": 0, "ran": 0})
         s["targets"] += 1
         s["trained"] += int(moved)
@@ -532,6 +577,7 @@ def main() -> int:
         "caption_effect": rel(trained_other, trained),
         "pooled_effect": None if unpooled is None else rel(unpooled, trained),
         "model_cond_keys": model_cond_keys,
+        "condition_effects": {name: rel(changed, ref) for name, (ref, changed) in altered.items()},
         "pair_rel_err": max(rel(pair[:1], trained), rel(pair[1:], trained_other)),
         "text_lengths": text_lengths,
         "text_keys": text_keys,
@@ -548,6 +594,7 @@ def main() -> int:
         "n_targets_ran": len(ran),
         "finite": bool(torch.isfinite(trained).all()),
         "ckpt_blocks": n_blocks,
+        "untrained": sorted(untrained),
         "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(ran),
         "ckpt_grad_rel_err": max(rel(ckpt[k], plain[k]) for k in plain if k in ckpt),
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
@@ -559,6 +606,23 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if a.family in ("hunyuan_video", "hunyuan_video15"):  # the training shift and guidance: ComfyUI's, guidance 1
+        report["train_shift"] = [model.train_shift(), float(model.sampling.shift)]
+        report["train_guidance"] = [model.distilled_guidance, model.train_guidance]
+        # ComfyUI crops its prompt template away: the context is the caption's tokens, not the whole template's
+        tokens = clip.tokenize("sks, a photo of a red cat")
+        llm_tokens = tokens["llama" if "llama" in tokens else "qwen25_7b"][0]
+        report["template_crop"] = [len(llm_tokens), int(cond["cross_attn"].shape[1])]
+    if a.family == "ltxv":  # the training shift is the one ComfyUI's ModelSamplingLTXV gives this latent
+        from comfy_extras.nodes_lt import ModelSamplingLTXV
+
+        node = ModelSamplingLTXV.execute(patcher, 2.05, 0.95, latent={"samples": torch.zeros(fam.latent_shape)})
+        node_sampling = (node.args[0] if hasattr(node, "args") else node[0]).get_model_object("model_sampling")
+        report["shift_mu"] = [model.train_shift_mu(fam.latent_shape), float(node_sampling.shift)]
+        report["default_shift"] = float(model.sampling.shift)
+        # previews sample as that patched model does with ComfyUI's simple scheduler
+        node_sigmas = comfy.samplers.calculate_sigmas(node_sampling, "simple", 8).float().cpu()
+        report["sample_sigmas_err"] = float((model.sample_sigmas(8, fam.latent_shape) - node_sigmas).abs().max())
     if a.family == "omnigen2":  # a second run with reference images (a control folder)
         import comfy_fixtures
 

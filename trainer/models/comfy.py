@@ -8,7 +8,9 @@ ComfyUI (it imports `comfy`).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 
 import torch
 from torch import nn
@@ -137,6 +139,21 @@ def start_conditions(samples: torch.Tensor, noise_mask: torch.Tensor, process_in
     return {"start_latent": process_in(samples.float())[0].detach().cpu().clone(), "start_given": given.cpu().clone()}
 
 
+# ComfyUI model configs (exact classes) whose sampling shifts by the latent's token count (every latent cell a token):
+# (base tokens, base mu, max tokens, max mu) of the node their ComfyUI workflows sample with. LTX-Video: LTXVScheduler
+# and ModelSamplingLTXV's defaults (0.95 at 1024 tokens to 2.05 at 4096), not its config's fixed 2.37
+TOKEN_COUNT_SHIFT = {"LTXV": (1024, 0.95, 4096, 2.05)}
+
+
+def token_count_mu(model_config, latent_shape: tuple[int, ...]) -> float | None:
+    """mu of a TOKEN_COUNT_SHIFT family for a latent (b, c, f, h, w) or (b, c, h, w); None for the others."""
+    rule = TOKEN_COUNT_SHIFT.get(type(model_config).__name__)
+    if rule is None:
+        return None
+    base_tokens, base_mu, max_tokens, max_mu = rule
+    return linear_mu(math.prod(latent_shape[2:]), base_tokens, max_tokens, base_mu, max_mu)
+
+
 # ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
 FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
@@ -149,6 +166,8 @@ def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> floa
 
     if not isinstance(sampling, ms.ModelSamplingFlux):
         return None
+    if type(model_config).__name__ in TOKEN_COUNT_SHIFT:
+        return token_count_mu(model_config, latent_shape)
     if type(model_config).__name__ not in FLUX_RESOLUTION_SHIFT:
         return float(sampling.shift)
     h, w = latent_shape[-2:]
@@ -193,6 +212,19 @@ def capped_away(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(index)
     return int((1.0 - fraction) * torch.cuda.get_device_properties(index).total_memory)
+def takes_frame_rate(diffusion_model: nn.Module) -> bool:
+    """Whether a ComfyUI diffusion model reads the clip's frame rate (LTX-Video: its token positions are in seconds):
+    its forward takes `frame_rate`, which its extra_conds fill from the conditioning's (LTXVConditioning), else 25."""
+    return "frame_rate" in inspect.signature(diffusion_model.forward).parameters
+
+
+def latent_patch(unet_config: dict, diffusion_model: nn.Module) -> int:
+    """Latent cells per token side: the config's patch_size, else the model's own patchifier's (LTX-Video's is 1),
+    else 2 (Flux, SD3 and the UNets are content with even sides)."""
+    patch = unet_config.get("patch_size")
+    if patch is None:
+        patch = getattr(getattr(diffusion_model, "patchifier", None), "patch_size", 2)
+    return int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)
 
 
 def _autograd_ready(module: nn.Module) -> None:
@@ -333,9 +365,10 @@ class ComfyModel(TrainingModel):
         temporal = vae.temporal_compression_decode() if vae is not None else None
         self.vae_temporal = int(temporal) if temporal else (4 if video else 1)
         self.native_fps = native_fps(self.base.model_config)
-        patch = unet_config.get("patch_size", 2)
-        # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; UNets are content with it too
-        self.patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)
+        # 2x2 latent patches (Flux, SD3, Wan) need even latent sides; LTX-Video takes any
+        self.patch = latent_patch(unet_config, self.denoiser)
+        # cond["fps"] (each clip's frame rate) goes to the model as ComfyUI's frame_rate
+        self.conditions_on_fps = takes_frame_rate(self.denoiser)
 
     host_places_weights = True
     _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
@@ -444,6 +477,7 @@ class ComfyModel(TrainingModel):
         control = cond.pop("control", None)
         cond.pop("start_latent", None)  # in the noisy latent already (known_latents)
         given = cond.pop("start_given", None)
+        fps = cond.pop("fps", None)
         params = comfy_conditioning(cond, self.device)
         if control is not None and self.reference_latents and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
@@ -453,6 +487,8 @@ class ComfyModel(TrainingModel):
             params["guidance"] = 1.0 if guidance is None else float(guidance)
         if given is not None and bool(given.amax() > 0):
             params["denoise_mask"] = self._denoise_mask(given, noisy.shape)
+        if fps is not None and self.conditions_on_fps:  # as LTXVConditioning sets it on the conditioning
+            params["frame_rate"] = float(fps)
         out = self.base.extra_conds(**params)
         return {k: v.process_cond(batch_size=1, device=self.device, area=None) for k, v in out.items()}
 
@@ -539,7 +575,12 @@ class ComfyModel(TrainingModel):
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
 
-        return comfy.samplers.calculate_sigmas(self.sampling, "simple", steps).float().cpu()
+        sampling = self.sampling
+        mu = token_count_mu(self.base.model_config, latent_shape)
+        if mu is not None:  # ComfyUI's sampling with this latent's shift, as ModelSamplingLTXV patches it in
+            sampling = type(self.sampling)(self.base.model_config)
+            sampling.set_parameters(shift=mu)
+        return comfy.samplers.calculate_sigmas(sampling, "simple", steps).float().cpu()
 
     def latent_cache_id(self) -> str:
         fsm = getattr(self.vae, "first_stage_model", None)
