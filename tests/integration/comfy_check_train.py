@@ -225,6 +225,27 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
+def _hidream_checks(predict, cond: dict, other: dict, trained, targets: list[str], denoiser, texts: dict) -> dict:
+    """HiDream: each of its conditions reaches the model on its own (the Llama layers and the pooled CLIP vector
+    taken from another caption, the rest kept, move the trained model's output), the cached conditioning_llama3's
+    shape, and its targets: the shared experts in, the routed experts out (while the model still has them)."""
+    import torch
+
+    def rel(p, q) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    effects = {}
+    for key in ("conditioning_llama3", "pooled_output"):
+        assert cond[key].shape == other[key].shape, (key, cond[key].shape, other[key].shape)
+        effects[key] = rel(predict({**cond, key: other[key]}), trained)
+    return {"condition_effects": effects,
+            "llama_shapes": sorted({tuple(c["conditioning_llama3"].shape) for c in texts.values()}),
+            "shared_expert_targets": sum(".shared_experts." in k for k in targets),
+            "routed_expert_targets": sum(".experts." in k for k in targets),
+            "routed_expert_linears_in_model": sum(".experts." in n and isinstance(m, torch.nn.Linear)
+                                                  for n, m in denoiser.named_modules())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -316,6 +337,9 @@ def main() -> int:
         with torch.no_grad():
             pair = model.predict(torch.cat([x, x]), sigma.repeat(2),
                                  model.encode_text(["sks, a photo of a red cat", long_caption]), guidance=3.5).float().cpu()
+        if a.family == "hidream":
+            hidream = _hidream_checks(lambda c: out(model, c), cond, other, trained, list(net.targets), model.denoiser,
+                                      session.trainer.texts.mem)
     finally:
         net.detach()
     base = out(model)
@@ -418,6 +442,8 @@ def main() -> int:
 
         files = comfy_fixtures.omnigen2_files(cache, a.comfyui)
         report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
+    if a.family == "hidream":
+        report["hidream"] = hidream
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
     return 0
