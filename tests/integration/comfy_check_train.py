@@ -340,6 +340,8 @@ def _start_image_checks(fam, work: Path, session, model, net_seen: list, train_t
             "rel_err": rel(comfy_out, trained), "lora_effect": rel(trained, base),
             "start_effect": rel(trained_other[:, :, 1:], trained[:, :, 1:]), "no_start_effect": rel(no_start, base),
             "sample_shape": list(preview.shape), "finite": bool(torch.isfinite(trained).all())}
+
+
 def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> dict[str, tuple]:
     """Pairs of (conditioning, guidance): a reference and the same with one condition changed, by the name of the
     effect: `mask_effect`, the caption's attention mask with its padding unmasked; `fps_effect`, the clip
@@ -375,6 +377,27 @@ def altered_conditions(model, cond: dict, names: list[str], guidance: float) -> 
         else:
             raise ValueError(name)
     return out
+
+
+def _hidream_checks(predict, cond: dict, other: dict, trained, targets: list[str], denoiser, texts: dict) -> dict:
+    """HiDream: each of its conditions reaches the model on its own (the Llama layers and the pooled CLIP vector
+    taken from another caption, the rest kept, move the trained model's output), the cached conditioning_llama3's
+    shape, and its targets: the shared experts in, the routed experts out (while the model still has them)."""
+    import torch
+
+    def rel(p, q) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    effects = {}
+    for key in ("conditioning_llama3", "pooled_output"):
+        assert cond[key].shape == other[key].shape, (key, cond[key].shape, other[key].shape)
+        effects[key] = rel(predict({**cond, key: other[key]}), trained)
+    return {"condition_effects": effects,
+            "llama_shapes": sorted({tuple(c["conditioning_llama3"].shape) for c in texts.values()}),
+            "shared_expert_targets": sum(".shared_experts." in k for k in targets),
+            "routed_expert_targets": sum(".experts." in k for k in targets),
+            "routed_expert_linears_in_model": sum(".experts." in n and isinstance(m, torch.nn.Linear)
+                                                  for n, m in denoiser.named_modules())}
 
 
 def main() -> int:
@@ -489,6 +512,9 @@ def main() -> int:
         # the family's conditions beside the caption reach the model (EXPECT's condition_effects)
         altered = {name: (out(model, *ref), out(model, *changed)) for name, (ref, changed) in
                    altered_conditions(model, cond, expect.get("condition_effects", []), 3.5).items()}
+        if a.family == "hidream":
+            hidream = _hidream_checks(lambda c: out(model, c), cond, other, trained, list(net.targets), model.denoiser,
+                                      session.trainer.texts.mem)
     finally:
         net.detach()
     base = out(model)
@@ -630,6 +656,8 @@ def main() -> int:
         report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
     if model.start_image_node is not None:  # a second run with start images (image-to-video)
         report["start_image"] = _start_image_run(fam, work, a.steps, settings, network)
+    if a.family == "hidream":
+        report["hidream"] = hidream
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
     return 0

@@ -31,6 +31,10 @@ the model) and its last double block's text-only layers, whose output the model 
 EXPECT["untrained"]). Measured on the 2-core machine: LTX-Video ~15 s, HunyuanVideo ~1.5 min (ComfyUI's full-size
 VAE), HunyuanVideo 1.5 ~35 s.
 
+HiDream (comfy_small_hidream.py: ComfyUI's model with its MoE and its four text encoders, small): the Llama layers
+(`conditioning_llama3`) and the pooled CLIP vector each move the prediction when taken from another caption, and the
+targets hold the MoE's shared expert but none of its routed experts.
+
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
@@ -179,6 +183,15 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         print(f"ltxv: training mu {r['shift_mu']} (config shift {r['default_shift']})")
         assert abs(r["shift_mu"][0] - r["shift_mu"][1]) < 1e-9 and r["shift_mu"][0] != r["default_shift"], r
         assert r["sample_sigmas_err"] < 1e-6, r
+    if family == "hidream":  # the Llama layers and the pooled vector reach the model each; shared expert in, routed out
+        h = r["hidream"]
+        print(f"hidream: condition effects {h['condition_effects']}; shared-expert targets {h['shared_expert_targets']},"
+              f" routed {h['routed_expert_targets']} (of {h['routed_expert_linears_in_model']} routed-expert linears)")
+        for key, effect in h["condition_effects"].items():
+            assert effect > 1e-3 and effect > 100 * r["rel_err"], (key, h)
+        assert h["llama_shapes"] == [expect["llama_shape"]], h
+        assert h["shared_expert_targets"] > 0 and h["routed_expert_targets"] == 0, h
+        assert h["routed_expert_linears_in_model"] > 0, h  # the MoE is there, only left out of the targets
     if family == "omnigen2":
         print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
         assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r
