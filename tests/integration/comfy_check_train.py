@@ -413,6 +413,13 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if a.family == "flux2":  # its shift, as ComfyUI's Flux2Scheduler samples it: training (1024x1024) and previews
+        from comfy_extras.nodes_flux import Flux2Scheduler
+
+        report["train_shift_mu_1024"] = model.train_shift_mu((1, 128, 64, 64))
+        preview, node = model.sample_sigmas(4, lat_shape), Flux2Scheduler.execute(4, 64, 64)[0].float()
+        report["preview_sigmas"] = preview.tolist()
+        report["preview_sigmas_err"] = float((preview - node).abs().max())
     if a.family == "omnigen2":  # a second run with reference images (a control folder)
         import comfy_fixtures
 

@@ -68,15 +68,17 @@ def small_model(config_name: str, unet_config: dict, seed: int = 0, dtype: torch
                                             offload_device=mm.unet_offload_device())
 
 
-def small_clip(patcher, encoder_configs: dict[str, dict], seed: int = 1, clip_target=None):
+def small_clip(patcher, encoder_configs: dict[str, dict], seed: int = 1, clip_target=None,
+               tokenizer_data: dict | None = None):
     """ComfyUI's CLIP over the family's own clip_target (or `clip_target`), each text encoder at its small config
-    (`encoder_configs`: encoder name -> config keys, e.g. {"qwen3_4b": {"hidden_size": 32, ...}}), random weights."""
+    (`encoder_configs`: encoder name -> config keys, e.g. {"qwen3_4b": {"hidden_size": 32, ...}}), random weights;
+    `tokenizer_data` as ComfyUI's CLIP loader passes what a text encoder file carries (a tokenizer's vocabulary)."""
     import comfy.sd
 
     target = clip_target or patcher.model.model_config.clip_target()
     options = {f"{name}_model_config": cfg for name, cfg in encoder_configs.items()}
     options["dtype"] = torch.float32
-    clip = comfy.sd.CLIP(target=target, model_options=options)
+    clip = comfy.sd.CLIP(target=target, model_options=options, tokenizer_data=tokenizer_data or {})
     fill_random(clip.cond_stage_model, seed)
     return clip
 

@@ -106,6 +106,12 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]
+    if family == "flux2":  # ComfyUI's Flux.2 VAE: 128 channels (32 packed 2x2) at 16x; its Flux2Scheduler's shift
+        print(f"flux2: latents {r['latent_shapes']}; training mu at 1024x1024 {r['train_shift_mu_1024']:.4f}; "
+              f"preview sigmas {r['preview_sigmas']}")
+        assert r["latent_shapes"] == [[128, 4, 4]], r["latent_shapes"]  # 64 px images
+        assert abs(r["train_shift_mu_1024"] - 2.0234) < 1e-4, r  # the scheduler's mu at 50 steps; its config: 2.02
+        assert r["preview_sigmas_err"] < 1e-6 and len(r["preview_sigmas"]) == 5, r  # = Flux2Scheduler(4, 64, 64)
     if family == "omnigen2":
         print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
         assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r

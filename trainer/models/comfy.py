@@ -117,17 +117,55 @@ FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
 def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> float | None:
     """The training shift (as mu) of a model on ComfyUI's Flux schedule: Flux.1's resolution formula for Flux.1 and
-    Chroma, whose 2x2-patch token counts and constants it was fitted to; the shift its ComfyUI config samples with for
-    the others on that schedule (Flux.2, LTX-Video); None for the rest (SD3, Wan ...: `flux_shift` is then the fixed
+    Chroma, whose 2x2-patch token counts and constants it was fitted to; the scheduler node's resolution-dependent mu
+    for the models ComfyUI samples through one (Flux.2: SCHEDULER_SHIFT); the shift its ComfyUI config samples with
+    for the others on that schedule (LTX-Video); None for the rest (SD3, Wan ...: `flux_shift` is then the fixed
     shift 3)."""
     import comfy.model_sampling as ms
 
     if not isinstance(sampling, ms.ModelSamplingFlux):
         return None
+    if takes_scheduler_shift(model_config):
+        return scheduler_mu(latent_tokens(model_config, latent_shape), SCHEDULER_SHIFT_STEPS)
     if type(model_config).__name__ not in FLUX_RESOLUTION_SHIFT:
         return float(sampling.shift)
     h, w = latent_shape[-2:]
     return linear_mu((h // 2) * (w // 2))
+
+
+# ComfyUI model configs (their MRO is walked) that ComfyUI samples through a scheduler node of their own, whose shift
+# follows the resolution (and the step count), instead of their config's fixed shift: Flux.2 through Flux2Scheduler
+# (comfy_extras/nodes_flux.py, BFL's empirical mu over the image tokens), as its workflows sample it
+SCHEDULER_SHIFT = ("Flux2",)
+# training has no step count: the scheduler's mu at 50 steps (BFL's for Flux.2 dev), at which it gives the config's
+# own fixed shift at 1024x1024 (2.02 there: 2.023)
+SCHEDULER_SHIFT_STEPS = 50
+
+
+def takes_scheduler_shift(model_config) -> bool:
+    return any(cls.__name__ in SCHEDULER_SHIFT for cls in type(model_config).__mro__)
+
+
+def latent_tokens(model_config, latent_shape: tuple[int, ...]) -> int:
+    """The image tokens of a latent: its sides over the model's patch size (ComfyUI's unet_config), rounded up as
+    ComfyUI pads a latent to whole patches."""
+    patch = (getattr(model_config, "unet_config", {}) or {}).get("patch_size", 2)
+    patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 1)
+    h, w = latent_shape[-2:]
+    return -(-h // patch) * -(-w // patch)
+
+
+def scheduler_mu(tokens: int, steps: int) -> float:
+    from comfy_extras.nodes_flux import compute_empirical_mu  # Flux2Scheduler's own
+
+    return float(compute_empirical_mu(tokens, steps))
+
+
+def scheduler_sigmas(tokens: int, steps: int) -> torch.Tensor:
+    """What Flux2Scheduler gives for `steps` at an image of `tokens` tokens (width * height / 16²)."""
+    from comfy_extras.nodes_flux import get_schedule
+
+    return torch.as_tensor(get_schedule(steps, tokens)).float().cpu()
 
 
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
@@ -375,6 +413,9 @@ class ComfyModel(TrainingModel):
         cond = dict(cond)
         control = cond.pop("control", None)
         params = {k: v[None].to(self.device) for k, v in cond.items()}  # each a batch of one again
+        # ComfyUI's CLIP conditioning always holds pooled_output, None where the encoder pools nothing (Flux.2's
+        # Mistral: Flux's encode_adm reads the key); the text cache keeps tensors only
+        params.setdefault("pooled_output", None)
         if control is not None and self.takes_control and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
@@ -425,6 +466,8 @@ class ComfyModel(TrainingModel):
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
 
+        if self.is_flow and takes_scheduler_shift(self.base.model_config):  # Flux.2: as Flux2Scheduler samples it
+            return scheduler_sigmas(latent_tokens(self.base.model_config, latent_shape), steps)
         return comfy.samplers.calculate_sigmas(self.sampling, "simple", steps).float().cpu()
 
     def latent_cache_id(self) -> str:
