@@ -43,7 +43,8 @@ TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 EXPECT = {"detected": "Flux2", "model_class": "Flux2", "stacks": ["double_blocks", "single_blocks"],
-          "text_keys": ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"]}
+          "text_keys": ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"],
+          "references": True}  # reference images as reference_latents: a second run trains with a control folder
 
 
 def tekken_json() -> bytes:
