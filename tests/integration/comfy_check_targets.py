@@ -52,8 +52,7 @@ def main() -> int:
     ap.add_argument("--trainer", required=True)
     ap.add_argument("--report", required=True)
     a = ap.parse_args()
-    boot(a.comfyui)
-    sys.path.insert(0, a.trainer)
+    boot(a.comfyui, a.trainer)  # ComfyUI first: its `nodes` (Flux2Scheduler's module imports it), not ours
 
     import torch
 
@@ -82,12 +81,23 @@ def main() -> int:
     from trainer.models.comfy import flow_shift_mu
 
     shifts = {}
+    # Flux.2 as ComfyUI's detection configures it (patch 1) and its 1024x1024 latent (128 channels at 16x)
+    configs, latents = {"Flux2": {"patch_size": 1}}, {"Flux2": (1, 128, 64, 64)}
     flux, flow = comfy.model_base.ModelType.FLUX, comfy.model_base.ModelType.FLOW  # what model_base gives each
     for cls, kind in (("Flux", flux), ("Chroma", flux), ("Flux2", flux), ("LTXV", flux), ("SD3", flow),
                       ("WAN21_T2V", flow)):
-        cfg = getattr(sm, cls)({})
-        shifts[cls] = flow_shift_mu(cfg, comfy.model_base.model_sampling(cfg, kind), (1, 16, 128, 128))
+        cfg = getattr(sm, cls)(configs.get(cls, {}))
+        sampling = comfy.model_base.model_sampling(cfg, kind)
+        shifts[cls] = flow_shift_mu(cfg, sampling, latents.get(cls, (1, 16, 128, 128)))
     report["shift_mu_1024"] = shifts
+    # Flux.2 follows the resolution as ComfyUI's Flux2Scheduler samples it (its mu at 50 steps)
+    from comfy_extras.nodes_flux import compute_empirical_mu
+
+    flux2 = sm.Flux2(configs["Flux2"])
+    sampling = comfy.model_base.model_sampling(flux2, flux)
+    sizes = (512, 1024, 2048)
+    report["flux2_shift_mu"] = {str(px): flow_shift_mu(flux2, sampling, (1, 128, px // 16, px // 16)) for px in sizes}
+    report["flux2_scheduler_mu"] = {str(px): compute_empirical_mu((px // 16) ** 2, 50) for px in sizes}
     # which ComfyUI models this path refuses for want of their conditioning (configs as ComfyUI's detection makes them)
     from trainer.models.comfy import missing_conditioning
 

@@ -400,6 +400,98 @@ def _hidream_checks(predict, cond: dict, other: dict, trained, targets: list[str
                                                   for n, m in denoiser.named_modules())}
 
 
+def _reference_run(fam, work: Path, steps: int, settings: dict, network: dict, name: str) -> dict:
+    """A small family that takes reference images (EXPECT["references"]) trained with a control folder, on a fresh
+    build of it: ComfyUI's own path then gives the trained model's output (CLIPTextEncode, VAEEncode and
+    ReferenceLatent, as the graph calls them, then the patched model's extra_conds through ComfyUI's sampler helpers,
+    encode_model_conds), and another reference image moves the prediction."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    import nodes
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.comfy import ComfyModel
+    from trainer.session import TrainingSession, job_from_parts
+
+    patcher, clip, vae = fam.patcher, fam.clip, fam.vae
+    data = _write_dataset(work / "ref_dataset", captions=fam.captions)
+    controls = _write_controls(work / "ref_control")
+    dataset = {"folder_path": str(data), "control_path": str(controls), "caption_ext": "txt", "resolution": [64],
+               "trigger_word": "sks"}
+    job = job_from_parts({"comfy": (patcher, clip, vae)}, [dataset], network, {**settings, "name": f"{name}_ref"},
+                         steps, str(work / "ref_runs"))
+    with torch.inference_mode(False), torch.enable_grad():
+        model = ComfyModel(patcher, clip, vae)
+        model.ensure_loaded()
+        session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
+        refs_seen: list[int] = []  # the reference latents each training forward of the denoiser was given
+        hook = model.denoiser.register_forward_pre_hook(
+            lambda mod, args, kwargs: refs_seen.append(len(kwargs.get("ref_latents") or [])), with_kwargs=True)
+        try:
+            session.advance(steps)
+        finally:
+            hook.remove()
+    cond_keys = sorted({k for c in session.trainer.latents.conds.values() for k in (c or {})})
+    net = session.trainer.network
+
+    def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
+        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(fam.latent_shape, generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+    prompt = "sks, a photo of a red cat"
+    text = model.encode_text([prompt])
+    refs = [model.encode_conditions(pixels(i), pixels(i)) for i in (0, 1)]  # as the latent cache encodes them
+
+    def out(c) -> torch.Tensor:  # guidance 3.5: what Flux's extra_conds takes where a prompt sets none
+        with torch.no_grad():
+            return model.predict(x, sigma, {**text, **{k: v[None] for k, v in c.items()}}, guidance=3.5).float().cpu()
+
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(refs[0]), out(refs[1])
+    finally:
+        net.detach()
+    base = out(refs[0])
+    with torch.no_grad():
+        no_ref = model.predict(x, sigma, text, guidance=3.5).float().cpu()
+
+    tensors, metadata = session.export("float32")
+    path = work / "loras" / f"{name}_ref.safetensors"
+    save_safetensors_atomic(tensors, path, metadata)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with torch.inference_mode():  # ComfyUI on its own: the LoRA loader, the graph's nodes, the sampler's conds
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
+        mm.load_models_gpu([patched], force_full_load=True)
+        positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+        image = ((pixels(0) + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]  # ComfyUI's IMAGE
+        positive = ReferenceLatent.execute(positive, nodes.VAEEncode().encode(vae, image)[0])[0]
+        dev = mm.get_torch_device()
+        xs, ss = x.to(dev), sigma.to(dev)
+        conds = comfy.samplers.encode_model_conds(patched.model.extra_conds, comfy.sampler_helpers.convert_cond(positive),
+                                                  xs, dev, "positive")
+        conds = {k: v.process_cond(batch_size=1, device=dev, area=None).cond for k, v in conds[0]["model_conds"].items()}
+        comfy_out = ((xs - patched.model.apply_model(xs, ss, **conds)) / ss).float().cpu()
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    return {"losses": [loss for _, loss in session.losses], "cond_keys": cond_keys, "comfy_cond_keys": sorted(conds),
+            "train_refs_per_forward": refs_seen, "rel_err": rel(comfy_out, trained), "lora_effect": rel(trained, base),
+            "reference_effect": rel(trained_other, trained), "no_reference_effect": rel(no_ref, base),
+            "finite": bool(torch.isfinite(trained).all())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -649,11 +741,21 @@ def main() -> int:
         # previews sample as that patched model does with ComfyUI's simple scheduler
         node_sigmas = comfy.samplers.calculate_sigmas(node_sampling, "simple", 8).float().cpu()
         report["sample_sigmas_err"] = float((model.sample_sigmas(8, fam.latent_shape) - node_sigmas).abs().max())
+    if a.family == "flux2":  # its shift, as ComfyUI's Flux2Scheduler samples it: training (1024x1024) and previews
+        from comfy_extras.nodes_flux import Flux2Scheduler
+
+        report["train_shift_mu_1024"] = model.train_shift_mu((1, 128, 64, 64))
+        preview, node = model.sample_sigmas(4, lat_shape), Flux2Scheduler.execute(4, 64, 64)[0].float()
+        report["preview_sigmas"] = preview.tolist()
+        report["preview_sigmas_err"] = float((preview - node).abs().max())
     if a.family == "omnigen2":  # a second run with reference images (a control folder)
         import comfy_fixtures
 
         files = comfy_fixtures.omnigen2_files(cache, a.comfyui)
         report["reference"] = _omnigen2_reference_run(files, work, a.steps, settings, network)
+    elif expect.get("references"):  # a family built small that takes reference images: a second run with them
+        report["reference"] = _reference_run(family_inputs(a.family, cache, a.comfyui)[0], work, a.steps, settings,
+                                             network, f"eri_{a.family}")
     if model.start_image_node is not None:  # a second run with start images (image-to-video)
         report["start_image"] = _start_image_run(fam, work, a.steps, settings, network)
     if a.family == "hidream":

@@ -72,8 +72,8 @@ def small_model(config_name: str, unet_config: dict, seed: int = 0, dtype: torch
 def small_clip(patcher, encoder_configs: dict[str, dict], seed: int = 1, clip_target=None,
                tokenizer_data: dict | None = None):
     """ComfyUI's CLIP over the family's own clip_target (or `clip_target`), each text encoder at its small config
-    (`encoder_configs`: encoder name -> config keys, e.g. {"qwen3_4b": {"hidden_size": 32, ...}}), random weights.
-    `tokenizer_data`: what a text-encoder file carries for its tokenizer (UMT5's `spiece_model`)."""
+    (`encoder_configs`: encoder name -> config keys, e.g. {"qwen3_4b": {"hidden_size": 32, ...}}), random weights;
+    `tokenizer_data` as ComfyUI's CLIP loader passes what a text encoder file carries (a tokenizer's vocabulary)."""
     import comfy.sd
 
     target = clip_target or patcher.model.model_config.clip_target()

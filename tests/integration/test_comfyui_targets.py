@@ -64,14 +64,18 @@ def test_hidream_keeps_its_shared_expert(report):
 
 
 def test_training_shift_follows_comfyuis_own_sampling(report):
-    """Flux.1's resolution formula only for Flux.1 and Chroma (mu 1.15 at 1024²: 4096 tokens); Flux.2 and LTX-Video,
-    also on ComfyUI's Flux schedule, train at the shift their configs sample with; SD3 and Wan take the fixed shift."""
+    """Flux.1's resolution formula only for Flux.1 and Chroma (mu 1.15 at 1024²: 4096 tokens); Flux.2 at the mu of
+    ComfyUI's Flux2Scheduler (50 steps; 2.023 at 1024², its config's fixed 2.02 there), which follows the resolution;
+    LTX-Video, also on ComfyUI's Flux schedule, at the shift its config samples with; SD3 and Wan the fixed shift."""
     from trainer.models.schedules import linear_mu
 
     mu = report["shift_mu_1024"]
     assert mu["Flux"] == mu["Chroma"] == pytest.approx(linear_mu(64 * 64))
-    assert mu["Flux2"] == pytest.approx(2.02) and mu["LTXV"] == pytest.approx(2.37)
+    assert mu["Flux2"] == pytest.approx(2.0234, abs=1e-4) and mu["LTXV"] == pytest.approx(2.37)
     assert mu["SD3"] is None and mu["WAN21_T2V"] is None
+    flux2 = report["flux2_shift_mu"]
+    assert flux2 == pytest.approx(report["flux2_scheduler_mu"]), flux2
+    assert flux2["512"] < flux2["1024"] - 0.3 and flux2["2048"] > flux2["1024"] + 1.0, flux2  # the resolution's
 
 
 def test_models_needing_conditioning_this_path_cannot_build_are_refused(report):

@@ -22,6 +22,11 @@ per sample, then a second run with start images (do_i2v, through ComfyUI's Wan22
 clean at timestep 0 and out of the loss, ComfyUI's patched model fed by the node itself gives the trained model's
 output, and another start image moves the prediction.
 
+Flux.2 (built small, comfy_small_flux2.py) trains on 128-channel latents at 16x through ComfyUI's Flux.2 VAE, at the
+shift of ComfyUI's Flux2Scheduler (its previews at that node's sigmas), and a second run with a control folder (as
+OmniGen2's) gives every training step its item's reference as ComfyUI's ref_latents; ComfyUI's own ReferenceLatent
+path through the patched model gives the trained model's output, and another reference moves the prediction.
+
 Each family's targets are the stacks the README's table lists for it. A family built small asserts its latent and
 preview shapes and that its conditions beside the caption reach the model (EXPECT's condition_effects: LTX-Video's
 attention mask and frame rate, HunyuanVideo's pooled CLIP-L vector and guidance); LTX-Video trains with the shift
@@ -192,6 +197,12 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert h["llama_shapes"] == [expect["llama_shape"]], h
         assert h["shared_expert_targets"] > 0 and h["routed_expert_targets"] == 0, h
         assert h["routed_expert_linears_in_model"] > 0, h  # the MoE is there, only left out of the targets
+    if family == "flux2":  # ComfyUI's Flux.2 VAE: 128 channels (32 packed 2x2) at 16x; its Flux2Scheduler's shift
+        print(f"flux2: latents {r['latent_shapes']}; training mu at 1024x1024 {r['train_shift_mu_1024']:.4f}; "
+              f"preview sigmas {r['preview_sigmas']}")
+        assert r["latent_shapes"] == [[128, 4, 4]], r["latent_shapes"]  # 64 px images
+        assert abs(r["train_shift_mu_1024"] - 2.0234) < 1e-4, r  # the scheduler's mu at 50 steps; its config: 2.02
+        assert r["preview_sigmas_err"] < 1e-6 and len(r["preview_sigmas"]) == 5, r  # = Flux2Scheduler(4, 64, 64)
     if family == "omnigen2":
         print(f"omnigen2: stacks {r['stacks']}; training forwards {r['train_forward_batches']}")
         assert r["text_keys"] == ["attention_mask", "attention_mask__shape", "cross_attn", "cross_attn__shape"], r
@@ -210,11 +221,25 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         print(f"omnigen2 with references: losses {ref['losses']}; ref_image_refiner {ref['ref_trained']}/"
               f"{ref['ref_targets']} trained; patched vs trained rel err {ref['rel_err']:.1e}, LoRA effect"
               f" {ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e}")
-        assert ref["finite"] and all(loss == loss for loss in ref["losses"]), ref
-        assert ref["cond_keys"] == ["control"], ref  # the cached condition of each item
-        assert "ref_latents" in ref["comfy_cond_keys"], ref
+        assert_reference_run(ref)
         assert ref["ref_targets"] > 0 and ref["ref_trained"] == ref["ref_targets"], ref  # now they train
-        assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
-        assert ref["rel_err"] < TOL, ref  # ComfyUI's own reference_latents path gives the trained model's output
-        assert ref["reference_effect"] > 1e-3 and ref["reference_effect"] > 100 * ref["rel_err"], ref
-        assert ref["no_reference_effect"] > 1e-3, ref  # the reference reaches the model at all
+    if expect and expect.get("references"):  # a family built small, trained with a control folder too
+        ref = r["reference"]
+        print(f"{family} with references: losses {ref['losses']}; references per training forward "
+              f"{ref['train_refs_per_forward']}; patched vs trained rel err {ref['rel_err']:.1e}, LoRA effect "
+              f"{ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e}")
+        assert_reference_run(ref)
+        assert ref["train_refs_per_forward"] == [1] * 3, ref  # every training step saw its item's reference
+
+
+def assert_reference_run(ref: dict) -> None:
+    """A run with a control folder: each item's reference cached as its condition and given to the model as
+    ComfyUI's ref_latents; ComfyUI's own ReferenceLatent path through the patched model gives the trained model's
+    output, and the reference moves the prediction by far more than that error."""
+    assert ref["finite"] and all(loss == loss for loss in ref["losses"]), ref
+    assert ref["cond_keys"] == ["control"], ref  # the cached condition of each item
+    assert "ref_latents" in ref["comfy_cond_keys"], ref
+    assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
+    assert ref["rel_err"] < TOL, ref  # ComfyUI's own reference_latents path gives the trained model's output
+    assert ref["reference_effect"] > 1e-3 and ref["reference_effect"] > 100 * ref["rel_err"], ref
+    assert ref["no_reference_effect"] > 1e-3, ref  # the reference reaches the model at all

@@ -159,13 +159,16 @@ FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
 def flow_shift_mu(model_config, sampling, latent_shape: tuple[int, ...]) -> float | None:
     """The training shift (as mu) of a model on ComfyUI's Flux schedule: Flux.1's resolution formula for Flux.1 and
-    Chroma, whose 2x2-patch token counts and constants it was fitted to; the shift its ComfyUI config samples with for
-    the others on that schedule (Flux.2, LTX-Video); None for the rest (SD3, Wan ...: `flux_shift` is then the fixed
+    Chroma, whose 2x2-patch token counts and constants it was fitted to; the scheduler node's resolution-dependent mu
+    for the models ComfyUI samples through one (Flux.2: SCHEDULER_SHIFT); the shift its ComfyUI config samples with
+    for the others on that schedule (LTX-Video); None for the rest (SD3, Wan ...: `flux_shift` is then the fixed
     shift 3)."""
     import comfy.model_sampling as ms
 
     if not isinstance(sampling, ms.ModelSamplingFlux):
         return None
+    if takes_scheduler_shift(model_config):
+        return scheduler_mu(latent_tokens(model_config, latent_shape), SCHEDULER_SHIFT_STEPS)
     if type(model_config).__name__ in TOKEN_COUNT_SHIFT:
         return token_count_mu(model_config, latent_shape)
     if type(model_config).__name__ not in FLUX_RESOLUTION_SHIFT:
@@ -181,6 +184,41 @@ def sampling_shift(sampling) -> float | None:
     if any(cls.__name__ == "ModelSamplingDiscreteFlow" for cls in type(sampling).__mro__):
         return float(sampling.shift)
     return None
+
+
+# ComfyUI model configs (their MRO is walked) that ComfyUI samples through a scheduler node of their own, whose shift
+# follows the resolution (and the step count), instead of their config's fixed shift: Flux.2 through Flux2Scheduler
+# (comfy_extras/nodes_flux.py, BFL's empirical mu over the image tokens), as its workflows sample it
+SCHEDULER_SHIFT = ("Flux2",)
+# training has no step count: the scheduler's mu at 50 steps (BFL's for Flux.2 dev), at which it gives the config's
+# own fixed shift at 1024x1024 (2.02 there: 2.023)
+SCHEDULER_SHIFT_STEPS = 50
+
+
+def takes_scheduler_shift(model_config) -> bool:
+    return any(cls.__name__ in SCHEDULER_SHIFT for cls in type(model_config).__mro__)
+
+
+def latent_tokens(model_config, latent_shape: tuple[int, ...]) -> int:
+    """The image tokens of a latent: its sides over the model's patch size (ComfyUI's unet_config), rounded up as
+    ComfyUI pads a latent to whole patches."""
+    patch = (getattr(model_config, "unet_config", {}) or {}).get("patch_size", 2)
+    patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 1)
+    h, w = latent_shape[-2:]
+    return -(-h // patch) * -(-w // patch)
+
+
+def scheduler_mu(tokens: int, steps: int) -> float:
+    from comfy_extras.nodes_flux import compute_empirical_mu  # Flux2Scheduler's own
+
+    return float(compute_empirical_mu(tokens, steps))
+
+
+def scheduler_sigmas(tokens: int, steps: int) -> torch.Tensor:
+    """What Flux2Scheduler gives for `steps` at an image of `tokens` tokens (width * height / 16²)."""
+    from comfy_extras.nodes_flux import get_schedule
+
+    return torch.as_tensor(get_schedule(steps, tokens)).float().cpu()
 
 
 # the frame rate each video family was trained at, by ComfyUI's model config class (its MRO is walked)
@@ -212,6 +250,8 @@ def capped_away(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(index)
     return int((1.0 - fraction) * torch.cuda.get_device_properties(index).total_memory)
+
+
 def takes_frame_rate(diffusion_model: nn.Module) -> bool:
     """Whether a ComfyUI diffusion model reads the clip's frame rate (LTX-Video: its token positions are in seconds):
     its forward takes `frame_rate`, which its extra_conds fill from the conditioning's (LTXVConditioning), else 25."""
@@ -575,6 +615,8 @@ class ComfyModel(TrainingModel):
     def sample_sigmas(self, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         import comfy.samplers
 
+        if self.is_flow and takes_scheduler_shift(self.base.model_config):  # Flux.2: as Flux2Scheduler samples it
+            return scheduler_sigmas(latent_tokens(self.base.model_config, latent_shape), steps)
         sampling = self.sampling
         mu = token_count_mu(self.base.model_config, latent_shape)
         if mu is not None:  # ComfyUI's sampling with this latent's shift, as ModelSamplingLTXV patches it in
