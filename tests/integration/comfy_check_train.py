@@ -225,6 +225,108 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
             "no_reference_effect": rel(no_ref, base), "finite": bool(torch.isfinite(trained).all())}
 
 
+def _comfy_prediction(patched, conditioning, x, sigma):
+    """ComfyUI's patched model on a CONDITIONING as its sampler feeds it: convert_cond, the model's extra_conds
+    through encode_model_conds, process_cond, apply_model; as the velocity (x - denoised) / sigma."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    dev = mm.get_torch_device()
+    xs, ss = x.to(dev), sigma.to(dev)
+    with torch.inference_mode():
+        mm.load_models_gpu([patched], force_full_load=True)
+        conds = comfy.sampler_helpers.convert_cond(conditioning)
+        conds = comfy.samplers.encode_model_conds(patched.model.extra_conds, conds, xs, dev, "positive")
+        model_conds = {k: v.process_cond(batch_size=1, device=dev, area=None).cond
+                       for k, v in conds[0]["model_conds"].items()}
+        out = ((xs - patched.model.apply_model(xs, ss, **model_conds)) / ss).float().cpu()
+    return out, sorted(model_conds)
+
+
+def _reference_pixels(controls: Path, i: int):
+    """The i-th control image as the dataset gives it: (3, h, w) in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+REFERENCE_CAPTION = "sks, a photo of a red cat"
+
+
+def _reference_trained(model, net, controls: Path, latent_shape) -> dict:
+    """The trained model (before ComfyUI patches the same modules) on a reference image as the latent cache encodes
+    it (ComfyModel.encode_conditions) and, where the family's text encoder reads images, the caption encoded with it;
+    another reference image, each way in alone, and none."""
+    import torch
+
+    vl = getattr(model, "text_takes_images", False)
+
+    def text(i: int | None):
+        if vl and i is not None:
+            return model.encode_text_with_images([REFERENCE_CAPTION], [_reference_pixels(controls, i)])
+        return model.encode_text([REFERENCE_CAPTION])
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(latent_shape, generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+    texts = [text(0), text(1)]
+    refs = [{k: v[None] for k, v in model.encode_conditions(*[_reference_pixels(controls, i)] * 2).items()}
+            for i in (0, 1)]
+
+    def out(t, r) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(x, sigma, {**t, **r}).float().cpu()
+
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(texts[0], refs[0]), out(texts[1], refs[1])
+        text_only_other, ref_only_other = out(texts[1], refs[0]), out(texts[0], refs[1])
+    finally:
+        net.detach()
+    base, no_ref = out(texts[0], refs[0]), out(text(None), {})
+    return {"vl": vl, "x": x, "sigma": sigma, "trained": trained, "base": base, "trained_other": trained_other,
+            "text_only_other": text_only_other, "ref_only_other": ref_only_other, "no_ref": no_ref}
+
+
+def _reference_against_comfy(ours: dict, patched, vae, clip, controls: Path) -> dict:
+    """ComfyUI's patched model fed the same reference through its own nodes (the text encoder node:
+    TextEncodeQwenImageEditPlus where images go into the text encoder, else CLIPTextEncode; VAEEncode;
+    ReferenceLatent) against the trained model; the effects of the reference, of each way in alone, and of none."""
+    import torch
+
+    import nodes
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    image = ((_reference_pixels(controls, 0) + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]  # ComfyUI's IMAGE
+    with torch.inference_mode():
+        if ours["vl"]:
+            from comfy_extras.nodes_qwen import TextEncodeQwenImageEditPlus
+
+            conditioning = TextEncodeQwenImageEditPlus.execute(clip, REFERENCE_CAPTION, None, image).result[0]
+        else:
+            conditioning = nodes.CLIPTextEncode().encode(clip, REFERENCE_CAPTION)[0]
+        latent = nodes.VAEEncode().encode(vae, image)[0]
+        conditioning = ReferenceLatent.execute(conditioning, latent).result[0]
+    comfy_out, comfy_keys = _comfy_prediction(patched, conditioning, ours["x"], ours["sigma"])
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    trained = ours["trained"]
+    return {"images_in_text": ours["vl"], "comfy_cond_keys": comfy_keys, "rel_err": rel(comfy_out, trained),
+            "lora_effect": rel(trained, ours["base"]), "reference_effect": rel(ours["trained_other"], trained),
+            "text_image_effect": rel(ours["text_only_other"], trained) if ours["vl"] else None,
+            "ref_latent_effect": rel(ours["ref_only_other"], trained),
+            "no_reference_effect": rel(ours["no_ref"], ours["base"]), "finite": bool(torch.isfinite(trained).all())}
+
+
 def _shift_report(model) -> dict:
     """The backend's training shift (mu, for `timestep_type: flux_shift`) at a 64 px and a 1024 px latent, and how far
     its shifted sigmas are from ComfyUI's own model_sampling.sigma(t) (what ComfyUI samples the family with)."""
@@ -277,6 +379,8 @@ def main() -> int:
     else:
         data = _write_dataset(work / "dataset", captions=fam.captions)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
+    if fam.controls:  # reference images, one per item, as ComfyUI's reference_latents
+        dataset["control_path"] = str(_write_controls(work / "control"))
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
     settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw", "batch_size": 1,
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
@@ -290,10 +394,15 @@ def main() -> int:
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         forward_batches: list[int] = []  # the batch size of every denoiser call while training
         pre = model.denoiser.register_forward_pre_hook(lambda mod, args: forward_batches.append(int(args[0].shape[0])))
+        forward_refs: list[list] = []  # the reference latents (shapes) every denoiser call got while training
+        refs = model.denoiser.register_forward_pre_hook(
+            lambda mod, args, kw: forward_refs.append([list(r.shape) for r in kw.get("ref_latents") or []]),
+            with_kwargs=True)
         try:
             session.advance(a.steps)
         finally:
             pre.remove()
+            refs.remove()
     # the cached captions' true token lengths (each caption encoded at its own length)
     text_lengths = sorted(int(c["cross_attn__shape"][0]) if "cross_attn__shape" in c else int(c["cross_attn"].shape[0])
                           for c in session.trainer.texts.mem.values())
@@ -336,6 +445,8 @@ def main() -> int:
     finally:
         net.detach()
     base = out(model)
+    if fam.controls:  # the trained model on reference images, before ComfyUI patches the same modules
+        reference = _reference_trained(model, net, Path(dataset["control_path"]), fam.latent_shape)
 
     # gradient checkpointing on ComfyUI's blocks gives the same LoRA gradients as none
     w = torch.randn(lat_shape, generator=g)
@@ -440,6 +551,9 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if fam.controls:  # trained on reference images: ComfyUI's own node path with the same reference
+        report["reference"] = _reference_against_comfy(reference, patched, vae, clip, Path(dataset["control_path"]))
+        report["reference"]["train_ref_latents"] = forward_refs
     if expect.get("shift_mu") is not None:  # the training shift against ComfyUI's own sampling of the family
         report["shift"] = _shift_report(model)
     if a.family == "omnigen2":  # a second run with reference images (a control folder)

@@ -111,6 +111,21 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         for name, s in r["stacks"].items():
             n_dead = sum(k.split(".")[1] == name for k in dead)
             assert s["targets"] > 0 and s["ran"] == s["targets"] and s["trained"] == s["targets"] - n_dead, (name, s)
+    if expect.get("reference"):  # trained on reference images (control_path): ComfyUI's reference_latents
+        ref = r["reference"]
+        print(f"{family} with references: patched vs trained rel err {ref['rel_err']:.1e} through ComfyUI's nodes,"
+              f" LoRA effect {ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e} (reference"
+              f" latent alone {ref['ref_latent_effect']:.1e}, image in the text {ref['text_image_effect']})")
+        assert ref["finite"] and "ref_latents" in ref["comfy_cond_keys"], ref
+        # every training forward got the item's reference latent
+        assert len(ref["train_ref_latents"]) == 3 and all(len(f) == 1 for f in ref["train_ref_latents"]), ref
+        assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
+        assert ref["rel_err"] < TOL, ref  # ComfyUI's own node path gives the trained model's output
+        for effect in ("reference_effect", "ref_latent_effect", "no_reference_effect"):
+            assert ref[effect] > 1e-3 and ref[effect] > 100 * ref["rel_err"], (effect, ref)
+        assert ref["images_in_text"] == bool(expect.get("images_in_text")), ref
+        if ref["images_in_text"]:  # the image through the VL text encoder alone moves the prediction
+            assert ref["text_image_effect"] > 1e-3 and ref["text_image_effect"] > 100 * ref["rel_err"], ref
     if expect.get("shift_mu") is not None:  # the training shift is the one ComfyUI samples the family with
         shift = r["shift"]
         print(f"{family}: training shift mu {shift['mu_64px']} (64 px), {shift['mu_1024px']} (1024 px); ComfyUI's"
