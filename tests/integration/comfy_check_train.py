@@ -395,9 +395,13 @@ def main() -> int:
         forward_batches: list[int] = []  # the batch size of every denoiser call while training
         pre = model.denoiser.register_forward_pre_hook(lambda mod, args: forward_batches.append(int(args[0].shape[0])))
         forward_refs: list[list] = []  # the reference latents (shapes) every denoiser call got while training
-        refs = model.denoiser.register_forward_pre_hook(
-            lambda mod, args, kw: forward_refs.append([list(r.shape) for r in kw.get("ref_latents") or []]),
-            with_kwargs=True)
+        forward_context: list[int] = []  # and its text context's length
+
+        def record(mod, args, kw) -> None:
+            forward_refs.append([list(r.shape) for r in kw.get("ref_latents") or []])
+            forward_context.append(int(kw["context"].shape[1]) if kw.get("context") is not None else 0)
+
+        refs = model.denoiser.register_forward_pre_hook(record, with_kwargs=True)
         try:
             session.advance(a.steps)
         finally:
@@ -414,6 +418,13 @@ def main() -> int:
         with torch.inference_mode(False):
             sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1,
                                                frames=fam.video_frames).shape)
+    if fam.controls:  # a preview with a reference image (and, where the text encoder reads it, the prompts with it)
+        from trainer.data.cache import _preview_image
+
+        control = _preview_image(str(Path(dataset["control_path"]) / "img0.png"), (64, 64), "check", "control")
+        with torch.inference_mode(False):
+            preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1, control=control)
+        sample_shape = list(preview.shape) if bool(torch.isfinite(preview).all()) else None
     if a.family == "omnigen2":  # a preview with CFG: the caption and the (empty) negative at their own lengths
         with torch.inference_mode(False):
             preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1)
@@ -554,6 +565,11 @@ def main() -> int:
     if fam.controls:  # trained on reference images: ComfyUI's own node path with the same reference
         report["reference"] = _reference_against_comfy(reference, patched, vae, clip, Path(dataset["control_path"]))
         report["reference"]["train_ref_latents"] = forward_refs
+        # the cached text lengths: captions alone, and captions read with their item's control image
+        lengths = {k: int(c["cross_attn__shape"][0]) for k, c in session.trainer.texts.mem.items()}
+        report["reference"]["text_lengths_plain"] = sorted(n for k, n in lengths.items() if "\x00" not in k)
+        report["reference"]["text_lengths_with_image"] = sorted(n for k, n in lengths.items() if "\x00" in k)
+        report["reference"]["train_context_lengths"] = forward_context
     if expect.get("shift_mu") is not None:  # the training shift against ComfyUI's own sampling of the family
         report["shift"] = _shift_report(model)
     if a.family == "omnigen2":  # a second run with reference images (a control folder)

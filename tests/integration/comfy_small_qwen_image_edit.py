@@ -16,7 +16,7 @@ from comfy_small import SmallFamily, small_model
 from comfy_small_qwen_image import EXPECT as QWEN_IMAGE
 from comfy_small_qwen_image import UNET, small_qwen_clip, wan21_vae
 
-EXPECT = {**QWEN_IMAGE, "reference": True}
+EXPECT = {**QWEN_IMAGE, "reference": True, "images_in_text": True}
 
 
 def build(cache: Path, comfyui: str) -> SmallFamily:

@@ -21,6 +21,10 @@ Each family's targets are the stacks the README's table lists for it.
 Qwen-Image (comfy_small_qwen_image.py): the layers of its last block's text stream, which the model computes and
 discards, get no gradient and stay zero (exactly those, EXPECT["untrained"]); it trains at the shift ComfyUI samples
 it with (mu 1.15 at every resolution, the sigmas equal to its model_sampling's), not Flux.1's resolution formula.
+Qwen-Image-Edit (comfy_small_qwen_image_edit.py) trains with a control folder: each item's reference image goes in as
+reference_latents and, with its caption, through the VL text encoder (cached per item); ComfyUI's own nodes
+(TextEncodeQwenImageEditPlus, VAEEncode, ReferenceLatent) and its sampler's cond conversion give the trained model's
+output; another reference, and each of the two ways in alone, move it.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
@@ -117,6 +121,7 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
               f" LoRA effect {ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e} (reference"
               f" latent alone {ref['ref_latent_effect']:.1e}, image in the text {ref['text_image_effect']})")
         assert ref["finite"] and "ref_latents" in ref["comfy_cond_keys"], ref
+        assert r["sample_shape"] in ([3, 64, 64], [3, 1, 64, 64]), r["sample_shape"]  # a preview with a reference
         # every training forward got the item's reference latent
         assert len(ref["train_ref_latents"]) == 3 and all(len(f) == 1 for f in ref["train_ref_latents"]), ref
         assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
@@ -126,6 +131,12 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert ref["images_in_text"] == bool(expect.get("images_in_text")), ref
         if ref["images_in_text"]:  # the image through the VL text encoder alone moves the prediction
             assert ref["text_image_effect"] > 1e-3 and ref["text_image_effect"] > 100 * ref["rel_err"], ref
+            # each item's caption cached with its control image (its image tokens make it longer than the caption
+            # alone), and every training step read those
+            plain, with_image = ref["text_lengths_plain"], ref["text_lengths_with_image"]
+            assert len(with_image) == 2 and min(with_image) > max(plain), ref
+            assert len(ref["train_context_lengths"]) == 3, ref
+            assert set(ref["train_context_lengths"]) <= set(with_image), ref
     if expect.get("shift_mu") is not None:  # the training shift is the one ComfyUI samples the family with
         shift = r["shift"]
         print(f"{family}: training shift mu {shift['mu_64px']} (64 px), {shift['mu_1024px']} (1024 px); ComfyUI's"

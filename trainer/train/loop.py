@@ -197,7 +197,13 @@ class Trainer:
         return True
 
     # --- one step ------------------------------------------------------------------------------
-    def _conditioning(self, captions: list[str]) -> Conditioning:
+    def _conditioning(self, captions: list[str], batch: list, micro: int) -> Conditioning:
+        if self.model.text_takes_images:  # each caption read with its item's control image (where it has one)
+            keys = self.latents.text_image_keys(batch, self.cfg.train.seed, micro)
+            if self.texts is not None:
+                return collate_conditioning([self.texts.get(c, k) for c, k in zip(captions, keys)])
+            images = [None if k is None else self.latents.control_pixels(it) for it, k in zip(batch, keys)]
+            return self.model.encode_text_with_images(captions, images)
         if self.texts is not None:
             return collate_conditioning([self.texts.get(c) for c in captions])
         return self.model.encode_text_for_training(captions)
@@ -208,7 +214,7 @@ class Trainer:
         tc = self.cfg.train
         batch = self.plan.batch(micro)
         latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in batch]).float()
-        cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro))
+        cond = self._conditioning(captions_for_batch(self.datasets, batch, tc.seed, micro), batch, micro)
         # per-item conditions (control latents, I2V start images) of families that take them
         cond = {**cond, **self.latents.conditions_for_batch(batch, self.model, tc.seed, micro)}
         if self.model.conditions_on_fps:
