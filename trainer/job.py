@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .config import JobConfig, dump_job_yaml
-from .data.cache import LatentCache, TextCache
+from .data.cache import LatentCache, TextCache, text_image_pairs
 from .data.dataset import Dataset, Geometry, check_dataset_folder, scan_dataset
 from .errors import ConfigError, UserError
 from .fileio import write_text_atomic
@@ -162,7 +162,17 @@ def prepare_caches(job: JobConfig, model: TrainingModel, datasets: list[Dataset]
         texts = TextCache()
         report(f"encoding {len(captions)} captions")
         texts.prepare(model, sorted(captions))
+        if model.text_takes_images:  # each item's caption(s) with its control image, as the text encoder reads them
+            pairs = text_image_pairs(latents, item_captions)
+            if pairs:
+                report(f"encoding {len(pairs)} captions with their control images")
+                texts.prepare_with_images(model, pairs)
     return latents, texts
+
+
+def item_captions(ds: Dataset, caption: str) -> list[str]:
+    """The captions an item trains with: its own, and the empty one where its dataset drops captions."""
+    return [caption, ""] if ds.cfg.caption_dropout_rate > 0 else [caption]
 
 
 def make_network(job: JobConfig, model: TrainingModel) -> Network:

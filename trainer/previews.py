@@ -11,7 +11,7 @@ import torch
 
 from .config import JobConfig, SampleItem
 from .errors import ConfigError
-from .data.cache import sample_conditions
+from .data.cache import _preview_image, sample_conditions
 from .data.captions import apply_trigger
 from .fileio import atomic_path
 from .models.base import SampleRequest, TrainingModel, batch_of_one, split_conditioning
@@ -59,7 +59,11 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
                         key, i, it.width, it.height, f"x{it.num_frames or 1} frames" if model.is_video else "",
                         width, height, f"x{frames} frames" if model.is_video else "", model.pixel_factor,
                         f", {model.vae_temporal}k+1 frames" if model.is_video else "")
-        req = SampleRequest(cond=batch_of_one(conds[i]), neg_cond=batch_of_one(neg_conds[i]), width=width,
+        cond, neg_cond = batch_of_one(conds[i]), batch_of_one(neg_conds[i])
+        if model.text_takes_images and it.control_image:  # the prompts read with the control image
+            image = _preview_image(it.control_image, (width, height), f"{key}[{i}].control_image", "control_image")
+            cond, neg_cond = text_with_image(model, prompts[i], negs[i], image)
+        req = SampleRequest(cond=cond, neg_cond=neg_cond, width=width,
                             height=height, steps=steps or job.process.sample.sample_steps,
                             guidance_scale=it.guidance_scale, seed=it.seed, frames=frames)
         if model.conditions_on_fps:  # the preview plays at sample.fps: its positions are at that rate
@@ -79,6 +83,14 @@ def prepare_samples(job: JobConfig, model: TrainingModel, items: list[SampleItem
                 req.cond[name] = req.neg_cond[name] = torch.tensor([float(getattr(it, name))])
         out.append(PreparedSample(i, prompts[i], req, negs[i], it.control_image, it.reference_image))
     return out
+
+
+def text_with_image(model: TrainingModel, prompt: str, neg: str, image: torch.Tensor) -> tuple[dict, dict]:
+    """A preview's prompt and negative prompt (batches of one) each encoded with its control image (3, h, w) in
+    [-1, 1], for a text encoder that reads images: as a graph feeds the image to the positive and negative encoders."""
+    with model.text_encoders_on_device():
+        pos, neg_cond = split_conditioning(model.encode_text_with_images([prompt, neg], [image, image]))
+    return batch_of_one(pos), batch_of_one(neg_cond)
 
 
 def save_preview(sample: torch.Tensor, path: Path, fps: float) -> list[Path]:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .job import build_trainer
 from .data.cache import conditions_of_image
 from .data.dataset import fit_pixels
-from .previews import prepare_samples
+from .previews import prepare_samples, text_with_image
 from .sampling import sample, to_pil
 from .train.checkpoints import DTYPES
 from .train.distributed import require_single_process
@@ -147,6 +147,10 @@ class TrainingSession:
             extra = conditions_of_image(model, pixels, prepared.request.frames, ref, size)
             prepared.request.cond.update(extra)
             prepared.request.neg_cond.update(extra)
+            if model.text_takes_images and pixels is not None:  # the prompts read with the control image
+                pos, neg_cond = text_with_image(model, prepared.prompt, prepared.neg, pixels)
+                prepared.request.cond.update(pos)
+                prepared.request.neg_cond.update(neg_cond)
         net = self.trainer.network
         net.attach()
         net.eval()

@@ -492,6 +492,125 @@ def _reference_run(fam, work: Path, steps: int, settings: dict, network: dict, n
             "finite": bool(torch.isfinite(trained).all())}
 
 
+def _comfy_prediction(patched, conditioning, x, sigma):
+    """ComfyUI's patched model on a CONDITIONING as its sampler feeds it: convert_cond, the model's extra_conds
+    through encode_model_conds, process_cond, apply_model; as the velocity (x - denoised) / sigma."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    dev = mm.get_torch_device()
+    xs, ss = x.to(dev), sigma.to(dev)
+    with torch.inference_mode():
+        mm.load_models_gpu([patched], force_full_load=True)
+        conds = comfy.sampler_helpers.convert_cond(conditioning)
+        conds = comfy.samplers.encode_model_conds(patched.model.extra_conds, conds, xs, dev, "positive")
+        model_conds = {k: v.process_cond(batch_size=1, device=dev, area=None).cond
+                       for k, v in conds[0]["model_conds"].items()}
+        out = ((xs - patched.model.apply_model(xs, ss, **model_conds)) / ss).float().cpu()
+    return out, sorted(model_conds)
+
+
+def _reference_pixels(controls: Path, i: int):
+    """The i-th control image as the dataset gives it: (3, h, w) in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+REFERENCE_CAPTION = "sks, a photo of a red cat"
+
+
+def _reference_trained(model, net, controls: Path, latent_shape) -> dict:
+    """The trained model (before ComfyUI patches the same modules) on a reference image as the latent cache encodes
+    it (ComfyModel.encode_conditions) and, where the family's text encoder reads images, the caption encoded with it;
+    another reference image, each way in alone, and none."""
+    import torch
+
+    vl = getattr(model, "text_takes_images", False)
+
+    def text(i: int | None):
+        if vl and i is not None:
+            return model.encode_text_with_images([REFERENCE_CAPTION], [_reference_pixels(controls, i)])
+        return model.encode_text([REFERENCE_CAPTION])
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(latent_shape, generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+    texts = [text(0), text(1)]
+    refs = [{k: v[None] for k, v in model.encode_conditions(*[_reference_pixels(controls, i)] * 2).items()}
+            for i in (0, 1)]
+
+    def out(t, r) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(x, sigma, {**t, **r}).float().cpu()
+
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(texts[0], refs[0]), out(texts[1], refs[1])
+        text_only_other, ref_only_other = out(texts[1], refs[0]), out(texts[0], refs[1])
+    finally:
+        net.detach()
+    base, no_ref = out(texts[0], refs[0]), out(text(None), {})
+    return {"vl": vl, "x": x, "sigma": sigma, "trained": trained, "base": base, "trained_other": trained_other,
+            "text_only_other": text_only_other, "ref_only_other": ref_only_other, "no_ref": no_ref}
+
+
+def _reference_against_comfy(ours: dict, patched, vae, clip, controls: Path) -> dict:
+    """ComfyUI's patched model fed the same reference through its own nodes (the text encoder node:
+    TextEncodeQwenImageEditPlus where images go into the text encoder, else CLIPTextEncode; VAEEncode;
+    ReferenceLatent) against the trained model; the effects of the reference, of each way in alone, and of none."""
+    import torch
+
+    import nodes
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    image = ((_reference_pixels(controls, 0) + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]  # ComfyUI's IMAGE
+    with torch.inference_mode():
+        if ours["vl"]:
+            from comfy_extras.nodes_qwen import TextEncodeQwenImageEditPlus
+
+            conditioning = TextEncodeQwenImageEditPlus.execute(clip, REFERENCE_CAPTION, None, image).result[0]
+        else:
+            conditioning = nodes.CLIPTextEncode().encode(clip, REFERENCE_CAPTION)[0]
+        latent = nodes.VAEEncode().encode(vae, image)[0]
+        conditioning = ReferenceLatent.execute(conditioning, latent).result[0]
+    comfy_out, comfy_keys = _comfy_prediction(patched, conditioning, ours["x"], ours["sigma"])
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    trained = ours["trained"]
+    return {"images_in_text": ours["vl"], "comfy_cond_keys": comfy_keys, "rel_err": rel(comfy_out, trained),
+            "lora_effect": rel(trained, ours["base"]), "reference_effect": rel(ours["trained_other"], trained),
+            "text_image_effect": rel(ours["text_only_other"], trained) if ours["vl"] else None,
+            "ref_latent_effect": rel(ours["ref_only_other"], trained),
+            "no_reference_effect": rel(ours["no_ref"], ours["base"]), "finite": bool(torch.isfinite(trained).all())}
+
+
+def _shift_report(model) -> dict:
+    """The backend's training shift (mu, for `timestep_type: flux_shift`) at a 64 px and a 1024 px latent, and how far
+    its shifted sigmas are from ComfyUI's own model_sampling.sigma(t) (what ComfyUI samples the family with)."""
+    import torch
+
+    from trainer.models.schedules import time_shift_exponential
+
+    small = tuple(model.latent_shape(64, 64))
+    large = tuple(model.latent_shape(1024, 1024))
+    mu_small, mu_large = model.train_shift_mu(small), model.train_shift_mu(large)
+    t = torch.linspace(0.01, 1.0, 100, dtype=torch.float64)
+    ours = time_shift_exponential(mu_large, t)
+    comfy_sigma = model.sampling.sigma(t).double()
+    return {"mu_64px": mu_small, "mu_1024px": mu_large, "comfy_shift": float(model.sampling.shift),
+            "latent_1024px": list(large), "sigma_max_err": float((ours - comfy_sigma).abs().max())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -532,6 +651,8 @@ def main() -> int:
     else:
         data = _write_dataset(work / "dataset", captions=fam.captions)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
+    if fam.controls:  # reference images, one per item, as ComfyUI's reference_latents
+        dataset["control_path"] = str(_write_controls(work / "control"))
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
     settings = {"name": f"eri_{a.family}", "train": {"lr": 2e-3, "optimizer": "adamw", "batch_size": 1,
                                                       "dtype": "fp32", "timestep_type": "sigmoid", "seed": 7,
@@ -555,10 +676,19 @@ def main() -> int:
                 timesteps.extend(args[1].detach().float().reshape(-1).tolist())
 
         pre = model.denoiser.register_forward_pre_hook(seen)
+        forward_refs: list[list] = []  # the reference latents (shapes) every denoiser call got while training
+        forward_context: list[int] = []  # and its text context's length
+
+        def record(mod, args, kw) -> None:
+            forward_refs.append([list(r.shape) for r in kw.get("ref_latents") or []])
+            forward_context.append(int(kw["context"].shape[1]) if kw.get("context") is not None else 0)
+
+        refs = model.denoiser.register_forward_pre_hook(record, with_kwargs=True)
         try:
             session.advance(a.steps)
         finally:
             pre.remove()
+            refs.remove()
     # the cached captions' true token lengths (each caption encoded at its own length)
     text_lengths = sorted(int(c["cross_attn__shape"][0]) if "cross_attn__shape" in c else int(c["cross_attn"].shape[0])
                           for c in session.trainer.texts.mem.values())
@@ -570,6 +700,13 @@ def main() -> int:
         with torch.inference_mode(False):
             sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1,
                                                frames=fam.video_frames).shape)
+    if fam.controls:  # a preview with a reference image (and, where the text encoder reads it, the prompts with it)
+        from trainer.data.cache import _preview_image
+
+        control = _preview_image(str(Path(dataset["control_path"]) / "img0.png"), (64, 64), "check", "control")
+        with torch.inference_mode(False):
+            preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1, control=control)
+        sample_shape = list(preview.shape) if bool(torch.isfinite(preview).all()) else None
     if a.family == "omnigen2":  # a preview with CFG: the caption and the (empty) negative at their own lengths
         with torch.inference_mode(False):
             preview = session.sample("sks, a red circle", 64, 64, 2, 4.0, seed=1)
@@ -610,6 +747,8 @@ def main() -> int:
     finally:
         net.detach()
     base = out(model)
+    if fam.controls:  # the trained model on reference images, before ComfyUI patches the same modules
+        reference = _reference_trained(model, net, Path(dataset["control_path"]), fam.latent_shape)
     # the model inputs ComfyUI's extra_conds make of the test caption's conditioning
     model_cond_keys = sorted(model._sample_conds(x.to(model.device), sample_of(cond, 0), 3.5))
 
@@ -638,6 +777,10 @@ def main() -> int:
     ran: set[str] = set()
     run_hooks = [m.module.register_forward_hook(lambda *_, k=key: ran.add(k))
                  for key, t in net.targets.items() for m in t.members]
+
+    def nonzero(grads: dict[str, torch.Tensor]) -> list[str]:
+        return sorted(k for k, v in grads.items() if v.abs().max() > 0)
+
     plain = lora_grads(0.0)
     for h in run_hooks:
         h.remove()
@@ -713,7 +856,10 @@ def main() -> int:
         "finite": bool(torch.isfinite(trained).all()),
         "ckpt_blocks": n_blocks,
         "untrained": sorted(untrained),
-        "ckpt_grads_complete": sorted(ckpt) == sorted(plain) and len(plain) == 2 * len(ran),
+        # every target that ran has gradients (both LoRA matrices), with and without checkpointing, but those whose
+        # output the model discards (expect["untrained"]: none, or zeros where the recompute's backward fills them in)
+        "ckpt_grads_complete": nonzero(ckpt) == nonzero(plain)
+        and len(nonzero(plain)) == 2 * len(ran - set(expect.get("untrained", ()))),
         "ckpt_grad_rel_err": max(rel(ckpt[k], plain[k]) for k in plain if k in ckpt),
         "plain_repeat_rel_err": max(rel(again[k], plain[k]) for k in plain),
         "block_calls_plain_ckpt": [calls_plain, calls_ckpt],
@@ -724,6 +870,16 @@ def main() -> int:
         "device": str(mm.get_torch_device()),
         "expect": expect,
     }
+    if fam.controls:  # trained on reference images: ComfyUI's own node path with the same reference
+        report["reference"] = _reference_against_comfy(reference, patched, vae, clip, Path(dataset["control_path"]))
+        report["reference"]["train_ref_latents"] = forward_refs
+        # the cached text lengths: captions alone, and captions read with their item's control image
+        lengths = {k: int(c["cross_attn__shape"][0]) for k, c in session.trainer.texts.mem.items()}
+        report["reference"]["text_lengths_plain"] = sorted(n for k, n in lengths.items() if "\x00" not in k)
+        report["reference"]["text_lengths_with_image"] = sorted(n for k, n in lengths.items() if "\x00" in k)
+        report["reference"]["train_context_lengths"] = forward_context
+    if expect.get("shift_mu") is not None:  # the training shift against ComfyUI's own sampling of the family
+        report["shift"] = _shift_report(model)
     if a.family in ("hunyuan_video", "hunyuan_video15"):  # the training shift and guidance: ComfyUI's, guidance 1
         report["train_shift"] = [model.train_shift(), float(model.sampling.shift)]
         report["train_guidance"] = [model.distilled_guidance, model.train_guidance]

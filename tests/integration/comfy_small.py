@@ -32,6 +32,7 @@ class SmallFamily:
     captions: list[str] = field(default_factory=lambda: ["a photo of a red cat", "a sketch of a blue house"])
     settings: dict = field(default_factory=dict)  # train: keys beside the check's defaults
     model_keys: dict = field(default_factory=dict)  # model: keys a ComfyUI MODEL takes from its node (expert)
+    controls: bool = False  # the dataset has a control folder: one reference image per item (reference_latents)
 
 
 def fill_random(module: torch.nn.Module, seed: int, scale: float = 1.0) -> None:

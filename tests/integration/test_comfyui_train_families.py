@@ -40,6 +40,14 @@ HiDream (comfy_small_hidream.py: ComfyUI's model with its MoE and its four text 
 (`conditioning_llama3`) and the pooled CLIP vector each move the prediction when taken from another caption, and the
 targets hold the MoE's shared expert but none of its routed experts.
 
+Qwen-Image (comfy_small_qwen_image.py): the layers of its last block's text stream, which the model computes and
+discards, get no gradient and stay zero (exactly those, EXPECT["untrained"]); it trains at the shift ComfyUI samples
+it with (mu 1.15 at every resolution, the sigmas equal to its model_sampling's), not Flux.1's resolution formula.
+Qwen-Image-Edit (comfy_small_qwen_image_edit.py) trains with a control folder: each item's reference image goes in as
+reference_latents and, with its caption, through the VL text encoder (cached per item); ComfyUI's own nodes
+(TextEncodeQwenImageEditPlus, VAEEncode, ReferenceLatent) and its sampler's cond conversion give the trained model's
+output; another reference, and each of the two ways in alone, move it.
+
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
@@ -118,7 +126,7 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         assert r["model_class"] == expect["model_class"], r
         assert r["text_keys"] == expect["text_keys"], r
         # every stack ran and trained, but for the layers whose output the model discards (HunyuanVideo 1.5's last
-        # double block's text stream, no single block after it): those, and only those, stay zero
+        # double block's text stream, Qwen-Image's last block's): those, and only those, stay zero
         dead = expect.get("untrained", [])
         assert r["untrained"] == sorted(dead), r["untrained"]
         for name, s in r["stacks"].items():
@@ -151,6 +159,34 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         for key in ("train_shift_mu", "train_shift"):  # the training shift ComfyUI's config gives the family
             if key in expect:
                 assert r[key] == (None if expect[key] is None else pytest.approx(expect[key], rel=1e-6)), (key, r[key])
+    if (expect or {}).get("reference"):  # trained on reference images (control_path): ComfyUI's reference_latents
+        ref = r["reference"]
+        print(f"{family} with references: patched vs trained rel err {ref['rel_err']:.1e} through ComfyUI's nodes,"
+              f" LoRA effect {ref['lora_effect']:.1e}, reference effect {ref['reference_effect']:.1e} (reference"
+              f" latent alone {ref['ref_latent_effect']:.1e}, image in the text {ref['text_image_effect']})")
+        assert ref["finite"] and "ref_latents" in ref["comfy_cond_keys"], ref
+        assert r["sample_shape"] in ([3, 64, 64], [3, 1, 64, 64]), r["sample_shape"]  # a preview with a reference
+        # every training forward got the item's reference latent
+        assert len(ref["train_ref_latents"]) == 3 and all(len(f) == 1 for f in ref["train_ref_latents"]), ref
+        assert ref["lora_effect"] > 1e-3 and ref["lora_effect"] > 100 * ref["rel_err"], ref
+        assert ref["rel_err"] < TOL, ref  # ComfyUI's own node path gives the trained model's output
+        for effect in ("reference_effect", "ref_latent_effect", "no_reference_effect"):
+            assert ref[effect] > 1e-3 and ref[effect] > 100 * ref["rel_err"], (effect, ref)
+        assert ref["images_in_text"] == bool(expect.get("images_in_text")), ref
+        if ref["images_in_text"]:  # the image through the VL text encoder alone moves the prediction
+            assert ref["text_image_effect"] > 1e-3 and ref["text_image_effect"] > 100 * ref["rel_err"], ref
+            # each item's caption cached with its control image (its image tokens make it longer than the caption
+            # alone), and every training step read those
+            plain, with_image = ref["text_lengths_plain"], ref["text_lengths_with_image"]
+            assert len(with_image) == 2 and min(with_image) > max(plain), ref
+            assert len(ref["train_context_lengths"]) == 3, ref
+            assert set(ref["train_context_lengths"]) <= set(with_image), ref
+    if (expect or {}).get("shift_mu") is not None:  # the training shift is the one ComfyUI samples the family with
+        shift = r["shift"]
+        print(f"{family}: training shift mu {shift['mu_64px']} (64 px), {shift['mu_1024px']} (1024 px); ComfyUI's"
+              f" {shift['comfy_shift']}; sigma max err {shift['sigma_max_err']:.1e}")
+        assert shift["mu_64px"] == shift["mu_1024px"] == pytest.approx(expect["shift_mu"]), shift
+        assert shift["comfy_shift"] == pytest.approx(expect["shift_mu"]) and shift["sigma_max_err"] < 1e-6, shift
     if family == "wan":  # real clips, not one-frame images: 5 frames -> 2 latent frames; video previews
         assert r["latent_shapes"] == [[16, 2, 8, 8]], r["latent_shapes"]
         assert r["sample_shape"] == [3, 5, 64, 64], r["sample_shape"]

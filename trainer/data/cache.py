@@ -134,6 +134,20 @@ class LatentCache:
         cond = self.get_conditions(dataset, e, model)
         return None if cond is None else cond.get("control")
 
+    def text_image_keys(self, batch: list[BatchItem], seed: int, index: int, first: int = 0) -> list[str | None]:
+        """For a text encoder that reads images: per item of the `index`-th batch, its latent key where its caption is
+        read with its control image (it has one, and control_dropout kept it this step), else None; `first` as in
+        conditions_for_batch."""
+        out = []
+        for it, drop in zip(batch, control_dropped(self.datasets, batch, seed, index, first)):
+            ds = self.datasets[it.dataset]
+            out.append(None if drop or ds.media[it.entry.item].control is None else self.key(ds, it.entry))
+        return out
+
+    def control_pixels(self, item: BatchItem) -> torch.Tensor:
+        ds = self.datasets[item.dataset]
+        return load_control_pixels(ds.media[item.entry.item], item.entry)
+
     def conditions_for_batch(self, batch: list[BatchItem], model: TrainingModel, seed: int, index: int,
                              first: int = 0) -> Conditioning:
         """The conditions of the `index`-th batch (or of its part from item `first` on: a rank's share), stacked;
@@ -226,7 +240,8 @@ def _writable(folder: Path) -> bool:
 
 
 class TextCache:
-    """Embeddings of fixed captions, so the text encoders can leave memory."""
+    """Embeddings of fixed captions, so the text encoders can leave memory; for families whose text encoder reads
+    images (text_takes_images), also each caption encoded with an item's control image, by the item's latent key."""
 
     def __init__(self) -> None:
         self.mem: dict[str, Conditioning] = {}
@@ -238,8 +253,34 @@ class TextCache:
             for c, cond in zip(chunk, split_conditioning(model.encode_text(chunk))):
                 self.mem[c] = cond
 
-    def get(self, caption: str) -> Conditioning:
-        return self.mem[caption]
+    @staticmethod
+    def image_key(caption: str, item_key: str) -> str:
+        return f"{caption}\x00{item_key}"
+
+    def prepare_with_images(self, model: TrainingModel, pairs: list[tuple[str, str, torch.Tensor]]) -> None:
+        """`pairs`: (item key, caption, control image) to encode together (text_image_pairs), one at a time."""
+        for item_key, caption, image in pairs:
+            key = self.image_key(caption, item_key)
+            if key not in self.mem:
+                self.mem[key] = split_conditioning(model.encode_text_with_images([caption], [image]))[0]
+
+    def get(self, caption: str, item_key: str | None = None) -> Conditioning:
+        """The caption's embedding; with `item_key`, the caption's encoded with that item's control image."""
+        return self.mem[caption if item_key is None else self.image_key(caption, item_key)]
+
+
+def text_image_pairs(latents: LatentCache, captions_of: Callable[[Dataset, str], list[str]]) -> list:
+    """What a text encoder that reads images encodes per item: (the item's latent key, caption, control image) for
+    every entry with a control image, for each caption it may train with (`captions_of(dataset, its caption)`)."""
+    pairs = []
+    for ds in latents.datasets:
+        for e in ds.entries:
+            m = ds.media[e.item]
+            if m.control is None:
+                continue
+            control = load_control_pixels(m, e)
+            pairs.extend((latents.key(ds, e), caption, control) for caption in captions_of(ds, m.caption))
+    return pairs
 
 
 def sample_conditions(model: TrainingModel, control_path: str | None, width: int, height: int, frames: int, key: str,

@@ -157,6 +157,9 @@ class TrainingModel(ABC):
     train_guidance: float = 1.0
     # cond["control"]: a control latent (normalized like the training latents) the family's model takes
     takes_control: bool = False
+    # a caption is encoded together with its item's control image (an edit model's vision-language text encoder:
+    # Qwen-Image-Edit): encode_text_with_images; cached per item
+    text_takes_images: bool = False
     # datasets[].mask_path: masks beside the control (VACE) or inpaint masks (Flex.2)
     takes_masks: bool = False
     # datasets[].reference_path / samples[].reference_image: reference images (VACE)
@@ -236,6 +239,11 @@ class TrainingModel(ABC):
         """Conditioning for a training step: as encode_text, but where the family trains text encoders, with
         gradients reaching their adapters (and left on the model's device)."""
         return self.encode_text(captions)
+
+    def encode_text_with_images(self, captions: list[str], images: list[torch.Tensor | None]) -> Conditioning:
+        """Each caption encoded together with its image (3, h, w) in [-1, 1] (its item's control image), or alone
+        where the image is None (as encode_text), for families whose text encoder reads images (text_takes_images)."""
+        raise NotImplementedError(f"model.arch {self.arch!r}: its text encoder reads no images")
 
     def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """images (b, 3, h, w) or clips (b, 3, f, h, w) in [-1, 1] -> normalized latents (the family's KL VAE)."""

@@ -154,6 +154,29 @@ def token_count_mu(model_config, latent_shape: tuple[int, ...]) -> float | None:
     return linear_mu(math.prod(latent_shape[2:]), base_tokens, max_tokens, base_mu, max_mu)
 
 
+# ComfyUI model classes (comfy.model_base) whose edit models read the reference image in the text encoder too, with
+# the ComfyUI node (module, class) that encodes a caption with its images, called as the graph calls it: the caption
+# and image go in, its CONDITIONING comes out. Qwen-Image-Edit: TextEncodeQwenImageEditPlus (2509 / 2511; the image
+# read at 384x384 area by the VL encoder; vae left out: the reference latent is the dataset's control, at its size)
+TEXT_IMAGE_NODES = {"QwenImage": ("comfy_extras.nodes_qwen", "TextEncodeQwenImageEditPlus")}
+
+
+def text_image_node(base):
+    """The ComfyUI node class that encodes a caption with its reference image for a ComfyUI model, or None."""
+    import importlib
+
+    for cls in type(base).__mro__:
+        if cls.__name__ in TEXT_IMAGE_NODES:
+            module, name = TEXT_IMAGE_NODES[cls.__name__]
+            return getattr(importlib.import_module(module), name)
+    return None
+
+
+def comfy_image(pixels: torch.Tensor) -> torch.Tensor:
+    """An image (3, h, w) in [-1, 1] as ComfyUI's IMAGE: (1, h, w, 3) in [0, 1]."""
+    return ((pixels.float() + 1) / 2).clamp(0, 1).permute(1, 2, 0)[None]
+
+
 # ComfyUI model configs whose training shift is Flux.1's resolution formula (exact classes: Flux2 derives from Flux)
 FLUX_RESOLUTION_SHIFT = {"Flux", "FluxSchnell", "FluxInpaint", "Chroma"}
 
@@ -265,6 +288,17 @@ def latent_patch(unet_config: dict, diffusion_model: nn.Module) -> int:
     if patch is None:
         patch = getattr(getattr(diffusion_model, "patchifier", None), "patch_size", 2)
     return int(patch[-1] if isinstance(patch, (tuple, list)) else patch or 2)
+
+
+def _conditioning_entries(conditioning) -> dict[str, torch.Tensor]:
+    """One prompt's CONDITIONING (ComfyUI's [[cond, extras]], a batch of one) as the backend caches it: the context
+    (`cross_attn`) and every tensor entry beside it (pooled_output, attention_mask, ...), on the CPU."""
+    cond, extra = conditioning[0][0], conditioning[0][1]
+    item = {"cross_attn": cond[0].float().cpu()}
+    for k, v in extra.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1:  # ComfyUI's batch of one
+            item[k] = (v[0].float() if v.is_floating_point() else v[0]).cpu()
+    return item
 
 
 def _autograd_ready(module: nn.Module) -> None:
@@ -392,6 +426,8 @@ class ComfyModel(TrainingModel):
         self.reference_latents = takes_reference_latents(self.base)
         self.start_image_node = start_image_node_name(self.base)
         self.takes_control = self.reference_latents or self.start_image_node is not None
+        self._text_image_node = text_image_node(self.base) if self.reference_latents else None
+        self.text_takes_images = self._text_image_node is not None
         self.is_flow = isinstance(self.sampling, ms.CONST)
         self.objective = FlowObjective() if self.is_flow else EpsObjective()
         unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
@@ -465,17 +501,23 @@ class ComfyModel(TrainingModel):
         """ComfyUI's whole conditioning of each caption, as its CLIPTextEncode makes it: the context (`cross_attn`)
         and every tensor beside it (pooled_output, attention_mask, HiDream's conditioning_llama3, ...), each caption at
         its own length (zero-padded in the batch, with its true shape: base.ragged_batch)."""
+        return self.encode_text_with_images(captions, [None] * len(captions))
+
+    @torch.no_grad()
+    def encode_text_with_images(self, captions: list[str], images: list[torch.Tensor | None]) -> Conditioning:
+        """As encode_text; a caption with an image is encoded as the family's ComfyUI edit node encodes a prompt with
+        its image (TEXT_IMAGE_NODES: Qwen-Image-Edit's VL text encoder reads the image among the caption's tokens)."""
         if self.clip is None:
             raise RuntimeError("no CLIP: connect a CLIP to encode captions, or cache the text embeddings")
         per_sample = []
-        for c in captions:
-            out = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(c), show_pbar=False)
-            cond, extra = out[0][0], out[0][1]
-            item = {"cross_attn": cond[0].float().cpu()}
-            for k, v in extra.items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1:  # ComfyUI's batch of one
-                    item[k] = (v[0].float() if v.is_floating_point() else v[0]).cpu()
-            per_sample.append(item)
+        for c, image in zip(captions, images):
+            if image is None:
+                out = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(c), show_pbar=False)
+            elif self._text_image_node is None:
+                raise RuntimeError(f"ComfyUI's {type(self.base).__name__} MODEL: its text encoder reads no images")
+            else:
+                out = self._text_image_node.execute(self.clip, c, None, comfy_image(image)).result[0]
+            per_sample.append(_conditioning_entries(out))
         keys = set(per_sample[0])
         if any(set(d) != keys for d in per_sample):
             raise RuntimeError("ComfyUI's CLIP returned different conditioning entries for different captions")

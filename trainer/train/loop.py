@@ -217,7 +217,13 @@ class Trainer:
         return True
 
     # --- one step ------------------------------------------------------------------------------
-    def _conditioning(self, captions: list[str]) -> Conditioning:
+    def _conditioning(self, captions: list[str], batch: list, micro: int, first: int = 0) -> Conditioning:
+        if self.model.text_takes_images:  # each caption read with its item's control image (where it has one)
+            keys = self.latents.text_image_keys(batch, self.cfg.train.seed, micro, first)
+            if self.texts is not None:
+                return collate_conditioning([self.texts.get(c, k) for c, k in zip(captions, keys)])
+            images = [None if k is None else self.latents.control_pixels(it) for it, k in zip(batch, keys)]
+            return self.model.encode_text_with_images(captions, images)
         if self.texts is not None:
             return collate_conditioning([self.texts.get(c) for c in captions])
         return self.model.encode_text_for_training(captions)
@@ -238,7 +244,7 @@ class Trainer:
         items = mine or batch[:1]  # an empty share takes the batch's shape from its first item
         first = share.start if mine else 0
         latents = torch.stack([self.latents.get(it.dataset, it.entry, self.model) for it in items]).float()
-        cond = self._conditioning(captions_for_batch(self.datasets, items, tc.seed, micro, first))
+        cond = self._conditioning(captions_for_batch(self.datasets, items, tc.seed, micro, first), items, micro, first)
         # per-item conditions (control latents, I2V start images) of families that take them
         cond = {**cond, **self.latents.conditions_for_batch(items, self.model, tc.seed, micro, first)}
         if self.model.conditions_on_fps:
