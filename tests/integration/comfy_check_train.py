@@ -569,8 +569,9 @@ def main() -> int:
 
         def inputs(mod, args, kwargs) -> None:
             extra = args[0][:, model.latent_channels():]
-            train_inputs.append({"kwargs": sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)),
+            train_inputs.append({"kwargs": sorted(k for k, v in kwargs.items() if v is not None),
                                  "channels": int(args[0].shape[1]),
+                                 "frames": int(args[0].shape[2]) if args[0].dim() == 5 else 1,
                                  "beside_latent_max": float(extra.abs().max()) if extra.numel() else None})
 
         pre = model.denoiser.register_forward_pre_hook(seen)

@@ -22,6 +22,12 @@ per sample, then a second run with start images (do_i2v, through ComfyUI's Wan22
 clean at timestep 0 and out of the loss, ComfyUI's patched model fed by the node itself gives the trained model's
 output, and another start image moves the prediction.
 
+Wan 2.1 I2V (comfy_small_wan21_i2v.py, with a small CLIP vision H), Wan 2.2 I2V A14B (WAN21_T2V with 36 input
+channels, no CLIP vision) and Wan 2.1 VACE (comfy_small_wan21_vace.py) train with the inputs ComfyUI's own
+WanImageToVideo / WanVaceToVideo build: every training forward gets them, ComfyUI's patched model fed by the node and
+its sampler's conversion gives the trained model's output, another start image / control video moves it, and a job
+without them is refused, naming them; VACE's reference image is a clean latent frame before the clip's, trimmed after.
+
 Each family's targets are the stacks the README's table lists for it.
 
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
@@ -99,6 +105,8 @@ def _assert_node_conditions(r: dict, want: dict) -> None:
         assert n["trim_latent"] == want["trim_latent"], n
         assert n["leading_frames"] and all(f[1] == want["trim_latent"] for f in n["leading_frames"]), n
         assert n["latent_shape"][2] == n["trimmed_shape"][2] + want["trim_latent"], n
+        # trained on it as a clean frame before the clip's: every training forward had the clip's frames + 1
+        assert all(seen["frames"] == n["latent_shape"][2] for seen in r["train_inputs"]), r["train_inputs"]
 
 
 @pytest.mark.parametrize("family", ["flux", "sdxl", "wan", "omnigen2", *SMALL])
