@@ -18,14 +18,17 @@ class EriComfyModel(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip", optional=True, tooltip="encodes the captions; needed unless embeddings are cached"),
                 io.Vae.Input("vae", optional=True, tooltip="encodes the dataset images and decodes samples"),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Wan 2.1 I2V: CLIP vision H (clip_vision_h), which encodes the start images"),
                 *widget_inputs(EXPERT_WIDGETS, optional=True),
             ],
             outputs=[EriModel.Output(display_name="training_model")],
         )
 
     @classmethod
-    def execute(cls, model, clip=None, vae=None, **values) -> io.NodeOutput:
-        return io.NodeOutput({"comfy": (model, clip, vae), "model_keys": host_model_keys(values)})
+    def execute(cls, model, clip=None, vae=None, clip_vision=None, **values) -> io.NodeOutput:
+        return io.NodeOutput({"comfy": (model, clip, vae), "clip_vision": clip_vision,
+                              "model_keys": host_model_keys(values)})
 
 
 class EriModelByArch(io.ComfyNode):

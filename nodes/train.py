@@ -23,7 +23,7 @@ def _comfy_model(model_part: dict):
     from ..trainer.models.comfy import ComfyModel
 
     model, clip, vae = model_part["comfy"]
-    return ComfyModel(model, clip, vae)
+    return ComfyModel(model, clip, vae, clip_vision=model_part.get("clip_vision"))
 
 
 def _send(unique_id, step: int, total: int, loss: float) -> None:

@@ -104,6 +104,7 @@ def main() -> int:
     configs = {"WAN21_T2V": {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16},
                "WAN21_I2V": {"image_model": "wan2.1", "model_type": "i2v", "in_dim": 36},
                "WAN21_Vace": {"image_model": "wan2.1", "model_type": "vace", "in_dim": 16},
+               "WAN21_FunControl2V": {"image_model": "wan2.1", "model_type": "i2v", "in_dim": 48, "out_dim": 16},
                "WAN22_T2V": {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 48, "out_dim": 48},
                "Flux": {"image_model": "flux", "in_channels": 16}, "FluxInpaint": {"image_model": "flux", "in_channels": 96},
                "SDXL": {"context_dim": 2048, "in_channels": 4, "adm_in_channels": 2816},
@@ -111,6 +112,14 @@ def main() -> int:
     report["missing_conditioning"] = {n: missing_conditioning(getattr(sm, n)(c)) for n, c in configs.items()}
     inpaint = sm.SDXL({"context_dim": 2048, "in_channels": 9, "adm_in_channels": 2816})
     report["missing_conditioning"]["SDXL_inpaint"] = missing_conditioning(inpaint)
+    # Wan 2.2 I2V A14B: 36 input channels, no CLIP-vision keys, detected as WAN21_T2V
+    a14b_i2v = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "in_dim": 36, "out_dim": 16})
+    report["missing_conditioning"]["WAN21_T2V_i2v"] = missing_conditioning(a14b_i2v)
+    from trainer.models.comfy import conditioning_node
+
+    report["conditioning_node"] = {n: getattr(conditioning_node(getattr(sm, n)(c)), "name", None)
+                                   for n, c in configs.items()}
+    report["conditioning_node"]["WAN21_T2V_i2v"] = conditioning_node(a14b_i2v).name
     with open(a.report, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     return 0

@@ -611,6 +611,161 @@ def _shift_report(model) -> dict:
             "latent_1024px": list(large), "sigma_max_err": float((ours - comfy_sigma).abs().max())}
 
 
+def _test_clip(variant: int, frames: int, size: int = 64):
+    """A control clip (3, f, h, w) in [-1, 1] of the test: smooth colour fields moving frame by frame, its own per
+    variant."""
+    import torch
+
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = [torch.stack([torch.sin(3 * xx + 0.4 * f + 2 * variant), torch.cos(2 * yy - 0.3 * f),
+                        torch.sin(xx * yy * 4 + variant)]) for f in range(frames)]
+    return torch.stack(out, dim=1) * 0.8
+
+
+def _test_mask(frames: int, size: int = 64):
+    """A control mask (1, f, h, w) in [0, 1]: generate the left half (1), keep the right (0)."""
+    import torch
+
+    m = torch.zeros(1, frames, size, size)
+    m[..., : size // 2] = 1.0
+    return m
+
+
+def node_test_inputs(node: str, work: Path, variant: int, frames: int) -> dict:
+    """The conditioning inputs of the test predictions in the engine's pixels ([-1, 1]): another start image (I2V) or
+    control video (VACE) per variant, the same mask and reference image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    controls = _write_controls(work / "node_test_images")
+
+    def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
+        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    if node == "WanImageToVideo":
+        return {"control": pixels(variant)}
+    return {"control": _test_clip(variant, frames), "mask": _test_mask(frames), "reference": pixels(1)}
+
+
+def comfy_node_conditioning(node: str, clip, vae, clip_vision, prompt: str, inputs: dict, frames: int) -> tuple:
+    """ComfyUI on its own, as a graph wires it: CLIPTextEncode, the inputs as IMAGE / MASK (CLIPVisionEncode of the
+    start image for a model that reads it), the node (WanImageToVideo / WanVaceToVideo): (positive, its outputs)."""
+    import comfy_extras.nodes_wan as nodes_wan
+    import nodes
+
+    def image(px):  # (3, [f,] h, w) in [-1, 1] -> IMAGE (f, h, w, 3) in [0, 1]
+        px = px[:, None] if px.dim() == 3 else px
+        return ((px.float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
+
+    positive = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    h, w = inputs["control"].shape[-2:]
+    if node == "WanImageToVideo":
+        start = image(inputs["control"])
+        vision = None if clip_vision is None else nodes.CLIPVisionEncode().encode(clip_vision, start, "center")[0]
+        out = nodes_wan.WanImageToVideo.execute(positive, negative, vae, w, h, frames, 1, start_image=start,
+                                                clip_vision_output=vision)
+    else:
+        out = nodes_wan.WanVaceToVideo.execute(positive, negative, vae, w, h, frames, 1, 1.0,
+                                               control_video=image(inputs["control"]),
+                                               control_masks=inputs["mask"][0], reference_image=image(inputs["reference"]))
+    return out.args if hasattr(out, "args") else out
+
+
+def _node_checks(fam, work: Path, session, model, patched, clip_vision_refusal: str | None) -> dict:
+    """A model whose inputs beside the latent a ComfyUI conditioning node builds (Wan 2.1 I2V: WanImageToVideo, VACE:
+    WanVaceToVideo), trained with them: what the cache holds; the trained model against ComfyUI's patched model fed
+    by ComfyUI's own path (CLIPTextEncode -> the node -> convert_cond / encode_model_conds, as its sampler turns
+    conditioning into model inputs); the condition's effect (another start image / control video); a job without
+    the conditioning refused; VACE's reference frames before the clip's, trimmed after sampling."""
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+    import comfy.samplers
+    from comfy_extras.nodes_wan import TrimVideoLatent
+    from trainer.data.cache import conditions_of_image
+    from trainer.errors import UserError
+    from trainer.models.comfy import LEADING_FRAMES, NODE_PREFIX
+    from trainer.session import TrainingSession, job_from_parts
+
+    node, frames = model.conditioning_node.name, fam.video_frames
+    conds = list(session.trainer.latents.conds.values())
+    net = session.trainer.network
+    prompt = "sks, a photo of a red cat"
+    inputs = [node_test_inputs(node, work, v, frames) for v in (0, 1)]
+    ours = [conditions_of_image(model, i["control"], frames, i.get("reference"), (64, 64), mask=i.get("mask"))
+            for i in inputs]  # as a preview's are built (the node, through the backend)
+    text = model.encode_text([prompt])
+    with torch.inference_mode():  # as every node runs
+        graph = [comfy_node_conditioning(node, fam.clip, fam.vae, model.clip_vision, prompt, i, frames) for i in inputs]
+    latent = graph[0][2]["samples"]  # the node's LATENT: the noisy latent's shape (VACE: the reference frame first)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tuple(latent.shape), generator=g)
+    sigma = model.sampling.sigmas[len(model.sampling.sigmas) // 2].reshape(1).float().cpu().clone()
+
+    def out(c) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(x, sigma, {**text, **c}).float().cpu()
+
+    model.ensure_loaded()  # the trainer's MODEL (ComfyUI's patched one was loaded last)
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(ours[0]), out(ours[1])
+        vision_key = NODE_PREFIX + "clip_vision_output.penultimate_hidden_states"
+        vision_only = out({**ours[0], vision_key: ours[1][vision_key]}) if vision_key in ours[0] else None
+        bare = out({})  # no conditions: the zeros ComfyUI fills in
+    finally:
+        net.detach()
+    base = out(ours[0])
+
+    with torch.inference_mode():  # ComfyUI on its own: the node's conditioning through its sampler's conversion
+        mm.load_models_gpu([patched], force_full_load=True)
+        dev = mm.get_torch_device()
+        xs, ss = x.to(dev), sigma.to(dev)
+        c = comfy.sampler_helpers.convert_cond(graph[0][0])
+        c = comfy.samplers.encode_model_conds(patched.model.extra_conds, c, xs, dev, "positive")
+        c = {k: v.process_cond(batch_size=1, area=None, device=dev).cond for k, v in c[0]["model_conds"].items()}
+        comfy_out = ((xs - patched.model.apply_model(xs, ss, **c)) / ss).float().cpu()
+    model.ensure_loaded()
+
+    def rel(p: torch.Tensor, q: torch.Tensor) -> float:
+        return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
+
+    report = {"node": node, "cond_keys": sorted({k for c in conds for k in c}), "comfy_cond_keys": sorted(c),
+              "latent_shape": list(latent.shape), "rel_err": rel(comfy_out, trained), "lora_effect": rel(trained, base),
+              "condition_effect": rel(trained_other, trained), "no_condition_effect": rel(bare, trained),
+              "clip_vision_effect": None if vision_only is None else rel(vision_only, trained),
+              "clip_vision_refusal": clip_vision_refusal, "finite": bool(torch.isfinite(trained).all())}
+    if len(graph[0]) > 3:  # VACE: trim_latent, the reference's latent frames
+        trim = int(graph[0][3])
+        report["trim_latent"] = trim
+        report["leading_frames"] = [list(c[LEADING_FRAMES].shape) for c in conds if LEADING_FRAMES in c]
+        report["trimmed_shape"] = list(TrimVideoLatent.execute({"samples": latent}, trim).args[0]["samples"].shape)
+    with torch.inference_mode(False):  # a preview: conditioned, the reference frames trimmed
+        i = inputs[0]
+        control = i["control"] if i["control"].dim() == 3 else i["control"][:, 0]
+        report["sample_shape"] = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1, frames=frames,
+                                                     control=control, reference=i.get("reference")).shape)
+    # a job without the conditioning: refused, naming what is missing
+    from trainer.demo.videos import make_video_dataset
+
+    data = make_video_dataset(work / "bare_dataset", n=1, size=(64, 64), frames=8, fps=16)
+    dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "num_frames": frames}
+    job = job_from_parts({"comfy": (fam.patcher, fam.clip, fam.vae)}, [dataset], {"type": "lora", "linear": 4},
+                         {"name": "bare", "train": {"dtype": "fp32"}}, 1, str(work / "bare_runs"))
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            TrainingSession(job, model=model, report=lambda s: None)
+        report["refusal"] = None
+    except UserError as e:
+        report["refusal"] = str(e)
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -651,6 +806,8 @@ def main() -> int:
     else:
         data = _write_dataset(work / "dataset", captions=fam.captions)
         dataset = {"folder_path": str(data), "caption_ext": "txt", "resolution": [64], "trigger_word": "sks"}
+    if fam.dataset is not None:  # a conditioned family: its start images, control videos ...
+        dataset.update(fam.dataset(work, data))
     if fam.controls:  # reference images, one per item, as ComfyUI's reference_latents
         dataset["control_path"] = str(_write_controls(work / "control"))
     network = {"type": "lora", "linear": 4, "linear_alpha": 4.0}
@@ -661,8 +818,14 @@ def main() -> int:
     job = job_from_parts({"comfy": (patcher, clip, vae), "model_keys": fam.model_keys}, [dataset], network, settings,
                          a.steps, str(work / "runs"))
 
+    clip_vision_refusal = None
+    if fam.clip_vision is not None:  # the model reads CLIP vision features: without them it is refused
+        try:
+            ComfyModel(patcher, clip, vae)
+        except Exception as e:
+            clip_vision_refusal = str(e)
     with torch.inference_mode(False), torch.enable_grad():  # as EriTrain runs
-        model = ComfyModel(patcher, clip, vae)
+        model = ComfyModel(patcher, clip, vae, clip_vision=fam.clip_vision)
         model.ensure_loaded()
         session = TrainingSession(job, model=model, report=lambda s: print(s, file=sys.stderr))
         forward_batches: list[int] = []  # the batch size of every denoiser call while training
@@ -675,7 +838,19 @@ def main() -> int:
             if len(args) > 1:
                 timesteps.extend(args[1].detach().float().reshape(-1).tolist())
 
+        # the keyword inputs beside the latent the denoiser got (clip_fea, vace_context ...), and the channels of the
+        # latent it got (a model taking channels beside the latent: c_concat), with how large those were
+        train_inputs: list[dict] = []
+
+        def inputs(mod, args, kwargs) -> None:
+            extra = args[0][:, model.latent_channels():]
+            train_inputs.append({"kwargs": sorted(k for k, v in kwargs.items() if v is not None),
+                                 "channels": int(args[0].shape[1]),
+                                 "frames": int(args[0].shape[2]) if args[0].dim() == 5 else 1,
+                                 "beside_latent_max": float(extra.abs().max()) if extra.numel() else None})
+
         pre = model.denoiser.register_forward_pre_hook(seen)
+        pre_kw = model.denoiser.register_forward_pre_hook(inputs, with_kwargs=True)
         forward_refs: list[list] = []  # the reference latents (shapes) every denoiser call got while training
         forward_context: list[int] = []  # and its text context's length
 
@@ -688,6 +863,7 @@ def main() -> int:
             session.advance(a.steps)
         finally:
             pre.remove()
+            pre_kw.remove()
             refs.remove()
     # the cached captions' true token lengths (each caption encoded at its own length)
     text_lengths = sorted(int(c["cross_attn__shape"][0]) if "cross_attn__shape" in c else int(c["cross_attn"].shape[0])
@@ -696,7 +872,7 @@ def main() -> int:
     losses = [loss for _, loss in session.losses]
     latent_shapes = sorted({tuple(v.shape) for v in session.trainer.latents.mem.values()})
     sample_shape = None
-    if fam.video_frames:  # a video preview through ComfyUI's VAE: the frames of a clip
+    if fam.video_frames and not model.requires_conditions():  # a video preview through ComfyUI's VAE: a clip
         with torch.inference_mode(False):
             sample_shape = list(session.sample("sks, a red circle", 64, 64, 2, 1.0, seed=1,
                                                frames=fam.video_frames).shape)
@@ -816,7 +992,7 @@ def main() -> int:
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
     not_loaded = [m for m in collect.messages[before:] if "lora key not loaded" in m]
     with torch.inference_mode(False):
-        comfy_patched = ComfyModel(patched, None, vae)
+        comfy_patched = ComfyModel(patched, None, vae, clip_vision=fam.clip_vision)
         comfy_patched.ensure_loaded()
         result = out(comfy_patched)
 
@@ -845,6 +1021,7 @@ def main() -> int:
         "train_forward_batches": forward_batches,
         "train_timestep_shapes": timestep_shapes,
         "train_timesteps": timesteps,
+        "train_inputs": train_inputs,
         "run_name": session.job.name,
         "timestep_scale": float(model.sampling.timestep(torch.tensor([1.0])).item()),
         # pixels per latent cell, frames per latent frame, latent cells per token side; a 96x80 5-frame clip's latent
@@ -914,6 +1091,8 @@ def main() -> int:
                                              network, f"eri_{a.family}")
     if model.start_image_node is not None:  # a second run with start images (image-to-video)
         report["start_image"] = _start_image_run(fam, work, a.steps, settings, network)
+    if model.conditioning_node is not None:  # trained with the conditions a ComfyUI node builds
+        report["node"] = _node_checks(fam, work, session, model, patched, clip_vision_refusal)
     if a.family == "hidream":
         report["hidream"] = hidream
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")

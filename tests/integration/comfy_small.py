@@ -15,7 +15,8 @@ A family module `comfy_small_<name>.py` exposes `build(cache: Path, comfyui: str
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +34,10 @@ class SmallFamily:
     settings: dict = field(default_factory=dict)  # train: keys beside the check's defaults
     model_keys: dict = field(default_factory=dict)  # model: keys a ComfyUI MODEL takes from its node (expert)
     controls: bool = False  # the dataset has a control folder: one reference image per item (reference_latents)
+    clip_vision: Any = None  # ComfyUI's CLIP_VISION, for the models that read its features (Wan 2.1 I2V)
+    # datasets[]: keys beside the check's defaults, given the work folder and the training clips' folder (a
+    # conditioned family's do_i2v, or the control / mask / reference folders it writes with the clips' names)
+    dataset: Callable[[Path, Path], dict] | None = None
 
 
 def fill_random(module: torch.nn.Module, seed: int, scale: float = 1.0) -> None:

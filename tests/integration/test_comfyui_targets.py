@@ -79,10 +79,15 @@ def test_training_shift_follows_comfyuis_own_sampling(report):
 
 
 def test_models_needing_conditioning_this_path_cannot_build_are_refused(report):
-    """Wan I2V, VACE, Flux Fill and an SDXL inpainting UNet would train on zeros here: each is named with what it
-    needs; text-to-video and text-to-image models (Wan 2.1 / 2.2 T2V, Flux, SDXL, LTX-Video, Qwen-Image) are not."""
+    """Wan Fun Control, Flux Fill and an SDXL inpainting UNet would train on zeros here: each is named with what it
+    needs; text-to-video and text-to-image models (Wan 2.1 / 2.2 T2V, Flux, SDXL, LTX-Video, Qwen-Image) are not, nor
+    those whose conditioning ComfyUI's own node builds here: Wan 2.1 I2V and Wan 2.2 I2V A14B (WanImageToVideo), VACE
+    (WanVaceToVideo)."""
     need = report["missing_conditioning"]
-    assert "start image" in need["WAN21_I2V"] and "wan21_i2v" in need["WAN21_I2V"]
-    assert "control videos" in need["WAN21_Vace"] and "inpaint" in need["FluxInpaint"]
+    assert "control video" in need["WAN21_FunControl2V"] and "inpaint" in need["FluxInpaint"]
     assert "9 input channels for a 4-channel latent" in need["SDXL_inpaint"]
-    assert all(need[n] is None for n in ("WAN21_T2V", "WAN22_T2V", "Flux", "SDXL", "LTXV", "QwenImage"))
+    assert all(need[n] is None for n in ("WAN21_T2V", "WAN22_T2V", "Flux", "SDXL", "LTXV", "QwenImage", "WAN21_I2V",
+                                         "WAN21_Vace", "WAN21_T2V_i2v"))
+    nodes = report["conditioning_node"]
+    assert nodes["WAN21_I2V"] == nodes["WAN21_T2V_i2v"] == "WanImageToVideo" and nodes["WAN21_Vace"] == "WanVaceToVideo"
+    assert all(nodes[n] is None for n in ("WAN21_T2V", "WAN22_T2V", "Flux", "SDXL", "LTXV", "QwenImage"))

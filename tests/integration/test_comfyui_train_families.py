@@ -48,6 +48,12 @@ reference_latents and, with its caption, through the VL text encoder (cached per
 (TextEncodeQwenImageEditPlus, VAEEncode, ReferenceLatent) and its sampler's cond conversion give the trained model's
 output; another reference, and each of the two ways in alone, move it.
 
+Wan 2.1 I2V (comfy_small_wan21_i2v.py, with a small CLIP vision H), Wan 2.2 I2V A14B (WAN21_T2V with 36 input
+channels, no CLIP vision) and Wan 2.1 VACE (comfy_small_wan21_vace.py) train with the inputs ComfyUI's own
+WanImageToVideo / WanVaceToVideo build: every training forward gets them, ComfyUI's patched model fed by the node and
+its sampler's conversion gives the trained model's output, another start image / control video moves it, and a job
+without them is refused, naming them; VACE's reference image is a clean latent frame before the clip's, trimmed after.
+
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
@@ -86,6 +92,40 @@ def readme_targets() -> dict[str, list[str]]:
             name = cells[0].split("(test `")[1].split("`")[0]
             rows[name] = sorted(c.strip("` ") for c in cells[2].split(","))
     return rows
+
+
+def _assert_node_conditions(r: dict, want: dict) -> None:
+    """A family whose inputs beside the latent ComfyUI's node builds (Wan I2V: WanImageToVideo; VACE: WanVaceToVideo):
+    the cache holds what the node wrote, every training forward got it, ComfyUI's patched model fed by ComfyUI's own
+    path (the node, its sampler's conversion) equals the trained one, another start image / control video moves the
+    prediction far more than that error, and a job without the conditioning is refused, naming it."""
+    n = r["node"]
+    print(f"{want['name']}: cached {n['cond_keys']}; ComfyUI's inputs {n['comfy_cond_keys']}; patched vs trained rel"
+          f" err {n['rel_err']:.1e}, LoRA effect {n['lora_effect']:.1e}, condition effect {n['condition_effect']:.1e},"
+          f" CLIP vision effect {n['clip_vision_effect']}, without conditions {n['no_condition_effect']:.1e}")
+    assert n["node"] == want["name"] and n["finite"], n
+    assert n["cond_keys"] == want["cond_keys"], n
+    assert n["comfy_cond_keys"] == want["comfy_cond_keys"], n
+    beside = [k for k in want["comfy_cond_keys"] if k not in ("c_concat", "c_crossattn")]  # the model's own kwargs
+    for seen in r["train_inputs"]:  # every training forward: the start image's channels filled, clip_fea / vace given
+        assert set(beside) <= set(seen["kwargs"]), seen
+        assert "c_concat" not in want["comfy_cond_keys"] or seen["beside_latent_max"] > 0, seen
+    assert n["rel_err"] < TOL, n
+    assert n["lora_effect"] > 1e-3 and n["lora_effect"] > 100 * n["rel_err"], n
+    assert n["condition_effect"] > 1e-3 and n["condition_effect"] > 100 * n["rel_err"], n
+    if want["clip_vision"]:  # the CLIP features alone move it; without a CLIP vision model the MODEL is refused
+        assert n["clip_vision_effect"] > 100 * n["rel_err"], n
+        assert "CLIP vision" in n["clip_vision_refusal"], n
+    else:
+        assert n["clip_vision_effect"] is None and n["clip_vision_refusal"] is None, n
+    assert n["refusal"] and want["needs"] in n["refusal"] and r["detected"] in n["refusal"], n["refusal"]
+    assert n["sample_shape"] == [3, 5, 64, 64], n  # a conditioned preview clip (VACE: its reference frame trimmed)
+    if "trim_latent" in want:  # VACE's reference image: one latent frame before the clip's, trimmed after sampling
+        assert n["trim_latent"] == want["trim_latent"], n
+        assert n["leading_frames"] and all(f[1] == want["trim_latent"] for f in n["leading_frames"]), n
+        assert n["latent_shape"][2] == n["trimmed_shape"][2] + want["trim_latent"], n
+        # trained on it as a clean frame before the clip's: every training forward had the clip's frames + 1
+        assert all(seen["frames"] == n["latent_shape"][2] for seen in r["train_inputs"]), r["train_inputs"]
 
 
 @pytest.mark.parametrize("family", ["flux", "sdxl", "wan", "omnigen2", *SMALL])
@@ -148,6 +188,8 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
             print(f"{family}: training timesteps {[round(t, 1) for t in seen]} (boundary {cut:g})")
             assert len(seen) == 3 and r["run_name"].endswith("_" + expect["expert"]), r["run_name"]
             assert all(t >= cut for t in seen) if expect["expert"] == "high_noise" else all(t < cut for t in seen), seen
+        if "node" in expect:  # trained with the inputs ComfyUI's own conditioning node builds (WanImageToVideo ...)
+            _assert_node_conditions(r, expect["node"])
         if "train_forward_batches" in expect:  # the batch size of every training forward
             assert r["train_forward_batches"] == expect["train_forward_batches"], r["train_forward_batches"]
             assert len(set(r["text_lengths"])) == len(r["text_lengths"]), r["text_lengths"]  # captions' own lengths

@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,9 +80,8 @@ def default_targets(diffusion_model: nn.Module) -> list[Target]:
 
 # ComfyUI model configs (their class names) whose inputs beside the noisy latent this path does not build yet: training
 # them here would train on the zeros ComfyUI fills in. What each needs, for the message.
+# (Wan 2.1 I2V and VACE are built: CONDITIONING_NODES)
 NEEDS_CONDITIONING = {
-    "WAN21_I2V": "a start image (WanImageToVideo) and CLIP vision; use model.arch wan21_i2v on the by-arch loader",
-    "WAN21_Vace": "control videos and masks (WanVaceToVideo); use model.arch wan21_vace on the by-arch loader",
     "WAN21_FunControl2V": "a control video (Wan Fun Control)",
     "WAN21_Camera": "camera conditions", "WAN22_Camera": "camera conditions",
     "WAN21_HuMo": "audio and reference images (HuMo)", "WAN22_S2V": "audio (Wan 2.2 S2V)",
@@ -96,11 +97,151 @@ def missing_conditioning(model_config) -> str | None:
     name = type(model_config).__name__
     if name in NEEDS_CONDITIONING:
         return NEEDS_CONDITIONING[name]
+    if conditioning_node(model_config) is not None:
+        return None
     cfg = getattr(model_config, "unet_config", {}) or {}
     channels = model_config.latent_format.latent_channels
+    if cfg.get("in_dim", channels) > cfg.get("out_dim", channels):  # a Wan taking more than its latent
+        return f"{cfg['in_dim'] - cfg.get('out_dim', channels)} input channels beside its latent"
     if "context_dim" in cfg and cfg.get("in_channels", channels) > channels:  # an LDM UNet (SD, SDXL) for inpainting
         return f"an inpaint image and mask ({cfg['in_channels']} input channels for a {channels}-channel latent)"
     return None
+
+
+@dataclass(frozen=True)
+class ConditioningNode:
+    """One of ComfyUI's conditioning nodes that builds a model's inputs beside the noisy latent into the prompt's
+    conditioning, as a graph wires it between the text encode and the sampler: (module, class), the function that
+    gives it an item's inputs, and what a job must give it (the refusal's message)."""
+
+    module: str
+    name: str
+    inputs: Callable[..., dict]
+    needs: str
+    takes_masks: bool = False
+    takes_references: bool = False
+
+
+def _image(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (3, h, w) or (3, f, h, w) in [-1, 1] as ComfyUI's IMAGE, (f, h, w, 3) in [0, 1]."""
+    frames = pixels[:, None] if pixels.dim() == 3 else pixels
+    return ((frames.float() + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
+
+
+def i2v_inputs(model, control: torch.Tensor | None, mask, reference, frames: int) -> dict:
+    """WanImageToVideo's inputs: the start image (a control video's first frame), and, for the models that read CLIP
+    vision features, its output of ComfyUI's CLIPVisionEncode (crop "center", the node's first choice)."""
+    if control is None:
+        return {}
+    start = _image(control if control.dim() == 3 else control[:, 0])
+    out = {"start_image": start}
+    if model.clip_vision is not None:
+        import nodes
+
+        out["clip_vision_output"] = nodes.CLIPVisionEncode().encode(model.clip_vision, start, "center")[0]
+    return out
+
+
+def vace_inputs(model, control: torch.Tensor | None, mask: torch.Tensor | None, reference: torch.Tensor | None,
+                frames: int) -> dict:
+    """WanVaceToVideo's inputs: the control video (an image: its first frame, which the node pads with gray), the
+    control masks (1 where the model generates; a mask image holds for every frame; without one, a first-frame image
+    is kept, VACE's image-to-video), the reference image; strength 1."""
+    out: dict = {"strength": 1.0}
+    if control is not None:
+        out["control_video"] = _image(control)
+    h, w = next(t for t in (control, mask, reference) if t is not None).shape[-2:]
+    if mask is not None:
+        out["control_masks"] = (mask if mask.dim() == 4 else mask[:, None].expand(-1, frames, -1, -1))[0].float()
+    elif control is not None and control.dim() == 3 and frames > 1:
+        keep = torch.ones(frames, h, w)
+        keep[0] = 0.0
+        out["control_masks"] = keep
+    if reference is not None:
+        out["reference_image"] = _image(reference)
+    return out
+
+
+WAN_I2V_NEEDS = ("a start image (ComfyUI's WanImageToVideo): set datasets[].do_i2v: true (the clip's first frame) or"
+                 " datasets[].control_path (start images with the clips' names)")
+WAN_VACE_NEEDS = ("control data (ComfyUI's WanVaceToVideo): set datasets[].control_path (control videos or images with"
+                  " the clips' names; masks in mask_path) and / or datasets[].reference_path (reference images)")
+WAN_IMAGE_TO_VIDEO = ConditioningNode("comfy_extras.nodes_wan", "WanImageToVideo", i2v_inputs, WAN_I2V_NEEDS)
+WAN_VACE = ConditioningNode("comfy_extras.nodes_wan", "WanVaceToVideo", vace_inputs, WAN_VACE_NEEDS, True, True)
+# ComfyUI model configs (their class names) whose inputs beside the noisy latent a conditioning node of ComfyUI's builds
+CONDITIONING_NODES = {"WAN21_I2V": WAN_IMAGE_TO_VIDEO, "WAN21_Vace": WAN_VACE}
+# WAN21.concat_cond's image-to-video channels: a 4-channel mask and the start image's latent
+WAN_I2V_CHANNELS = 4
+
+
+def conditioning_node(model_config) -> ConditioningNode | None:
+    """The conditioning node that builds this model's extra inputs, or None: Wan 2.1 I2V and VACE, and the
+    image-to-video Wan files ComfyUI detects as WAN21_T2V (Wan 2.2 I2V A14B: no CLIP-vision projection, so no
+    "i2v" model_type) by their patch embedding's mask and image channels beside the latent's."""
+    name = type(model_config).__name__
+    if name in CONDITIONING_NODES:
+        return CONDITIONING_NODES[name]
+    cfg = getattr(model_config, "unet_config", {}) or {}
+    channels = cfg.get("out_dim", model_config.latent_format.latent_channels)
+    if name == "WAN21_T2V" and cfg.get("in_dim", channels) == 2 * channels + WAN_I2V_CHANNELS:
+        return WAN_IMAGE_TO_VIDEO
+    return None
+
+
+def reads_clip_vision(model_config) -> bool:
+    """Whether the model reads CLIP vision features (`clip_fea`): ComfyUI's WanModel builds its image projection
+    (img_emb) exactly for model_type i2v."""
+    return (getattr(model_config, "unet_config", {}) or {}).get("model_type") == "i2v"
+
+
+# cached conditions an item's conditioning node wrote (node_entries), beside the caption's
+NODE_PREFIX = "node."
+# the clean latent frames a conditioning puts before the clip's (VACE's reference image)
+LEADING_FRAMES = "leading_frames"
+
+
+def node_entries(written: dict) -> dict[str, torch.Tensor]:
+    """What a ComfyUI conditioning node wrote into a prompt's conditioning, as tensors to cache for one item
+    (ComfyUI's batch of one dropped): tensors as they are; lists (VACE's, one entry per node applied) by index,
+    `name.0`; numbers as 0-dim tensors; a CLIP vision output by the one entry ComfyUI's models read of it,
+    `name.penultimate_hidden_states`."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            out[key] = (value[0].float() if value.is_floating_point() else value[0]).cpu().clone()
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                put(f"{key}.{i}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = torch.tensor(float(value))
+        elif hasattr(value, "penultimate_hidden_states"):
+            put(f"{key}.penultimate_hidden_states", value["penultimate_hidden_states"])
+        else:
+            raise TypeError(f"{key}: a conditioning entry of type {type(value).__name__} cannot be cached")
+
+    for name, value in written.items():
+        put(NODE_PREFIX + name, value)
+    return out
+
+
+def node_kwargs(cond: dict[str, torch.Tensor], device) -> dict:
+    """The inverse of node_entries for one sample: the node's conditioning entries as ComfyUI's extra_conds take them
+    (a batch of one again; lists in index order; a CLIP vision output as ComfyUI's clip_vision.Output)."""
+    out: dict = {}
+    for key in sorted(k for k in cond if k.startswith(NODE_PREFIX)):
+        t = cond[key]
+        value = t.item() if t.dim() == 0 else t[None].to(device)
+        name, _, part = key[len(NODE_PREFIX):].partition(".")
+        if not part:
+            out[name] = value
+        elif part.isdigit():
+            out.setdefault(name, {})[int(part)] = value
+        else:
+            import comfy.clip_vision
+
+            out.setdefault(name, comfy.clip_vision.Output())[part] = value
+    return {k: [v[i] for i in sorted(v)] if isinstance(v, dict) else v for k, v in out.items()}
 
 
 # ComfyUI model classes (comfy.model_base) whose extra_conds take `reference_latents` as reference images beside the
@@ -403,7 +544,7 @@ class ComfyModel(TrainingModel):
 
     backend = "comfyui"
 
-    def __init__(self, patcher, clip=None, vae=None, arch: str | None = None) -> None:
+    def __init__(self, patcher, clip=None, vae=None, arch: str | None = None, clip_vision=None) -> None:
         import comfy.model_management as mm
         import comfy.model_sampling as ms
 
@@ -425,9 +566,18 @@ class ComfyModel(TrainingModel):
         # a start image (control_path, do_i2v's first frame) through ComfyUI's latent node for the model
         self.reference_latents = takes_reference_latents(self.base)
         self.start_image_node = start_image_node_name(self.base)
-        self.takes_control = self.reference_latents or self.start_image_node is not None
+        # or the inputs beside the latent (I2V's start image, VACE's control video, masks and reference image) through
+        # ComfyUI's conditioning node for the model, which writes them into the prompt's conditioning
+        self.conditioning_node = conditioning_node(self.base.model_config)
+        self.clip_vision = self._clip_vision_for(clip_vision)
+        node = self.conditioning_node
+        self.takes_control = self.reference_latents or self.start_image_node is not None or node is not None
         self._text_image_node = text_image_node(self.base) if self.reference_latents else None
         self.text_takes_images = self._text_image_node is not None
+        self.takes_masks = node is not None and node.takes_masks
+        self.takes_references = node is not None and node.takes_references
+        # the reference image's latent frames, before the clip's (trimmed after sampling, as TrimVideoLatent does)
+        self.leading_frames_key = LEADING_FRAMES if self.takes_references else None
         self.is_flow = isinstance(self.sampling, ms.CONST)
         self.objective = FlowObjective() if self.is_flow else EpsObjective()
         unet_config = getattr(getattr(self.base, "model_config", None), "unet_config", {}) or {}
@@ -445,6 +595,25 @@ class ComfyModel(TrainingModel):
         self.patch = latent_patch(unet_config, self.denoiser)
         # cond["fps"] (each clip's frame rate) goes to the model as ComfyUI's frame_rate
         self.conditions_on_fps = takes_frame_rate(self.denoiser)
+
+    def _clip_vision_for(self, clip_vision):
+        """ComfyUI's CLIP_VISION for the models that read its features (Wan 2.1 I2V): required there, named when
+        missing; not used by the others (Wan 2.2 I2V A14B, VACE)."""
+        name = type(self.base.model_config).__name__
+        if self.conditioning_node is None or not reads_clip_vision(self.base.model_config):
+            if clip_vision is not None:
+                log.warning("clip_vision: ComfyUI's %s MODEL reads no CLIP vision features; it is not used", name)
+            return None
+        if clip_vision is None:
+            raise ConfigError(f"{name} on ComfyUI's MODEL reads CLIP vision features of the start image (ComfyUI's"
+                              " CLIPVisionEncode): connect a CLIP vision model (clip_vision_h.safetensors, ComfyUI's"
+                              " Load CLIP Vision) to the Training Model node's clip_vision input, or set"
+                              " model.clip_vision_path headless")
+        return clip_vision
+
+    def requires_conditions(self) -> str | None:
+        node = self.conditioning_node
+        return None if node is None else f"ComfyUI's {type(self.base.model_config).__name__} MODEL trains on {node.needs}"
 
     host_places_weights = True
     _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
@@ -558,9 +727,12 @@ class ComfyModel(TrainingModel):
         cond = dict(cond)
         control = cond.pop("control", None)
         cond.pop("start_latent", None)  # in the noisy latent already (known_latents)
+        cond.pop(LEADING_FRAMES, None)  # in the noisy latent already (the loop puts them before the clip's)
         given = cond.pop("start_given", None)
         fps = cond.pop("fps", None)
-        params = comfy_conditioning(cond, self.device)
+        written = node_kwargs(cond, self.device)  # what the conditioning node wrote, as it wrote it
+        params = comfy_conditioning({k: v for k, v in cond.items() if not k.startswith(NODE_PREFIX)}, self.device)
+        params.update(written)
         if control is not None and self.reference_latents and bool(control.abs().amax() > 0):
             params["reference_latents"] = [self.base.process_latent_out(control[None].float()).to(self.device)]
         params.update(device=self.device, noise=noisy, width=noisy.shape[-1] * self.vae_scale,
@@ -589,6 +761,8 @@ class ComfyModel(TrainingModel):
         """A start image (control (3, h, w), or a clip's (3, f, h, w): its first frame) through ComfyUI's own latent
         node for the model (Wan22ImageToVideoLatent), at the item's size and length, as a graph builds it; reference
         images as the default does (a control latent)."""
+        if self.conditioning_node is not None:
+            return self._node_conditions(pixels, control, mask, reference)
         if self.start_image_node is None:
             return super().encode_conditions(pixels, control, mask, reference)
         if control is None:
@@ -604,6 +778,32 @@ class ComfyModel(TrainingModel):
         out = node.execute(self.vae, w, h, frames, 1, start_image=image)
         latent = out.args[0] if hasattr(out, "args") else out[0]
         return start_conditions(latent["samples"], latent["noise_mask"], self.base.process_latent_in, frames == 1)
+
+    def _node_conditions(self, pixels: torch.Tensor, control: torch.Tensor | None, mask: torch.Tensor | None,
+                         reference: torch.Tensor | None) -> Conditioning | None:
+        """An item's inputs through ComfyUI's conditioning node for the model (WanImageToVideo, WanVaceToVideo) at the
+        item's size and length, as a graph runs it: what it writes into the conditioning, cached (node_entries); and
+        the latent frames it puts before the clip's (VACE's reference image: its trim_latent), as the clean frames
+        training prepends to the item's latent."""
+        if control is None and reference is None:
+            return None
+        import importlib
+
+        node = self.conditioning_node
+        cls = getattr(importlib.import_module(node.module), node.name)
+        frames = pixels.shape[1] if pixels.dim() == 4 else 1
+        h, w = pixels.shape[-2:]
+        empty = [[torch.zeros(1, 1, 1), {}]]  # the prompt's own entries are the caption's, cached apart
+        out = cls.execute(positive=empty, negative=empty, vae=self.vae, width=w, height=h, length=frames,
+                          batch_size=1, **node.inputs(self, control, mask, reference, frames))
+        out = out.args if hasattr(out, "args") else out
+        cond = node_entries(out[0][0][1])
+        trim = int(out[3]) if len(out) > 3 else 0
+        if trim:  # the node's vace_frames begin with the reference's latent (its first channels), trimmed after
+            frames_key = next(k for k in cond if k.startswith(NODE_PREFIX + "vace_frames."))
+            raw = cond[frames_key][None, :self._channels, :trim]
+            cond[LEADING_FRAMES] = self.base.process_latent_in(raw)[0].cpu().clone()
+        return cond
 
     def known_latents(self, cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The start image's frames (`start_latent` where `start_given`): the loop puts them into the noisy latent
@@ -668,7 +868,10 @@ class ComfyModel(TrainingModel):
 
     def latent_cache_id(self) -> str:
         fsm = getattr(self.vae, "first_stage_model", None)
-        return module_fingerprint(fsm) if fsm is not None else "comfy-vae"
+        vae = module_fingerprint(fsm) if fsm is not None else "comfy-vae"
+        if self.clip_vision is not None:  # the cached conditions hold its features
+            return f"{vae}-{module_fingerprint(self.clip_vision.model)}"
+        return vae
 
     def save_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": self.arch, "eridiffusion.arch": self.arch, "eridiffusion.backend": "comfy"}

@@ -90,7 +90,20 @@ def load_with_comfyui(mc, device: torch.device, dtype: torch.dtype):
         raise ModelFileError(f"{path}: ComfyUI cannot load it ({str(e).splitlines()[0]})") from None
     if mc.assistant_lora_path:
         patcher = with_assistant_lora(patcher, str(local_path(mc.assistant_lora_path, "model.assistant_lora_path")))
-    return ComfyModel(patcher, clip, vae, arch=mc.arch)
+    return ComfyModel(patcher, clip, vae, arch=mc.arch, clip_vision=load_clip_vision(mc))
+
+
+def load_clip_vision(mc):
+    """model.clip_vision_path through ComfyUI's own CLIP vision loader (what Load CLIP Vision calls), or None."""
+    if not mc.clip_vision_path:
+        return None
+    import comfy.clip_vision
+
+    path = local_path(mc.clip_vision_path, "model.clip_vision_path")
+    vision = comfy.clip_vision.load(str(path))
+    if vision is None:
+        raise ModelFileError(f"model.clip_vision_path: {path}: ComfyUI does not recognise it as a CLIP vision model")
+    return vision
 
 
 class UnloadedKeys(logging.Handler):
