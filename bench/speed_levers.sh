@@ -9,6 +9,7 @@ export PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu,power.draw --format=csv;
   python3 -c "import torch, diffusers; print('# torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'diffusers', diffusers.__version__)"; } 2>&1 | tee -a "$log"
 cd bench || exit 1
+timeout 60 python3 pcie_bw.py 2>&1 | tee -a "$log"
 echo "### attention self-test, several families" | tee -a "$log"
 timeout 120 python3 attention_probe.py 2>&1 | tee -a "$log"
 rm -rf "$cache"
