@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +24,9 @@ VARIANTS = {
     "compile": {"compile": True},
     "ckpt0": {"gradient_checkpointing": False},
     "compile_ckpt0": {"compile": True, "gradient_checkpointing": False},
+    # train.cudnn_attention: unset (the variants above) runs the attention self-test; these force it
+    "compile_cudnn_off": {"compile": True, "cudnn_attention": False},
+    "compile_cudnn_on": {"compile": True, "cudnn_attention": True},
     "compile_ckpt05": {"compile": True, "gradient_checkpointing": 0.5},
     # model.quantize: block linears in fp8 (the 24 GB recipe)
     "fp8": {"model": {"quantize": True}},
@@ -84,7 +89,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--t5-layers", type=int, default=1)
+    ap.add_argument("--cache", default=None, help="ERIDIFFUSION_CACHE for the runs (compiled kernels, attention"
+                    " verdicts); an empty folder measures a first run")
     a = ap.parse_args()
+    env = {**os.environ, **({"ERIDIFFUSION_CACHE": a.cache} if a.cache else {})}
     folder = Path(a.work)
     model = build_files(folder, a.t5_layers)
     for v in a.variants:
@@ -92,7 +100,8 @@ def main() -> None:
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(job(name, model, folder, a.steps, a.res, VARIANTS[v])))
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "trainer", str(path)], capture_output=True, text=True)
+        shutil.rmtree(folder / "runs" / name, ignore_errors=True)  # a repeated variant starts over, not resumes
+        r = subprocess.run([sys.executable, "-m", "trainer", str(path)], capture_output=True, text=True, env=env)
         wall = time.time() - t0
         if r.returncode != 0:
             print(json.dumps({"variant": v, "error": r.stderr[-2000:]}), flush=True)
@@ -102,6 +111,8 @@ def main() -> None:
         print(json.dumps({"variant": v, "res": a.res, "median_s_per_step": round(statistics.median(steady), 4),
                           "mean_s_per_step": round(statistics.mean(steady), 4),
                           "first_step_s": round(m[0]["s_per_step"], 2),
+                          "first_steps_s": [round(x["s_per_step"], 2) for x in m[:4]],
+                          "attention": [ln for ln in r.stdout.splitlines() if "attention" in ln][-1:],
                           "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
                           "t5_layers": a.t5_layers,
                           "device": torch.cuda.get_device_name()}), flush=True)

@@ -115,6 +115,9 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, float] = spec(True, ge=0, le=1,
                                                       help="recompute activations: less memory, slower steps")
     compile: bool = spec(False, help="torch.compile the blocks (CUDA; the first steps of each size take longer)")
+    # unset: tested on the card at start (trainer/attention.py) and used where correct and faster; false: off
+    cudnn_attention: Optional[bool] = spec(None, help="cuDNN attention: unset tests it on the card first;"
+                                           " false: off; true: on, untested")
     # blocks whose weights stay in host memory, streamed to the card per block (big models on 24 GB); "auto" picks
     # the number from the card's free memory
     blocks_to_swap: Union[int, str] = spec(0, ge=0, le=1000, help="blocks kept in RAM and streamed to the card;"

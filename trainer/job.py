@@ -22,7 +22,7 @@ from .models.base import TrainingModel
 from .models.files import local_path, refuse_pickle, safetensors_shapes
 from .models.fingerprint import file_fingerprint, module_fingerprint
 from .networks.network import Network, build_network, read_network_file
-from .prepare import compile_model, prepare_for_encoding, prepare_for_training
+from .prepare import choose_attention, compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
 from .train.checkpoints import DTYPES, RunFolder
 from .train.distributed import Distributed, require_single_process
@@ -241,6 +241,7 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     largest = max((e.key for d in datasets for e in d.entries), key=lambda k: k[0] * k[1] * k[2])
     prepare_for_training(model, job, texts is not None, keep_text_encoders, report, largest)
     network = make_network(job, model)
+    choose_attention(model, job, sorted({e.key for d in datasets for e in d.entries}), report)
     compile_model(model, job, report)
     n_params = sum(p.numel() for p in network.parameters())
     check_disk_room(run.root, n_params, proc.save.dtype)

@@ -57,3 +57,11 @@ def contained_file(root: str | os.PathLike, folder: str, filename: str, suffixes
     if not name.lower().endswith(suffixes):
         name += suffixes[0]
     return contained(root, f"{folder.strip()}/{name}" if folder.strip() else name, what)
+
+
+def user_cache_dir() -> Path:
+    """Where this trainer keeps what it can rebuild (compiled kernels, the attention self-test's verdicts):
+    $ERIDIFFUSION_CACHE, else $XDG_CACHE_HOME/eridiffusion, else ~/.cache/eridiffusion."""
+    if os.environ.get("ERIDIFFUSION_CACHE"):
+        return Path(os.environ["ERIDIFFUSION_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eridiffusion"

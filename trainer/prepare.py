@@ -33,10 +33,33 @@ def checkpoint_fraction(setting: bool | float | None) -> float:
 
 
 def configure_attention(device: torch.device) -> None:
-    # cuDNN's SDPA backward fails on Flux-sized attention on the H100 / H200 with torch 2.11 (illegal memory access
-    # or NaN; see docs/architecture.md): flash and memory-efficient attention are used instead
+    # cuDNN's SDPA backward failed on Flux-sized attention on the H100 / H200 with torch 2.11 (illegal memory access
+    # or NaN; see docs/architecture.md): off until choose_attention's self-test says it works for this model
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def choose_attention(model: TrainingModel, job: JobConfig, sizes: list[tuple[int, int, int]],
+                     report: Callable[[str], None]) -> None:
+    """train.cudnn_attention: unset, cuDNN attention is turned on where the self-test at the model's attention
+    shapes (the training sizes) finds it correct and faster on this card; false: off; true: on, untested."""
+    from . import attention
+
+    if model.device.type != "cuda":
+        return
+    setting = job.process.train.cudnn_attention
+    if setting is not None:
+        attention.use_cudnn(setting)
+        report(f"train.cudnn_attention: {'on (untested)' if setting else 'off'}")
+        return
+    shapes = model.attention_shapes(sizes, job.process.train.batch_size)
+    if not shapes:
+        return  # not declared for this family: cuDNN stays off, as configure_attention left it
+    v = attention.self_test(shapes, model.dtype, model.device)
+    attention.use_cudnn(v["cudnn"])
+    cached = ", cached" if v.get("cached") else ""
+    report(f"attention self-test ({len(shapes)} shapes{cached}): cuDNN attention {'on' if v['cudnn'] else 'off'}"
+           f" ({v['why']})")
 
 
 def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> None:
@@ -185,5 +208,20 @@ def compile_model(model: TrainingModel, job: JobConfig, report: Callable[[str], 
     if model.device.type != "cuda":
         log.warning("train.compile: needs a CUDA device; ignored on %s", model.device.type)
         return
-    report("compiling the model's blocks (the first steps of each new size take longer)")
+    where = persistent_compile_cache()
+    report(f"compiling the model's blocks (the first steps of each new size take longer; compiled kernels are"
+           f" kept in {where} for the next run)")
     model.compile_blocks()
+
+
+def persistent_compile_cache() -> str:
+    """Inductor's cache (FX graphs, autotuning, Triton kernels) in the user's cache folder, so a second run of the
+    same model and sizes loads its compiled blocks instead of compiling them again; torch's own default is a
+    folder under /tmp, lost on reboot where /tmp is cleared. A TORCHINDUCTOR_CACHE_DIR the user set is kept."""
+    import os
+
+    from .paths import user_cache_dir
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir() / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

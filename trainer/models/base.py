@@ -367,6 +367,12 @@ class TrainingModel(ABC):
             self._wrapped_forwards = BlockForwards()
         return self._wrapped_forwards
 
+    def attention_shapes(self, sizes: list[tuple[int, int, int]], batch: int) -> list[tuple[int, int, int, int, int]]:
+        """(batch, heads, query tokens, key tokens, head dim) of every unmasked attention call a training step makes
+        at these (width, height, frames) sizes, for the attention self-test (trainer/attention.py). Empty: not
+        declared, and cuDNN attention stays off for the family."""
+        return []
+
     def compile_blocks(self) -> None:
         """Regional torch.compile of the repeated blocks (after the network's hooks are attached).
 

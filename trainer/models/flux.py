@@ -7,6 +7,7 @@ img_in reads more than the noisy latent (Flex.2), the function that builds its i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -186,6 +187,16 @@ class FluxModel(TrainingModel):
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+    def attention_shapes(self, sizes: list[tuple[int, int, int]], batch: int) -> list[tuple[int, int, int, int, int]]:
+        # one joint attention of the text (padded to t5_max_length) and the image tokens in every block, unmasked
+        cfg = self.denoiser.config
+        out = set()
+        for w, h, f in sizes:
+            tokens = math.prod(self.latent_shape(w, h, f)[2:]) // self.patch ** 2
+            seq = self.t5_max_length + tokens
+            out.add((batch, cfg.num_attention_heads, seq, seq, cfg.attention_head_dim))
+        return sorted(out)
 
     def train_shift_mu(self, latent_shape: tuple[int, ...]) -> float | None:
         return packed_mu(latent_shape)
