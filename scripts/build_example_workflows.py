@@ -85,7 +85,10 @@ def build(name: str, nodes: list[dict], edges: list[tuple[int, int, int, str]], 
         unknown = set(n.get("widgets", {})) - set(widgets)
         if unknown:
             raise SystemExit(f"{name}: {n['type']} has no widgets {sorted(unknown)}")
-        missing = [w for w in widgets if w not in n.get("widgets", {})]
+        # optional widgets a description leaves out (added to a node later: Wan 2.2's expert) take the node's default
+        values = {**_optional_defaults(n["type"], classes), **n.get("widgets", {})}
+        n = {**n, "widgets": values}
+        missing = [w for w in widgets if w not in values]
         if missing:
             raise SystemExit(f"{name}: {n['type']} needs values for {missing}")
         inputs = []
@@ -114,6 +117,14 @@ def build(name: str, nodes: list[dict], edges: list[tuple[int, int, int, str]], 
 
 
 _LAYOUTS: dict[str, tuple] = {}
+
+
+def _optional_defaults(node_type: str, classes: dict) -> dict:
+    """The node's optional widgets with their schema defaults (none for ComfyUI's own nodes: CORE)."""
+    if node_type in CORE:
+        return {}
+    return {i.id: i.default for i in classes[node_type].define_schema().inputs
+            if i.optional and i.get_io_type() in WIDGET_TYPES and getattr(i, "default", None) is not None}
 
 
 def _layout_of(node_type: str, classes: dict):

@@ -66,12 +66,14 @@ def test_hidream_keeps_its_shared_expert(report):
 def test_training_shift_follows_comfyuis_own_sampling(report):
     """Flux.1's resolution formula only for Flux.1 and Chroma (mu 1.15 at 1024²: 4096 tokens); Flux.2 at the mu of
     ComfyUI's Flux2Scheduler (50 steps; 2.023 at 1024², its config's fixed 2.02 there), which follows the resolution;
-    LTX-Video, also on ComfyUI's Flux schedule, at the shift its config samples with; SD3 and Wan the fixed shift."""
+    LTX-Video, also on ComfyUI's Flux schedule, by its latent's token count; SD3 and Wan the fixed shift."""
     from trainer.models.schedules import linear_mu
 
     mu = report["shift_mu_1024"]
     assert mu["Flux"] == mu["Chroma"] == pytest.approx(linear_mu(64 * 64))
-    assert mu["Flux2"] == pytest.approx(2.0234, abs=1e-4) and mu["LTXV"] == pytest.approx(2.37)
+    assert mu["Flux2"] == pytest.approx(2.0234, abs=1e-4)
+    # LTX-Video by its latent's token count, as ModelSamplingLTXV (0.95 at 1024 tokens to 2.05 at 4096, extended)
+    assert mu["LTXV"] == pytest.approx(linear_mu(128 * 128, 1024, 4096, 0.95, 2.05))
     assert mu["SD3"] is None and mu["WAN21_T2V"] is None
     flux2 = report["flux2_shift_mu"]
     assert flux2 == pytest.approx(report["flux2_scheduler_mu"]), flux2

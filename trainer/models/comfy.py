@@ -38,11 +38,13 @@ def _linear_count(module: nn.Module) -> int:
 def block_stacks(diffusion_model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """The model's stacks of repeated blocks, by name, in definition order: every top-level ModuleList of blocks,
     whatever it is called (double_blocks, blocks, joint_blocks, layers, noise_refiner, context_refiner ...), and a
-    UNet's middle_block. A list of single projections (HiDream's caption_projection) is not a stack of blocks, and
-    stacks nested inside other modules (HunyuanVideo's token refiner in txt_in) are not the model's."""
+    UNet's middle_block. A UNet's input and output blocks are stacks although some of their blocks hold no linear
+    layer (the first input block is the input conv, downsamplers are convs). A list of single projections (HiDream's
+    caption_projection) is not a stack of blocks, and stacks nested inside other modules (HunyuanVideo's token
+    refiner in txt_in) are not the model's."""
     out = []
     for name, child in diffusion_model.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) and all(_linear_count(b) >= 2 for b in child):
+        if isinstance(child, nn.ModuleList) and len(child) and any(_linear_count(b) >= 2 for b in child):
             out.append((name, list(child)))
         elif name == "middle_block":
             out.append((name, [child]))
