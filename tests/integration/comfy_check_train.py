@@ -141,14 +141,33 @@ def _write_controls(folder: Path, n: int = 2, size: int = 64) -> Path:
     return folder
 
 
+def _reference_pixels(controls: Path, i: int):
+    """The i-th control image as the dataset gives it: (3, h, w) in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+def _trained_other_base(net, out, refs: list) -> tuple:
+    """out(reference) with the trained network on, for the first and the second reference, and without it."""
+    net.attach()
+    net.eval()
+    try:
+        trained, trained_other = out(refs[0]), out(refs[1])
+    finally:
+        net.detach()
+    return trained, trained_other, out(refs[0])
+
+
 def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict, network: dict) -> dict:
     """OmniGen2 trained with a control folder (one reference image per item): ComfyUI's reference_latents. A fresh
     small model; the LoRA saved and loaded back as ComfyUI loads it, and ComfyUI's patched model run on its own
     extra_conds with reference_latents = [VAE.encode(reference)] (what VAEEncode -> ReferenceLatent give) against the
     trained model; another reference image moves the prediction."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     import comfy.model_management as mm
     import comfy.sd
@@ -174,8 +193,7 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
     net = session.trainer.network
 
     def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
-        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(a).permute(2, 0, 1)
+        return _reference_pixels(controls, i)
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn((1, 16, 8, 8), generator=g)
@@ -187,13 +205,7 @@ def _omnigen2_reference_run(files: dict, work: Path, steps: int, settings: dict,
         with torch.no_grad():
             return model.predict(x, sigma, {**text, **{k: v[None] for k, v in c.items()}}).float().cpu()
 
-    net.attach()
-    net.eval()
-    try:
-        trained, trained_other = out(refs[0]), out(refs[1])
-    finally:
-        net.detach()
-    base = out(refs[0])
+    trained, trained_other, base = _trained_other_base(net, out, refs)
     no_ref = model.predict(x, sigma, text).float().cpu()
 
     tensors, metadata = session.export("float32")
@@ -259,9 +271,7 @@ def _start_image_run(fam, work: Path, steps: int, settings: dict, network: dict)
 
 def _start_image_checks(fam, work: Path, session, model, net_seen: list, train_timesteps: list) -> dict:
     """The trained start-image run's checks (_start_image_run)."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     import comfy.model_management as mm
     import comfy.sampler_helpers
@@ -280,8 +290,7 @@ def _start_image_checks(fam, work: Path, session, model, net_seen: list, train_t
     controls = _write_controls(work / "start_images")
 
     def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
-        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(a).permute(2, 0, 1)
+        return _reference_pixels(controls, i)
 
     g = torch.Generator().manual_seed(9)
     x = torch.randn(fam.latent_shape, generator=g)
@@ -405,9 +414,7 @@ def _reference_run(fam, work: Path, steps: int, settings: dict, network: dict, n
     build of it: ComfyUI's own path then gives the trained model's output (CLIPTextEncode, VAEEncode and
     ReferenceLatent, as the graph calls them, then the patched model's extra_conds through ComfyUI's sampler helpers,
     encode_model_conds), and another reference image moves the prediction."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     import comfy.model_management as mm
     import comfy.sampler_helpers
@@ -442,8 +449,7 @@ def _reference_run(fam, work: Path, steps: int, settings: dict, network: dict, n
     net = session.trainer.network
 
     def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
-        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(a).permute(2, 0, 1)
+        return _reference_pixels(controls, i)
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(fam.latent_shape, generator=g)
@@ -456,13 +462,7 @@ def _reference_run(fam, work: Path, steps: int, settings: dict, network: dict, n
         with torch.no_grad():
             return model.predict(x, sigma, {**text, **{k: v[None] for k, v in c.items()}}, guidance=3.5).float().cpu()
 
-    net.attach()
-    net.eval()
-    try:
-        trained, trained_other = out(refs[0]), out(refs[1])
-    finally:
-        net.detach()
-    base = out(refs[0])
+    trained, trained_other, base = _trained_other_base(net, out, refs)
     with torch.no_grad():
         no_ref = model.predict(x, sigma, text, guidance=3.5).float().cpu()
 
@@ -511,16 +511,6 @@ def _comfy_prediction(patched, conditioning, x, sigma):
                        for k, v in conds[0]["model_conds"].items()}
         out = ((xs - patched.model.apply_model(xs, ss, **model_conds)) / ss).float().cpu()
     return out, sorted(model_conds)
-
-
-def _reference_pixels(controls: Path, i: int):
-    """The i-th control image as the dataset gives it: (3, h, w) in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 REFERENCE_CAPTION = "sks, a photo of a red cat"
@@ -634,15 +624,12 @@ def _test_mask(frames: int, size: int = 64):
 def node_test_inputs(node: str, work: Path, variant: int, frames: int) -> dict:
     """The conditioning inputs of the test predictions in the engine's pixels ([-1, 1]): another start image (I2V) or
     control video (VACE) per variant, the same mask and reference image."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     controls = _write_controls(work / "node_test_images")
 
     def pixels(i: int) -> torch.Tensor:  # (3, h, w) in [-1, 1]
-        a = np.asarray(Image.open(controls / f"img{i}.png").convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(a).permute(2, 0, 1)
+        return _reference_pixels(controls, i)
 
     if node == "WanImageToVideo":
         return {"control": pixels(variant)}

@@ -103,3 +103,22 @@ def flux_vae(cache) -> Any:
         tiny.make_vae_file(path, [128, 256, 512, 512], layers=2, latent=16)
     with torch.inference_mode():
         return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+
+
+def wan21_vae(cache) -> Any:
+    """ComfyUI's Wan 2.1 VAE (16 latent channels, 8x spatial, 4x temporal) at dim 16, random, as VAELoader loads it
+    (Wan 2.1, Wan 2.2 A14B, Qwen-Image latents)."""
+    import comfy.ldm.wan.vae as wan_vae
+    import comfy.sd
+    import comfy.utils
+    from comfy_fixtures import _random, _save, _shapes
+
+    path = cache / "wan21_vae16_v1.safetensors"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with torch.device("meta"):
+            vae = wan_vae.WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                 temperal_downsample=[False, True, True])
+        _save(_random(_shapes(vae), 32, torch.float32), path)
+    with torch.inference_mode():
+        return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from comfy_small import SmallFamily, fill_random, small_model
+from comfy_small import SmallFamily, fill_random, small_model, wan21_vae
 
 TEXT = 32  # the text encoder's width, the model's joint_attention_dim
 UNET = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2, "attention_head_dim": 32,
@@ -34,24 +34,6 @@ LAST = f"diffusion_model.transformer_blocks.{UNET['num_layers'] - 1}"
 DISCARDED = [f"{LAST}.{name}" for name in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")]
 EXPECT = {"detected": "QwenImage", "model_class": "QwenImage", "stacks": ["transformer_blocks"],
           "text_keys": ["cross_attn", "cross_attn__shape"], "untrained": DISCARDED, "shift_mu": 1.15}
-
-
-def wan21_vae(cache: Path):
-    """ComfyUI's Wan 2.1 VAE (16 latent channels, 8x spatial, 4x temporal) at dim 16, random, as VAELoader loads it."""
-    import comfy.sd
-    import comfy.utils
-    from comfy.ldm.wan.vae import WanVAE
-    from comfy_fixtures import _random, _save, _shapes
-
-    path = cache / "wan21_vae_dim16_v1.safetensors"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with torch.device("meta"):
-            vae = WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                         temperal_downsample=[False, True, True])
-        _save(_random(_shapes(vae), 32, torch.float32), path)
-    with torch.inference_mode():
-        return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
 
 
 def small_qwen_clip(patcher, seed: int = 1, vision: bool = False):

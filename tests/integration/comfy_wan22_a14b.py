@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from comfy_small import SmallFamily, small_clip, small_model
+from comfy_small import SmallFamily, small_clip, small_model, wan21_vae
 
 TEXT = 32
 UNET = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16,
@@ -24,24 +22,6 @@ SEEDS = {"high_noise": 51, "low_noise": 52}
 def expect(expert: str) -> dict:
     return {"detected": "WAN21_T2V", "model_class": "WAN21", "stacks": ["blocks"],
             "text_keys": ["cross_attn", "cross_attn__shape"], "expert": expert, "expert_boundary": 0.875}
-
-
-def wan21_vae(cache: Path):
-    """The Wan 2.1 VAE at dim 16 as VAELoader loads it (comfy.sd.VAE over a random state dict of ComfyUI's WanVAE)."""
-    import comfy.ldm.wan.vae as wan_vae
-    import comfy.sd
-    import comfy.utils
-    from comfy_fixtures import _random, _save, _shapes
-
-    path = cache / "wan21_vae16_v1.safetensors"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with torch.device("meta"):
-            vae = wan_vae.WanVAE(dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                                 temperal_downsample=[False, True, True])
-        _save(_random(_shapes(vae), 32, torch.float32), path)
-    with torch.inference_mode():
-        return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
 
 
 def build_expert(cache: Path, expert: str) -> SmallFamily:
