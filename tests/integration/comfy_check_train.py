@@ -1044,6 +1044,16 @@ def main() -> int:
         report["reference"]["train_context_lengths"] = forward_context
     if expect.get("shift_mu") is not None:  # the training shift against ComfyUI's own sampling of the family
         report["shift"] = _shift_report(model)
+    if a.family == "sd35":  # a ModelSamplingSD3 node before the training node: its shift trains and samples
+        from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+        shifted = ModelSamplingSD3().patch(patcher, 6.0)[0]
+        with torch.inference_mode(False):
+            node_model = ComfyModel(shifted, clip, vae)
+        node_sigmas = comfy.samplers.calculate_sigmas(shifted.get_model_object("model_sampling"), "simple", 8)
+        report["node_shift"] = {"train_shift": node_model.train_shift(), "unpatched": model.train_shift(),
+                                "sigmas_err": float((node_model.sample_sigmas(8, fam.latent_shape)
+                                                     - node_sigmas.float().cpu()).abs().max())}
     if a.family in ("hunyuan_video", "hunyuan_video15"):  # the training shift and guidance: ComfyUI's, guidance 1
         report["train_shift"] = [model.train_shift(), float(model.sampling.shift)]
         report["train_guidance"] = [model.distilled_guidance, model.train_guidance]

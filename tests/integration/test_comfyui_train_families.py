@@ -266,6 +266,11 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         print(f"ltxv: training mu {r['shift_mu']} (config shift {r['default_shift']})")
         assert abs(r["shift_mu"][0] - r["shift_mu"][1]) < 1e-9 and r["shift_mu"][0] != r["default_shift"], r
         assert r["sample_sigmas_err"] < 1e-6, r
+    if family == "sd35":  # ComfyUI's ModelSamplingSD3 node on the MODEL: training and previews at its shift
+        n = r["node_shift"]
+        print(f"sd35: ModelSamplingSD3(6) -> training shift {n['train_shift']} (without the node {n['unpatched']});"
+              f" preview sigmas err {n['sigmas_err']:.1e}")
+        assert n["train_shift"] == 6.0 and n["unpatched"] == 3.0 and n["sigmas_err"] < 1e-6, n
     if family == "hidream":  # the Llama layers and the pooled vector reach the model each; shared expert in, routed out
         h = r["hidream"]
         print(f"hidream: condition effects {h['condition_effects']}; shared-expert targets {h['shared_expert_targets']},"

@@ -559,7 +559,10 @@ class ComfyModel(TrainingModel):
         self.arch = arch or type(self.base).__name__.lower()
         self.device = mm.get_torch_device()
         self.dtype = self.base.get_dtype()
-        self.sampling = self.base.model_sampling
+        # the schedule ComfyUI samples this MODEL with: a ModelSamplingSD3 / ModelSamplingAuraFlow / ModelSamplingFlux
+        # node before the training node patches it in (HiDream Dev at shift 6 ...), and its apply_model uses that one
+        get = getattr(patcher, "get_model_object", None)
+        self.sampling = get("model_sampling") if get is not None else self.base.model_sampling
         need = missing_conditioning(self.base.model_config)
         if need:
             raise ConfigError(f"{type(self.base.model_config).__name__} on ComfyUI's MODEL: it trains on {need}, which"
