@@ -2,7 +2,8 @@
 
 from comfy_api.latest import io
 
-from ..trainer.graph_parts import EXPERT_WIDGETS, MODEL_OPTIONAL_WIDGETS, MODEL_WIDGETS, host_model_keys, model_section
+from ..trainer.graph_parts import (HOST_MODEL_WIDGETS, MODEL_OPTIONAL_WIDGETS, MODEL_WIDGETS, host_model_keys,
+                                    model_section)
 from ..trainer.models import registry
 from .types import CATEGORY, EriModel
 from .widgets import widget_inputs
@@ -20,7 +21,7 @@ class EriComfyModel(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="encodes the dataset images and decodes samples"),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Wan 2.1 I2V: CLIP vision H (clip_vision_h), which encodes the start images"),
-                *widget_inputs(EXPERT_WIDGETS, optional=True),
+                *widget_inputs(HOST_MODEL_WIDGETS, optional=True),
             ],
             outputs=[EriModel.Output(display_name="training_model")],
         )

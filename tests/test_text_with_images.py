@@ -16,6 +16,7 @@ import torch
 from helpers import job_dict, make_images, quiet
 from test_flex2 import _control_image, _controls_for, tiny_flex2  # noqa: F401  (the fixture)
 from trainer.config import load_job_dict
+from trainer.errors import ConfigError
 from trainer.data.cache import TextCache
 from trainer.data.dataset import captions_for_batch, control_dropped
 from trainer.job import build_trainer
@@ -99,3 +100,15 @@ def test_previews_read_their_prompts_with_the_control_image(tiny_flex2, tmp_path
         assert torch.allclose(shift, torch.full_like(shift, mark), atol=1e-4)  # positive and negative read it
     shift = without.request.cond["pooled"][0] - trainer.model.encode_text(["a dog"])["pooled"][0]
     assert torch.allclose(shift, torch.zeros_like(shift), atol=1e-5)
+
+
+def test_text_image_node_is_refused_off_comfyuis_model(tiny_flex2, tmp_path):  # noqa: F811
+    """model.text_image_node names a ComfyUI node: an engine family refuses it from the job, before any file opens,
+    and a name that is not one of those nodes is refused with the choices."""
+    folder = make_images(tmp_path / "data", n=1)
+    d = job_dict(dict(tiny_flex2, text_image_node="TextEncodeQwenImageEdit"), folder, tmp_path)
+    with pytest.raises(ConfigError, match="model.text_image_node: not used by model.arch 'flex2'"):
+        load_job_dict(d)
+    d = job_dict(dict(tiny_flex2, text_image_node="CLIPTextEncode"), folder, tmp_path)
+    with pytest.raises(ConfigError, match="text_image_node.*TextEncodeQwenImageEditPlus"):
+        load_job_dict(d)

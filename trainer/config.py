@@ -150,6 +150,8 @@ class TrainConfig:
 
 
 EXPERTS = ("high_noise", "low_noise")
+# ComfyUI nodes that encode a caption with its images (model.text_image_node)
+TEXT_IMAGE_NODE_NAMES = ("TextEncodeQwenImageEditPlus", "TextEncodeQwenImageEdit")
 # where Wan 2.2 A14B's experts meet (its boundary ratio on the 0..1 schedule) when model.expert_boundary is unset:
 # on ComfyUI's MODEL, whose detection cannot tell A14B from Wan 2.1 14B (same blocks), the text-to-video one
 DEFAULT_EXPERT_BOUNDARY = 0.875
@@ -197,6 +199,12 @@ class ModelConfig:
                                  " saved as <name>_high_noise / <name>_low_noise")
     expert_boundary: Optional[float] = spec(None, gt=0, le=0.999, help="where the experts meet on the schedule"
                                             " (Wan 2.2 T2V: 0.875, I2V: 0.9)")
+    # ComfyUI's MODEL: the node that reads a caption with its reference image (Qwen-Image-Edit 2509 / 2511 through
+    # TextEncodeQwenImageEditPlus, the first Qwen-Image-Edit through TextEncodeQwenImageEdit: their prompts differ)
+    text_image_node: Optional[str] = spec(None, choices=TEXT_IMAGE_NODE_NAMES, help="ComfyUI's MODEL: the node that"
+                                          " encodes a caption with its reference image (Qwen-Image-Edit:"
+                                          " TextEncodeQwenImageEditPlus for 2509 / 2511, the default;"
+                                          " TextEncodeQwenImageEdit for the first release)")
     low_vram: bool = spec(False, ignored="memory is set by model.quantize, train.blocks_to_swap and"
                           " train.gradient_checkpointing")
     # ai-toolkit's names for block swap: true = train.blocks_to_swap auto, or the fraction of blocks swapped
@@ -571,7 +579,7 @@ def check_family_keys(job: JobConfig) -> None:
         )
     mc = job.process.model
     for key in ("sample_shift", "train_shift", "train_guidance", "clip_vision_path", "variant", "expert",
-                "expert_boundary"):
+                "expert_boundary", "text_image_node"):
         if getattr(mc, key) is not None and key not in fam.model_defaults and not (key == "clip_vision_path"
                                                                                  and fam.takes_control and fam.video):
             raise ConfigError(f"config.process[0].model.{key}: not used by model.arch {job.arch!r}; remove it")

@@ -194,6 +194,12 @@ EXPERT_WIDGETS = [
     _w("expert_boundary", ModelConfig, "expert_boundary", tooltip="0: Wan 2.2's (T2V 0.875, I2V 0.9)"),
 ]
 MODEL_OPTIONAL_WIDGETS += EXPERT_WIDGETS
+# what a ComfyUI MODEL takes from its node, having no file to name: the expert it is, the node reading its captions
+# with their images
+HOST_MODEL_WIDGETS = EXPERT_WIDGETS + [
+    _w("text_image_node", ModelConfig, "text_image_node",
+       tooltip="Qwen-Image-Edit: TextEncodeQwenImageEditPlus (2509 / 2511) or TextEncodeQwenImageEdit (the first)"),
+]
 
 # widgets whose node default differs from the YAML's on purpose (the host decides): name -> why
 HOST_DEFAULTS = {
@@ -232,5 +238,5 @@ def model_section(arch: str, values: dict[str, Any]) -> dict:
 
 
 def host_model_keys(values: dict[str, Any]) -> dict:
-    """The model keys a ComfyUI MODEL still takes from its node (it has no file to name): the expert it is."""
-    return section_of(EXPERT_WIDGETS, values)
+    """The model keys a ComfyUI MODEL still takes from its node (it has no file to name): HOST_MODEL_WIDGETS."""
+    return section_of(HOST_MODEL_WIDGETS, values)

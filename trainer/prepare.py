@@ -68,6 +68,8 @@ def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[
         # the loaders leave the denoiser on the CPU: quantized there, it moves to the card at fp8 size
         n, saved = model.quantize()
         report(f"model.quantize: {n} block linears stored in float8 e4m3 ({saved / 1e9:.1f} GB less)")
+    if mc.text_image_node:
+        model.use_text_image_node(mc.text_image_node)
     configure_attention(model.device)
     model.set_gradient_checkpointing(checkpoint_fraction(tc.gradient_checkpointing))
     model.place_text_encoders(model.device)

@@ -584,6 +584,26 @@ def _reference_against_comfy(ours: dict, patched, vae, clip, controls: Path) -> 
             "no_reference_effect": rel(ours["no_ref"], ours["base"]), "finite": bool(torch.isfinite(trained).all())}
 
 
+def _text_image_node_check(model, clip, controls: Path) -> dict:
+    """model.text_image_node = TextEncodeQwenImageEdit: a caption with its image is encoded as that node encodes it
+    (called here as a graph calls it), which differs from the default TextEncodeQwenImageEditPlus's encoding."""
+    from comfy_extras.nodes_qwen import TextEncodeQwenImageEdit
+    from trainer.models.comfy import _conditioning_entries, comfy_image
+
+    image = _reference_pixels(controls, 0)
+    plus = model.encode_text_with_images([REFERENCE_CAPTION], [image])["cross_attn"][0].float()
+    model.use_text_image_node("TextEncodeQwenImageEdit")
+    try:
+        ours = model.encode_text_with_images([REFERENCE_CAPTION], [image])["cross_attn"][0].float()
+    finally:
+        model.use_text_image_node("TextEncodeQwenImageEditPlus")
+    node = TextEncodeQwenImageEdit.execute(clip, REFERENCE_CAPTION, None, comfy_image(image)).result[0]
+    theirs = _conditioning_entries(node)["cross_attn"].float()
+    n = min(len(plus), len(theirs))
+    return {"lengths": [len(ours), len(theirs), len(plus)], "err": float((ours - theirs).abs().max()),
+            "differs_from_plus": len(plus) != len(theirs) or float((plus[:n] - theirs[:n]).abs().max()) > 1e-4}
+
+
 def _shift_report(model) -> dict:
     """The backend's training shift (mu, for `timestep_type: flux_shift`) at a 64 px and a 1024 px latent, and how far
     its shifted sigmas are from ComfyUI's own model_sampling.sigma(t) (what ComfyUI samples the family with)."""
@@ -1042,6 +1062,8 @@ def main() -> int:
         report["reference"]["text_lengths_plain"] = sorted(n for k, n in lengths.items() if "\x00" not in k)
         report["reference"]["text_lengths_with_image"] = sorted(n for k, n in lengths.items() if "\x00" in k)
         report["reference"]["train_context_lengths"] = forward_context
+        if model.text_takes_images:  # model.text_image_node: the first Qwen-Image-Edit's node instead of Plus
+            report["reference"]["text_image_node"] = _text_image_node_check(model, clip, Path(dataset["control_path"]))
     if expect.get("shift_mu") is not None:  # the training shift against ComfyUI's own sampling of the family
         report["shift"] = _shift_report(model)
     if a.family == "sd35":  # a ModelSamplingSD3 node before the training node: its shift trains and samples

@@ -223,6 +223,8 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
             assert len(with_image) == 2 and min(with_image) > max(plain), ref
             assert len(ref["train_context_lengths"]) == 3, ref
             assert set(ref["train_context_lengths"]) <= set(with_image), ref
+            node = ref["text_image_node"]  # model.text_image_node: TextEncodeQwenImageEdit's encoding, not Plus's
+            assert node["err"] < 1e-6 and node["differs_from_plus"] and node["lengths"][0] == node["lengths"][1], node
     if (expect or {}).get("shift_mu") is not None:  # the training shift is the one ComfyUI samples the family with
         shift = r["shift"]
         print(f"{family}: training shift mu {shift['mu_64px']} (64 px), {shift['mu_1024px']} (1024 px); ComfyUI's"

@@ -240,6 +240,12 @@ class TrainingModel(ABC):
         gradients reaching their adapters (and left on the model's device)."""
         return self.encode_text(captions)
 
+    def use_text_image_node(self, name: str) -> None:
+        """model.text_image_node: a ComfyUI node that encodes captions with images (ComfyUI's MODEL only)."""
+        raise ConfigError(f"config.process[0].model.text_image_node: {name} is a ComfyUI node; it applies to"
+                          f" ComfyUI's MODEL (model.backend: comfyui, or Training Model (from ComfyUI)), not to"
+                          f" model.arch {self.arch!r}")
+
     def encode_text_with_images(self, captions: list[str], images: list[torch.Tensor | None]) -> Conditioning:
         """Each caption encoded together with its image (3, h, w) in [-1, 1] (its item's control image), or alone
         where the image is None (as encode_text), for families whose text encoder reads images (text_takes_images)."""

@@ -302,17 +302,29 @@ def token_count_mu(model_config, latent_shape: tuple[int, ...]) -> float | None:
 # and image go in, its CONDITIONING comes out. Qwen-Image-Edit: TextEncodeQwenImageEditPlus (2509 / 2511; the image
 # read at 384x384 area by the VL encoder; vae left out: the reference latent is the dataset's control, at its size)
 TEXT_IMAGE_NODES = {"QwenImage": ("comfy_extras.nodes_qwen", "TextEncodeQwenImageEditPlus")}
+# the other nodes a model.text_image_node may name, for the same models: the first Qwen-Image-Edit's (its template has
+# no "Picture N:" labels and reads the image at 1024x1024 area, where Plus reads it at 384x384)
+OTHER_TEXT_IMAGE_NODES = {"TextEncodeQwenImageEdit": ("comfy_extras.nodes_qwen", "QwenImage")}
 
 
-def text_image_node(base):
-    """The ComfyUI node class that encodes a caption with its reference image for a ComfyUI model, or None."""
+def text_image_node(base, name: str | None = None):
+    """The ComfyUI node class that encodes a caption with its reference image for a ComfyUI model (`name`: one of
+    the family's nodes, else its default), or None where the model's text encoder reads no images."""
     import importlib
 
     for cls in type(base).__mro__:
         if cls.__name__ in TEXT_IMAGE_NODES:
-            module, name = TEXT_IMAGE_NODES[cls.__name__]
-            return getattr(importlib.import_module(module), name)
-    return None
+            module, default = TEXT_IMAGE_NODES[cls.__name__]
+            if name is None or name == default:
+                return getattr(importlib.import_module(module), default)
+            other = OTHER_TEXT_IMAGE_NODES.get(name)
+            if other is None or other[1] != cls.__name__:
+                break
+            return getattr(importlib.import_module(other[0]), name)
+    if name is None:
+        return None
+    raise ConfigError(f"config.process[0].model.text_image_node: {name} does not encode captions for ComfyUI's"
+                      f" {type(base).__name__} MODEL")
 
 
 def comfy_image(pixels: torch.Tensor) -> torch.Tensor:
@@ -678,6 +690,11 @@ class ComfyModel(TrainingModel):
         return self.encode_text_with_images(captions, [None] * len(captions))
 
     @torch.no_grad()
+    def use_text_image_node(self, name: str) -> None:
+        """model.text_image_node: the ComfyUI node that reads each caption with its reference image."""
+        self._text_image_node = text_image_node(self.base, name)
+        self.text_takes_images = True
+
     def encode_text_with_images(self, captions: list[str], images: list[torch.Tensor | None]) -> Conditioning:
         """As encode_text; a caption with an image is encoded as the family's ComfyUI edit node encodes a prompt with
         its image (TEXT_IMAGE_NODES: Qwen-Image-Edit's VL text encoder reads the image among the caption's tokens)."""
