@@ -689,12 +689,12 @@ class ComfyModel(TrainingModel):
         its own length (zero-padded in the batch, with its true shape: base.ragged_batch)."""
         return self.encode_text_with_images(captions, [None] * len(captions))
 
-    @torch.no_grad()
     def use_text_image_node(self, name: str) -> None:
         """model.text_image_node: the ComfyUI node that reads each caption with its reference image."""
         self._text_image_node = text_image_node(self.base, name)
         self.text_takes_images = True
 
+    @torch.no_grad()
     def encode_text_with_images(self, captions: list[str], images: list[torch.Tensor | None]) -> Conditioning:
         """As encode_text; a caption with an image is encoded as the family's ComfyUI edit node encodes a prompt with
         its image (TEXT_IMAGE_NODES: Qwen-Image-Edit's VL text encoder reads the image among the caption's tokens)."""
