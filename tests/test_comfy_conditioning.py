@@ -45,3 +45,24 @@ def test_the_fixed_shift_is_comfyuis_discrete_flow_shift() -> None:
 
 def test_no_fixed_shift_on_other_schedules() -> None:
     assert sampling_shift(ModelSamplingFlux()) is None
+
+
+def test_an_entry_only_some_captions_have_stays_theirs() -> None:
+    """HunyuanVideo 1.5's byT5 conditioning exists only for captions with quoted text: in a batch (encoded together,
+    or collated from the text cache where each was encoded in another chunk) the captions that have it get theirs
+    back at its own length, the others none, as ComfyUI's CLIP gives each of them alone."""
+    from trainer.models.base import collate_conditioning, ragged_batch, sample_of, split_conditioning
+
+    quoted = {"cross_attn": torch.randn(5, 8), "conditioning_byt5small": torch.randn(3, 4)}
+    plain = {"cross_attn": torch.randn(7, 8)}
+    batch = ragged_batch([plain, quoted, plain])
+    got = [sample_of(batch, i) for i in range(3)]
+    assert set(got[0]) == set(got[2]) == {"cross_attn"} and set(got[1]) == set(quoted)
+    assert torch.equal(got[1]["conditioning_byt5small"], quoted["conditioning_byt5small"])
+    assert torch.equal(got[0]["cross_attn"], plain["cross_attn"]) and torch.equal(got[1]["cross_attn"], quoted["cross_attn"])
+    # the text cache: each caption from its own chunk's batch, then collated into a training batch
+    cached = [split_conditioning(ragged_batch([plain]))[0], split_conditioning(ragged_batch([quoted]))[0]]
+    again = collate_conditioning(cached)
+    assert set(sample_of(again, 0)) == {"cross_attn"}
+    assert torch.equal(sample_of(again, 1)["conditioning_byt5small"], quoted["conditioning_byt5small"])
+    assert torch.equal(sample_of(again, 0)["cross_attn"], plain["cross_attn"])

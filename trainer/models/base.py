@@ -36,8 +36,19 @@ def split_conditioning(cond: Conditioning) -> list[Conditioning]:
 
 
 # `<name>__shape` (b, ndim): the true shape of each sample's `<name>`, for conditioning whose length varies by caption
-# (ComfyUI's encodes: each prompt at its own length); the batch holds them zero-padded to the longest
+# (ComfyUI's encodes: each prompt at its own length); the batch holds them zero-padded to the longest. A record of
+# zeros marks an entry the sample does not have (HunyuanVideo 1.5's byT5 conditioning: only captions with quoted text
+# have one, as ComfyUI's encoder gives it)
 SHAPE_SUFFIX = "__shape"
+
+
+def _absent_like(t: torch.Tensor) -> torch.Tensor:
+    """A sample's stand-in for an entry it does not have: empty, of the entry's rank (its shape record all zeros)."""
+    return t.new_zeros((0,) * t.dim())
+
+
+def _union_keys(items: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for it in items for k in it))
 
 
 def pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -50,23 +61,28 @@ def pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def ragged_batch(per_sample: list[dict[str, torch.Tensor]]) -> Conditioning:
-    """Per-sample tensors of varying shapes as one batch: each name zero-padded, with its `<name>__shape`."""
+    """Per-sample tensors of varying shapes as one batch: each name zero-padded, with its `<name>__shape`; a name
+    some samples lack is kept for those that have it (the others' shape records are zeros)."""
     out: Conditioning = {}
-    for k in per_sample[0]:
-        ts = [d[k] for d in per_sample]
+    for k in _union_keys(per_sample):
+        present = next(d[k] for d in per_sample if k in d)
+        ts = [d[k] if k in d else _absent_like(present) for d in per_sample]
         out[k] = pad_stack(ts)
         out[k + SHAPE_SUFFIX] = torch.tensor([list(t.shape) for t in ts], dtype=torch.long)
     return out
 
 
 def sample_of(cond: Conditioning, i: int) -> dict[str, torch.Tensor]:
-    """Sample i's tensors of a batch, cut back to their true shapes where the batch records them."""
+    """Sample i's tensors of a batch, cut back to their true shapes where the batch records them; the entries it
+    does not have (a record of zeros) left out."""
     out = {}
     for k, v in cond.items():
         if k.endswith(SHAPE_SUFFIX):
             continue
         shape = cond.get(k + SHAPE_SUFFIX)
         t = v[i]
+        if shape is not None and not bool(shape[i].any()):
+            continue
         out[k] = t[tuple(slice(0, int(n)) for n in shape[i])] if shape is not None else t
     return out
 
@@ -80,13 +96,19 @@ def trim_right_padding(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 
 
 def collate_conditioning(items: list[Conditioning]) -> Conditioning:
-    """Per-caption conditioning (from the text cache) as a batch; tensors whose shapes vary are padded."""
+    """Per-caption conditioning (from the text cache) as a batch; tensors whose shapes vary are padded; an entry
+    some captions lack (with its shape record) is kept for those that have it, the others' records zeros."""
     out: Conditioning = {}
-    for k in items[0]:
-        ts = [it[k] for it in items]
+    for k in _union_keys(items):
+        present = next(it[k] for it in items if k in it)
+        recorded = any(k + SHAPE_SUFFIX in it for it in items)
+        if any(k not in it for it in items) and not (recorded or k.endswith(SHAPE_SUFFIX)):
+            raise RuntimeError(f"conditioning {k!r} is missing for some captions, without a {k}{SHAPE_SUFFIX} record")
+        ts = [it[k] if k in it else (torch.zeros_like(present) if k.endswith(SHAPE_SUFFIX) else _absent_like(present))
+              for it in items]
         if len({tuple(t.shape) for t in ts}) == 1:
             out[k] = torch.stack(ts)
-        elif k + SHAPE_SUFFIX in items[0]:
+        elif recorded:
             out[k] = pad_stack(ts)
         else:
             raise RuntimeError(f"conditioning {k!r} varies in shape across captions without a {k}{SHAPE_SUFFIX} record")

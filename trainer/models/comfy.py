@@ -709,9 +709,7 @@ class ComfyModel(TrainingModel):
             else:
                 out = self._text_image_node.execute(self.clip, c, None, comfy_image(image)).result[0]
             per_sample.append(_conditioning_entries(out))
-        keys = set(per_sample[0])
-        if any(set(d) != keys for d in per_sample):
-            raise RuntimeError("ComfyUI's CLIP returned different conditioning entries for different captions")
+        # entries only some captions have (HunyuanVideo 1.5's byT5 for quoted text) stay theirs: base.ragged_batch
         return ragged_batch(per_sample)
 
     @torch.no_grad()
