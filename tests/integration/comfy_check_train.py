@@ -822,7 +822,7 @@ def main() -> int:
     import comfy.utils
     from trainer.fileio import save_safetensors_atomic
     from trainer.models.base import sample_of
-    from trainer.models.comfy import ComfyModel
+    from trainer.models.comfy import ComfyModel, is_linear
     from trainer.session import TrainingSession, job_from_parts
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -991,7 +991,7 @@ def main() -> int:
         return grads
 
     # a layer inside the first block with one runs once per step without checkpointing, twice with (the recompute)
-    first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if isinstance(m, torch.nn.Linear))
+    first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if is_linear(m))
     calls: list[int] = []
     hook = first_linear.register_forward_hook(lambda *_: calls.append(1))
     # the targets whose layers run in this forward (OmniGen2's ref_image_refiner runs only with reference images)
