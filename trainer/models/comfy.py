@@ -453,6 +453,20 @@ def _conditioning_entries(conditioning) -> dict[str, torch.Tensor]:
     return item
 
 
+def _is_quantized(t) -> bool:
+    return any(c.__name__ == "QuantizedTensor" for c in type(t).__mro__)
+
+
+def _inference_quantized(p: torch.Tensor) -> nn.Parameter:
+    """A scaled-fp8 layer's weight (ComfyUI's QuantizedTensor) as ComfyUI's loader builds it, inside inference_mode: a
+    wrapper made outside it (by ComfyUI's own module.to() when it loads the model there: MixedPrecisionOps re-wraps
+    its parameters) cannot be detached inside it, and ComfyUI's LoRA loader reads the model's state_dict (detach)
+    under inference_mode: "Cannot set version_counter for inference tensor". Autograd never saves it (its layer
+    dequantizes it into a new tensor first), so it can stay an inference tensor; its data is not copied."""
+    with torch.inference_mode():
+        return nn.Parameter(type(p)(p._qdata, p._layout_cls, p._params), requires_grad=False)
+
+
 def _autograd_ready(module: nn.Module) -> None:
     """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
     cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
@@ -460,6 +474,10 @@ def _autograd_ready(module: nn.Module) -> None:
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in list(m._parameters.items()):
+                if p is not None and _is_quantized(p):
+                    if not p.is_inference():
+                        m._parameters[name] = _inference_quantized(p)
+                    continue
                 if p is not None and (p.is_inference() or p.requires_grad):
                     m._parameters[name] = nn.Parameter(p.detach().clone() if p.is_inference() else p.detach(),
                                                        requires_grad=False)
@@ -540,7 +558,7 @@ def stored_low_precision(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     if not hasattr(module, "weight_function") or not isinstance(weight, torch.Tensor):
         return False
-    return weight.dtype in FP8_DTYPES or any(c.__name__ == "QuantizedTensor" for c in type(weight).__mro__)
+    return weight.dtype in FP8_DTYPES or _is_quantized(weight)
 
 
 def remember_upcasts(diffusion_model: nn.Module) -> int:
