@@ -185,8 +185,8 @@ def comfy_patched_outputs(patched, vae, out) -> dict:
     from trainer.models.comfy import ComfyModel
 
     dev = mm.get_torch_device()
-    mm.unload_all_models()
-    with torch.inference_mode():
+    with torch.inference_mode():  # as ComfyUI's nodes run (a scaled-fp8 model moved outside it cannot be read inside)
+        mm.unload_all_models()
         patched.patch_model(device_to=dev, lowvram_model_memory=1, load_weights=True, force_patch_weights=False)
     n_cast_time = patched.lowvram_patch_counter()
     with torch.inference_mode(False):

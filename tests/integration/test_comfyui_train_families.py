@@ -54,6 +54,12 @@ WanImageToVideo / WanVaceToVideo build: every training forward gets them, ComfyU
 its sampler's conversion gives the trained model's output, another start image / control video moves it, and a job
 without them is refused, naming them; VACE's reference image is a clean latent frame before the clip's, trimmed after.
 
+fp8 base weights (comfy_small_flux_fp8.py: the Flux fixture through UNETLoader's weight_dtype fp8_e4m3fn;
+comfy_small_flux_fp8_scaled.py: the same weights as a scaled-fp8 checkpoint, ComfyUI's mixed-precision ops): the
+weights stay fp8 on the modules through training, no upcast copy is kept for backward, the LoRA gradient is the one on
+the same weights upcast and close to the one on the file's bf16 weights, and ComfyUI's LoRA patch at cast time gives
+the trained model's output (its merge into the fp8 weights is unbiased, rounding noise: _assert_fp8).
+
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
@@ -331,12 +337,14 @@ def _assert_fp8(r: dict, want: dict) -> None:
     (the backend keeps the layer and casts again in backward, with the same gradients; keeping the copies, as without
     it, holds over half the model's weights upcast in one pass). The LoRA gradient on the fp8 weights is the one on
     the same weights upcast (bit for bit on the CPU: the cast path computes what the upcast model does) and close in
-    direction to the one on the file's bf16 weights (e4m3's 3 mantissa bits: up to 6% per weight; 0.996 measured).
+    direction to the one on the file's bf16 weights (e4m3's 3 mantissa bits, up to 6% per weight, and plain fp8's
+    small weights subnormal: 0.996 measured; scaled 0.9992).
     ComfyUI's patched model: applied at cast time (LowVramPatch, how ComfyUI runs a partially loaded model) it gives
     the trained model's output to float32 rounding (the usual rel_err < 1e-3, asserted above); merged into the fp8
-    weights at a full load (always so on the CPU) the sum is rounded back to fp8 stochastically: unbiased (the merge's
-    change over the exact LoRA change has slope ~1) but noisy, 2.6e-2 of the output for this LoRA, 19x less than its
-    effect, asserted only to stay nearer the trained output than the base model is."""
+    weights at a full load (always so on the CPU) the sum is rounded back to fp8 stochastically (a scaled-fp8 layer
+    requantized): unbiased (the merge's change over the exact LoRA change has slope ~1) but noisy, 2.6e-2 (fp8) /
+    1.5e-2 (scaled) of the output for this LoRA, 19x / 33x less than its effect, asserted only to stay nearer the
+    trained output than the base model is. The scaled-fp8 file's other layers are not fp8 (ComfyUI's unet dtype)."""
     f = r["fp8"]
     print(f"fp8: {f['n_fp8_params']} parameters stored {f['stored_dtypes']} ({f['fp8_bytes'] / 2**20:.0f} MiB), ops"
           f" {f['ops']} computing in {f['manual_cast_dtype']}; upcast weights kept for backward: training"
