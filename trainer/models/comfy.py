@@ -726,6 +726,7 @@ class ComfyModel(TrainingModel):
 
     host_places_weights = True
     _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
+    fp8_layers = 0  # the layers whose fp8 weights' upcast copies autograd does not keep (remember_upcasts), once loaded
 
     def ensure_loaded(self) -> None:
         """ComfyUI's model management places (and may later move) the weights: load them for training, all of them,
