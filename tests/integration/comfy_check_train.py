@@ -23,6 +23,7 @@ them one at a time (`train_forward_batches`: the batch size of every denoiser ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -773,6 +774,41 @@ def _node_checks(fam, work: Path, session, model, patched, clip_vision_refusal: 
     return report
 
 
+def _fp8_gradients(fam, model, lora_grads, fp8: dict) -> dict:
+    """A model whose weights ComfyUI holds in fp8: the LoRA gradients on them (`fp8`, no checkpointing) against the
+    same weights upcast to the compute dtype (exactly their values: the cast path computes what the upcast model
+    does) and against the file's own weights (bf16: what fp8 storage costs the gradient's direction); and what
+    autograd keeps of the layers' upcast weights in that pass, with the backend keeping them as the layer and with it
+    keeping the copies (as without it)."""
+    import torch
+
+    import comfy.utils
+    import comfy_check_fp8 as f8
+
+    compute = model.base.manual_cast_dtype or torch.float32
+    params = f8.fp8_params(model.denoiser)
+    with f8.SavedUpcasts(model.denoiser) as kept:
+        again = lora_grads(0.0)
+    with f8.SavedUpcasts(model.denoiser, keep_layers=False) as copies:
+        unfixed = lora_grads(0.0)
+    with f8.swapped_weights(model.denoiser, {n: f8.upcast(p, compute) for n, p in params.items()}):
+        up = lora_grads(0.0)
+    ref_sd = comfy.utils.load_torch_file(fam.reference_file)
+    missing = sorted(n for n in params if n not in ref_sd)
+    if missing:
+        raise RuntimeError(f"the reference file lacks {missing[:5]}")
+    with f8.swapped_weights(model.denoiser, {n: ref_sd[n].to(compute) for n in params}):
+        ref = lora_grads(0.0)
+    cos_up, err_up = f8.cosine(fp8, up)
+    cos_ref, err_ref = f8.cosine(fp8, ref)
+    weights_fp32 = sum(p.numel() * torch.finfo(compute).bits // 8 for p in params.values() if p.dim() >= 2)
+    return {"grad_cos_upcast": cos_up, "grad_rel_err_upcast": err_up, "grad_cos_file": cos_ref,
+            "grad_rel_err_file": err_ref, "file_dtypes": sorted({str(ref_sd[n].dtype) for n in params}),
+            "saved_upcast_peak": kept.peak, "recasts": kept.recasts, "saved_upcast_peak_copies": copies.peak,
+            "recasts_copies": copies.recasts, "upcast_weight_bytes": weights_fp32,
+            "recast_grad_rel_err": f8.cosine(again, unfixed)[1], "repeat_grad_rel_err": f8.cosine(again, fp8)[1]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", default=os.getcwd())
@@ -793,7 +829,7 @@ def main() -> int:
     import comfy.utils
     from trainer.fileio import save_safetensors_atomic
     from trainer.models.base import sample_of
-    from trainer.models.comfy import ComfyModel
+    from trainer.models.comfy import ComfyModel, is_linear
     from trainer.session import TrainingSession, job_from_parts
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -866,8 +902,17 @@ def main() -> int:
             forward_context.append(int(kw["context"].shape[1]) if kw.get("context") is not None else 0)
 
         refs = model.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+        fp8_watch = contextlib.ExitStack()
+        if expect.get("fp8"):  # ComfyUI holds the weights in fp8: their storage, and what autograd keeps of upcasts
+            import comfy_check_fp8
+
+            target_modules = [m.module for t in session.trainer.network.targets.values() for m in t.members]
+            storage = fp8_watch.enter_context(comfy_check_fp8.StorageWatch(model.denoiser, target_modules))
+            train_saved = fp8_watch.enter_context(comfy_check_fp8.SavedUpcasts(model.denoiser))
         try:
-            session.advance(a.steps)
+            with fp8_watch:
+                session.advance(a.steps)
+            storage_report = storage.report() if expect.get("fp8") else None  # before ComfyUI's merge rewrites them
         finally:
             pre.remove()
             pre_kw.remove()
@@ -953,7 +998,7 @@ def main() -> int:
         return grads
 
     # a layer inside the first block with one runs once per step without checkpointing, twice with (the recompute)
-    first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if isinstance(m, torch.nn.Linear))
+    first_linear = next(m for b in model.repeated_blocks() for m in b.modules() if is_linear(m))
     calls: list[int] = []
     hook = first_linear.register_forward_hook(lambda *_: calls.append(1))
     # the targets whose layers run in this forward (OmniGen2's ref_image_refiner runs only with reference images)
@@ -973,6 +1018,8 @@ def main() -> int:
     hook.remove()
     again = lora_grads(0.0)
     n_blocks = len(model.repeated_blocks())
+    if expect.get("fp8"):
+        fp8_grads = _fp8_gradients(fam, model, lora_grads, plain)
 
     # saved as EriSaveLoRA saves, loaded as LoraLoaderModelOnly loads
     tensors, metadata = session.export("float32")
@@ -998,10 +1045,16 @@ def main() -> int:
     with torch.inference_mode():
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
     not_loaded = [m for m in collect.messages[before:] if "lora key not loaded" in m]
-    with torch.inference_mode(False):
-        comfy_patched = ComfyModel(patched, None, vae, clip_vision=fam.clip_vision)
-        comfy_patched.ensure_loaded()
-        result = out(comfy_patched)
+    if expect.get("fp8"):  # ComfyUI's two ways with a LoRA on fp8 weights; rel_err: at cast time, the fp8 kept
+        import comfy_check_fp8
+
+        fp8_patch = comfy_check_fp8.comfy_patched_outputs(patched, vae, out)
+        result = fp8_patch["cast_time"]
+    else:
+        with torch.inference_mode(False):
+            comfy_patched = ComfyModel(patched, None, vae, clip_vision=fam.clip_vision)
+            comfy_patched.ensure_loaded()
+            result = out(comfy_patched)
 
     def rel(p: torch.Tensor, q: torch.Tensor) -> float:
         return ((p.double() - q.double()).abs().max() / q.double().abs().max().clamp_min(1e-30)).item()
@@ -1114,6 +1167,14 @@ def main() -> int:
         report["node"] = _node_checks(fam, work, session, model, patched, clip_vision_refusal)
     if a.family == "hidream":
         report["hidream"] = hidream
+    if expect.get("fp8"):
+        merged = fp8_patch.pop("merged")
+        fp8_patch.pop("cast_time")
+        report["fp8"] = {**storage_report, **fp8_grads, **fp8_patch, "manual_cast_dtype": str(model.base.manual_cast_dtype),
+                         "ops": type(target_modules[0]).__qualname__, "backend_fp8_layers": model.fp8_layers,
+                         "train_saved_upcast_peak": train_saved.peak, "train_recasts": train_saved.recasts,
+                         "merged_rel_err": rel(merged, trained), "merged_lora_effect": rel(trained, base),
+                         "merged_finite": bool(torch.isfinite(merged).all())}
     Path(a.report).write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "not_loaded"}), file=sys.stderr)
     return 0

@@ -38,6 +38,9 @@ class SmallFamily:
     # datasets[]: keys beside the check's defaults, given the work folder and the training clips' folder (a
     # conditioned family's do_i2v, or the control / mask / reference folders it writes with the clips' names)
     dataset: Callable[[Path, Path], dict] | None = None
+    # the file whose weights ComfyUI holds in fp8 (a family loaded at weight_dtype fp8): its own precision, the
+    # reference of the fp8 gradient comparison
+    reference_file: str | None = None
 
 
 def fill_random(module: torch.nn.Module, seed: int, scale: float = 1.0) -> None:

@@ -54,6 +54,12 @@ WanImageToVideo / WanVaceToVideo build: every training forward gets them, ComfyU
 its sampler's conversion gives the trained model's output, another start image / control video moves it, and a job
 without them is refused, naming them; VACE's reference image is a clean latent frame before the clip's, trimmed after.
 
+fp8 base weights (comfy_small_flux_fp8.py: the Flux fixture through UNETLoader's weight_dtype fp8_e4m3fn;
+comfy_small_flux_fp8_scaled.py: the same weights as a scaled-fp8 checkpoint, ComfyUI's mixed-precision ops): the
+weights stay fp8 on the modules through training, no upcast copy is kept for backward, the LoRA gradient is the one on
+the same weights upcast and close to the one on the file's bf16 weights, and ComfyUI's LoRA patch at cast time gives
+the trained model's output (its merge into the fp8 weights is unbiased, rounding noise: _assert_fp8).
+
 Each family runs in its own ComfyUI python process (comfy_check_train.py) on random checkpoints that ComfyUI
 detects as that family (comfy_fixtures.py; the asserts check what ComfyUI detected). The fixtures are cached
 in ERI_FIXTURE_CACHE (default ~/.cache/eridiffusion/comfy-fixtures; Wan's full-size UMT5-XXL text encoder is
@@ -201,6 +207,8 @@ def test_lora_trained_on_comfy_model_loads_back_identical(family: str, tmp_path:
         for key in ("train_shift_mu", "train_shift"):  # the training shift ComfyUI's config gives the family
             if key in expect:
                 assert r[key] == (None if expect[key] is None else pytest.approx(expect[key], rel=1e-6)), (key, r[key])
+    if (expect or {}).get("fp8"):  # ComfyUI holds the weights in fp8 (UNETLoader weight_dtype fp8_e4m3fn)
+        _assert_fp8(r, expect["fp8"])
     if (expect or {}).get("reference"):  # trained on reference images (control_path): ComfyUI's reference_latents
         ref = r["reference"]
         print(f"{family} with references: patched vs trained rel err {ref['rel_err']:.1e} through ComfyUI's nodes,"
@@ -328,3 +336,43 @@ def assert_reference_run(ref: dict) -> None:
     assert ref["rel_err"] < TOL, ref  # ComfyUI's own reference_latents path gives the trained model's output
     assert ref["reference_effect"] > 1e-3 and ref["reference_effect"] > 100 * ref["rel_err"], ref
     assert ref["no_reference_effect"] > 1e-3, ref  # the reference reaches the model at all
+
+
+def _assert_fp8(r: dict, want: dict) -> None:
+    """Training on a MODEL whose weights ComfyUI holds in fp8. The weights stayed fp8 on the modules through training
+    (the same storages, fp8 at every training forward) and autograd kept none of the copies ComfyUI's cast ops make
+    (the backend keeps the layer and casts again in backward, with the same gradients; keeping the copies, as without
+    it, holds over half the model's weights upcast in one pass). The LoRA gradient on the fp8 weights is the one on
+    the same weights upcast (bit for bit on the CPU: the cast path computes what the upcast model does) and close in
+    direction to the one on the file's bf16 weights (e4m3's 3 mantissa bits, up to 6% per weight, and plain fp8's
+    small weights subnormal: 0.996 measured; scaled 0.9992).
+    ComfyUI's patched model: applied at cast time (LowVramPatch, how ComfyUI runs a partially loaded model) it gives
+    the trained model's output to float32 rounding (the usual rel_err < 1e-3, asserted above); merged into the fp8
+    weights at a full load (always so on the CPU) the sum is rounded back to fp8 stochastically (a scaled-fp8 layer
+    requantized): unbiased (the merge's change over the exact LoRA change has slope ~1) but noisy, 2.6e-2 (fp8) /
+    1.5e-2 (scaled) of the output for this LoRA, 19x / 33x less than its effect, asserted only to stay nearer the
+    trained output than the base model is. The scaled-fp8 file's other layers are not fp8 (ComfyUI's unet dtype)."""
+    f = r["fp8"]
+    print(f"fp8: {f['n_fp8_params']} parameters stored {f['stored_dtypes']} ({f['fp8_bytes'] / 2**20:.0f} MiB), ops"
+          f" {f['ops']} computing in {f['manual_cast_dtype']}; upcast weights kept for backward: training"
+          f" {f['train_saved_upcast_peak']} B ({f['train_recasts']} recast), a plain pass {f['saved_upcast_peak']} B"
+          f" ({f['recasts']} recast), keeping the copies {f['saved_upcast_peak_copies'] / 2**20:.0f} MiB of"
+          f" {f['upcast_weight_bytes'] / 2**20:.0f} MiB; grad cosine vs upcast {f['grad_cos_upcast']:.12f} (rel err"
+          f" {f['grad_rel_err_upcast']:.1e}), vs the {f['file_dtypes']} file {f['grad_cos_file']:.4f}; cast-time patch"
+          f" rel err {r['rel_err']:.1e} ({f['n_cast_time_patches']} LowVramPatch), merged rel err"
+          f" {f['merged_rel_err']:.1e} (LoRA effect {f['merged_lora_effect']:.1e}, slope {f['merge_slope']:.4f},"
+          f" {f['merge_changed_fraction']:.1%} of the weights changed)")
+    assert f["stored_dtypes"] == [want["weight_dtype"]] and f["n_fp8_params"] > 0, f
+    assert f["train_forward_weight_dtypes"] == [want["weight_dtype"]] and f["n_train_forwards"] == 3, f
+    assert f["storage_unchanged"], f  # nothing upcast in place, no parameter replaced by a copy
+    assert f["backend_fp8_layers"] > 0 and f["ops"] == want.get("ops", "manual_cast.Linear"), f
+    assert f["manual_cast_dtype"] == "torch.float32", f  # ComfyUI's compute dtype on the CPU
+    assert f["train_saved_upcast_peak"] == 0 and f["train_recasts"] > 0, f
+    assert f["saved_upcast_peak"] == 0 and f["recasts"] > 0 and f["recast_grad_rel_err"] == 0, f
+    assert f["saved_upcast_peak_copies"] > 0.5 * f["upcast_weight_bytes"] and f["recasts_copies"] == 0, f
+    assert f["repeat_grad_rel_err"] == 0, f
+    assert f["grad_cos_upcast"] > 1 - 1e-9 and f["grad_rel_err_upcast"] < 1e-6, f
+    assert f["grad_cos_file"] > 0.99 and f["grad_rel_err_file"] > 0, f  # fp8 rounding is there, and small
+    assert f["n_cast_time_patches"] == r["n_patched"], f  # every trained weight patched at cast time
+    assert f["merged_weights"] == r["n_patched"] and 0.9 < f["merge_slope"] < 1.1, f
+    assert f["merged_finite"] and f["merged_rel_err"] < f["merged_lora_effect"], f

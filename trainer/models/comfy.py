@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,8 +32,16 @@ log = logging.getLogger("trainer")
 EXCLUDED = {"HiDreamImageTransformer2DModel": (".experts.",)}
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer of ComfyUI's: torch's Linear (ComfyUI's ops derive from it), or the Linear of ComfyUI's
+    mixed-precision ops (a scaled-fp8 checkpoint's layers: a bare Module holding a QuantizedTensor weight, which
+    isinstance(nn.Linear) misses, so its blocks would have no targets)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "weight_function") and hasattr(module, "in_features")
+                                             and hasattr(module, "out_features"))
+
+
 def _linear_count(module: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules())
+    return sum(is_linear(m) or isinstance(m, nn.Conv2d) for m in module.modules())
 
 
 def block_stacks(diffusion_model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -71,7 +80,7 @@ def default_targets(diffusion_model: nn.Module) -> list[Target]:
                 key = f"{base}.{name}" if name else base
                 if any(p in f".{key}." for p in skip):
                     continue
-                if isinstance(mod, nn.Linear):
+                if is_linear(mod):
                     out.append(Target(f"diffusion_model.{key}", mod.in_features, mod.out_features,
                                       [TargetMember(mod, slice(0, mod.out_features))]))
                 elif isinstance(mod, nn.Conv2d) and mod.groups == 1:
@@ -456,6 +465,20 @@ def _conditioning_entries(conditioning) -> dict[str, torch.Tensor]:
     return item
 
 
+def _is_quantized(t) -> bool:
+    return any(c.__name__ == "QuantizedTensor" for c in type(t).__mro__)
+
+
+def _inference_quantized(p: torch.Tensor) -> nn.Parameter:
+    """A scaled-fp8 layer's weight (ComfyUI's QuantizedTensor) as ComfyUI's loader builds it, inside inference_mode: a
+    wrapper made outside it (by ComfyUI's own module.to() when it loads the model there: MixedPrecisionOps re-wraps
+    its parameters) cannot be detached inside it, and ComfyUI's LoRA loader reads the model's state_dict (detach)
+    under inference_mode: "Cannot set version_counter for inference tensor". Autograd never saves it (its layer
+    dequantizes it into a new tensor first), so it can stay an inference tensor; its data is not copied."""
+    with torch.inference_mode():
+        return nn.Parameter(type(p)(p._qdata, p._layout_cls, p._params), requires_grad=False)
+
+
 def _autograd_ready(module: nn.Module) -> None:
     """ComfyUI loads (and moves) weights inside torch.inference_mode(): inference tensors, which autograd
     cannot save for backward, and the LoRA's gradient flows back through every base layer. Swap in normal
@@ -463,6 +486,10 @@ def _autograd_ready(module: nn.Module) -> None:
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in list(m._parameters.items()):
+                if p is not None and _is_quantized(p):
+                    if not p.is_inference():
+                        m._parameters[name] = _inference_quantized(p)
+                    continue
                 if p is not None and (p.is_inference() or p.requires_grad):
                     m._parameters[name] = nn.Parameter(p.detach().clone() if p.is_inference() else p.detach(),
                                                        requires_grad=False)
@@ -471,12 +498,92 @@ def _autograd_ready(module: nn.Module) -> None:
                     m._buffers[name] = b.clone()
 
 
-def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone() if t.requires_grad else t  # frozen weights and constants are never written
+# The compute-dtype copies ComfyUI's cast ops make of weights it stores in another dtype (fp8, scaled fp8), by their
+# storage's address: the weight_function _RememberUpcast records each copy as the layer casts it
+_UPCASTS: dict[int, tuple] = {}
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
+class _RememberUpcast:
+    """A weight_function (run by ComfyUI's cast_bias_weight after it cast a layer's stored weight to the compute
+    dtype) that records the copy, so that autograd keeps the stored weight instead of the copy for backward (_pack)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        try:
+            key = weight.untyped_storage().data_ptr()
+        except Exception:  # a tensor subclass without a plain storage: not recorded (autograd keeps the copy)
+            return weight
+        _UPCASTS[key] = (weakref.ref(weight, lambda _, k=key: _UPCASTS.pop(k, None)), self.module)
+        return weight
+
+
+@dataclass(frozen=True)
+class _Recast:
+    """A saved view of a layer's upcast weight, kept as the layer (its stored fp8 weight) and the view's geometry."""
+
+    module: weakref.ref
+    dtype: torch.dtype
+    device: torch.device
+    size: tuple
+    stride: tuple
+    offset: int
+
+    def tensor(self) -> torch.Tensor:
+        import comfy.ops
+
+        weight = comfy.ops.cast_bias_weight(self.module(), dtype=self.dtype, device=self.device)[0]
+        return weight.as_strided(self.size, self.stride, self.offset)
+
+
+def _pack(t: torch.Tensor):
+    """What autograd keeps of a tensor it saves for backward. A tensor that requires grad is copied (ComfyUI's models
+    update activations in place after saving them). A layer's weight cast from fp8 to the compute dtype (ComfyUI's
+    manual_cast / scaled-fp8 ops upcast every weight in its forward, and linear saves it for the input's gradient) is
+    kept as the layer, cast again in backward: otherwise every layer's upcast copy stays alive from its forward to its
+    backward, which is a full-precision copy of the whole model without checkpointing (one block's with it)."""
+    if t.requires_grad:
+        return t.detach().clone()
+    if _UPCASTS and t.is_floating_point():
+        try:
+            entry = _UPCASTS.get(t.untyped_storage().data_ptr())
+        except Exception:
+            entry = None
+        if entry is not None:
+            weight, module = entry[0](), entry[1]
+            if weight is not None and module() is not None and weight.dtype == t.dtype and weight.device == t.device:
+                return _Recast(module, t.dtype, t.device, tuple(t.size()), tuple(t.stride()), t.storage_offset())
+    return t  # frozen weights and constants are never written
+
+
+def _unpack(saved) -> torch.Tensor:
+    return saved.tensor() if isinstance(saved, _Recast) else saved
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def stored_low_precision(module: nn.Module) -> bool:
+    """Whether one of ComfyUI's cast-op layers stores its weight in fp8 (a float8 tensor, or ComfyUI's QuantizedTensor
+    of a scaled-fp8 checkpoint) that its forward casts to the compute dtype."""
+    weight = getattr(module, "weight", None)
+    if not hasattr(module, "weight_function") or not isinstance(weight, torch.Tensor):
+        return False
+    return weight.dtype in FP8_DTYPES or _is_quantized(weight)
+
+
+def remember_upcasts(diffusion_model: nn.Module) -> int:
+    """Install _RememberUpcast on every fp8-stored layer (after every load: ComfyUI's loader wipes weight_functions);
+    the lists are replaced, not appended to (ComfyUI's default list is shared by every layer class). Returns how many
+    layers have it."""
+    n = 0
+    for m in diffusion_model.modules():
+        if stored_low_precision(m):
+            if not any(isinstance(f, _RememberUpcast) for f in m.weight_function):
+                m.weight_function = [*m.weight_function, _RememberUpcast(m)]
+            n += 1
+    return n
 
 
 def repeated_layers(diffusion_model: nn.Module) -> list[nn.Module]:
@@ -512,7 +619,7 @@ def checkpointed_block(forward):
             vals = list(flat)
             for i, t in zip(where, ts):
                 vals[i] = t.clone() if t.is_floating_point() else t
-            with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _same):
+            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
                 return forward(*vals[:len(args)], **dict(zip(names, vals[len(args):])))
 
         return torch.utils.checkpoint.checkpoint(inner, *tensors, use_reentrant=True)
@@ -634,6 +741,7 @@ class ComfyModel(TrainingModel):
 
     host_places_weights = True
     _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
+    fp8_layers = 0  # the layers whose fp8 weights' upcast copies autograd does not keep (remember_upcasts), once loaded
 
     def ensure_loaded(self) -> None:
         """ComfyUI's model management places (and may later move) the weights: load them for training, all of them,
@@ -646,6 +754,9 @@ class ComfyModel(TrainingModel):
         else:
             mm.load_models_gpu([self.patcher], memory_required=self._reserve + capped_away(self.device))
         _autograd_ready(self.denoiser)
+        # fp8 weights (UNETLoader's weight_dtype fp8, scaled-fp8 checkpoints) stay fp8; the copies their layers cast
+        # to the compute dtype are not kept for backward
+        self.fp8_layers = remember_upcasts(self.denoiser)
 
     def reserve_memory(self, nbytes: int) -> None:
         self._reserve = int(nbytes)
@@ -847,7 +958,7 @@ class ComfyModel(TrainingModel):
         outs = []
         # ComfyUI's models add residuals in place (Flux: `x += ...` after a norm saved x), which autograd
         # refuses: the activations it saves are copied as they are saved, so later in-place updates miss them
-        with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _same):
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             for sel, conds in groups:
                 denoised = self.base.apply_model(x[sel], s[sel], **conds)
                 # eps for eps/v models, the velocity (noise - x0) for flow models
