@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..config import TEXT_IMAGE_NODE_NAMES
 from ..errors import ConfigError
 from .base import Conditioning, Target, TargetMember, TrainingModel, ragged_batch, sample_of
 from .blocks import spread_over_depth
@@ -307,13 +308,12 @@ def token_count_mu(model_config, latent_shape: tuple[int, ...]) -> float | None:
 
 
 # ComfyUI model classes (comfy.model_base) whose edit models read the reference image in the text encoder too, with
-# the ComfyUI node (module, class) that encodes a caption with its images, called as the graph calls it: the caption
-# and image go in, its CONDITIONING comes out. Qwen-Image-Edit: TextEncodeQwenImageEditPlus (2509 / 2511; the image
-# read at 384x384 area by the VL encoder; vae left out: the reference latent is the dataset's control, at its size)
-TEXT_IMAGE_NODES = {"QwenImage": ("comfy_extras.nodes_qwen", "TextEncodeQwenImageEditPlus")}
-# the other nodes a model.text_image_node may name, for the same models: the first Qwen-Image-Edit's (its template has
-# no "Picture N:" labels and reads the image at 1024x1024 area, where Plus reads it at 384x384)
-OTHER_TEXT_IMAGE_NODES = {"TextEncodeQwenImageEdit": ("comfy_extras.nodes_qwen", "QwenImage")}
+# the ComfyUI nodes (module, classes; the first the default) that encode a caption with its images, called as the graph
+# calls them: the caption and image go in, its CONDITIONING comes out. Qwen-Image-Edit: TextEncodeQwenImageEditPlus
+# (2509 / 2511; the image read at 384x384 area by the VL encoder), or model.text_image_node's TextEncodeQwenImageEdit
+# (the first release: no "Picture N:" labels, the image at 1024x1024 area); vae left out: the reference latent is the
+# dataset's control, at its size
+TEXT_IMAGE_NODES = {"QwenImage": ("comfy_extras.nodes_qwen", TEXT_IMAGE_NODE_NAMES)}
 
 
 def text_image_node(base, name: str | None = None):
@@ -323,13 +323,11 @@ def text_image_node(base, name: str | None = None):
 
     for cls in type(base).__mro__:
         if cls.__name__ in TEXT_IMAGE_NODES:
-            module, default = TEXT_IMAGE_NODES[cls.__name__]
-            if name is None or name == default:
-                return getattr(importlib.import_module(module), default)
-            other = OTHER_TEXT_IMAGE_NODES.get(name)
-            if other is None or other[1] != cls.__name__:
-                break
-            return getattr(importlib.import_module(other[0]), name)
+            module, names = TEXT_IMAGE_NODES[cls.__name__]
+            chosen = name or names[0]
+            if chosen in names:
+                return getattr(importlib.import_module(module), chosen)
+            break
     if name is None:
         return None
     raise ConfigError(f"config.process[0].model.text_image_node: {name} does not encode captions for ComfyUI's"
