@@ -115,6 +115,10 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, float] = spec(True, ge=0, le=1,
                                                       help="recompute activations: less memory, slower steps")
     compile: bool = spec(False, help="torch.compile the blocks (CUDA; the first steps of each size take longer)")
+    # each micro-step's forward and backward replayed from a CUDA graph per bucket shape (train/cuda_graphs.py):
+    # launch-bound steps (SDXL, small images) get faster; each captured shape keeps its activations' memory reserved
+    cuda_graphs: bool = spec(False, help="replay each step from a CUDA graph per bucket shape (CUDA; faster"
+                             " launch-bound steps, e.g. SDXL; the first steps of each shape run without)")
     # unset: tested on the card at start (trainer/attention.py) and used where correct and faster; false: off
     cudnn_attention: Optional[bool] = spec(None, help="cuDNN attention: unset tests it on the card first;"
                                            " false: off; true: on, untested")

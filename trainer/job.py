@@ -25,6 +25,7 @@ from .networks.network import Network, build_network, read_network_file
 from .prepare import choose_attention, compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
 from .train.checkpoints import DTYPES, RunFolder
+from .train.cuda_graphs import check_config as check_cuda_graphs
 from .train.distributed import Distributed, require_single_process
 from .train.loop import Trainer, TrainState
 from .train.run_identity import check_job_fits_state, run_identity
@@ -108,6 +109,7 @@ def check_before_loading(job: JobConfig, model_files: bool = True) -> None:
             check_tokenizers(job)
     if job.process.network.pretrained_lora_path:
         local_path(job.process.network.pretrained_lora_path, "network.pretrained_lora_path")
+    check_cuda_graphs(job, pick_device(job.process.device))
     if job.process.train.optimizer == "adamw8bit":
         device = pick_device(job.process.device)
         if device.type != "cuda":

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ModelFileError
 from .base import Conditioning, Target, TrainingModel
+from .device_constants import on_device
 from .family import Family
 from .flux_layout import diffusers_config_from_original, flux_layout, load_flux_layout_transformer, original_to_diffusers
 from .layout import block_targets
@@ -45,10 +46,13 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    def make() -> torch.Tensor:
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3)
+
+    return on_device(("flux image ids", h, w), make, device, dtype)
 
 
 def packed_mu(latent_shape: tuple[int, ...]) -> float:

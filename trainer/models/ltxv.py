@@ -28,6 +28,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelFileError
 from .base import Conditioning, Target, TrainingModel
+from .device_constants import on_device
 from .detect import require_family
 from .family import Family
 from .files import (dequantize_scaled_fp8, diffusers_component, load_state_dict, safetensors_metadata,
@@ -252,16 +253,22 @@ class LTXVModel(TrainingModel):
         LTXVConditioning frame_rate; default the native 25), in the units diffusers' rotary embedding divides by its
         fixed (20, 2048, 2048)."""
         p = self.positions
-        t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
-        t = t.float() * p.vae_factors[0]
-        if p.causal:
-            t = (t + 1 - p.vae_factors[0]).clamp(min=0)
-        rate = (torch.full((batch,), self.native_fps) if fps is None else fps.float().reshape(-1).expand(batch)).cpu()
-        t = t.reshape(1, -1) / rate[:, None]
-        space = torch.stack([y.float() * p.vae_factors[1] * (2048.0 / p.max_pos[1]),
-                             x.float() * p.vae_factors[2] * (2048.0 / p.max_pos[2])]).reshape(1, 2, -1)
-        coords = torch.cat([(t * (20.0 / p.max_pos[0]))[:, None], space.expand(batch, -1, -1)], dim=1)
-        return coords.to(self.device)
+
+        def grid() -> torch.Tensor:  # (1, 3, tokens): frame time in latent frames (before the rate), y, x
+            t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+            t = t.float() * p.vae_factors[0]
+            if p.causal:
+                t = (t + 1 - p.vae_factors[0]).clamp(min=0)
+            space = torch.stack([y.float() * p.vae_factors[1] * (2048.0 / p.max_pos[1]),
+                                 x.float() * p.vae_factors[2] * (2048.0 / p.max_pos[2])]).reshape(1, 2, -1)
+            return torch.cat([t.reshape(1, 1, -1), space], dim=1)
+
+        # the grid is made once per size on the device; only the rates are per batch (no host copy in the step)
+        base = on_device(("ltxv coords", id(p), frames, height, width), grid, self.device, anchor=p)
+        rate = (torch.full((batch,), float(self.native_fps), device=self.device) if fps is None
+                else fps.to(self.device).float().reshape(-1).expand(batch))
+        t = base[:, :1] / rate[:, None, None]
+        return torch.cat([t * (20.0 / p.max_pos[0]), base[:, 1:].expand(batch, -1, -1)], dim=1)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
                 guidance: float | None = None) -> torch.Tensor:

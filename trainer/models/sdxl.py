@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import ModelFileError
 from .base import Conditioning, Target, TargetMember, TrainingModel
 from .detect import require_family
+from .device_constants import on_device
 from .family import Family
 from .files import diffusers_component, find_weights_file, load_state_dict, safetensors_metadata, safetensors_shapes
 from .objectives import EpsObjective, VObjective
@@ -105,8 +106,11 @@ def unet_blocks(unet: nn.Module) -> list[nn.Module]:
 
 
 def table_timesteps(log_sigmas: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table."""
-    ls = sigmas.double().cpu().clamp_min(1e-10).log()
+    """The (fractional) timestep of each sigma: linear interpolation in log sigma over the DDPM table, on the
+    sigmas' device (a training step's sigmas are on the card: no host round trip)."""
+    if log_sigmas.device != sigmas.device:
+        log_sigmas = on_device(("log sigmas", id(log_sigmas)), lambda: log_sigmas, sigmas.device, anchor=log_sigmas)
+    ls = sigmas.to(torch.float64).clamp_min(1e-10).log()
     hi = torch.searchsorted(log_sigmas, ls).clamp(1, log_sigmas.shape[0] - 1)
     lo = hi - 1
     w = ((ls - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])).clamp(0, 1)
@@ -152,7 +156,8 @@ def predict_unet(unet: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, con
     if time_ids is None:
         # original size = target size = the bucket, no crop (what the pipeline does at sampling)
         H, W = h * vae_scale, w * vae_scale
-        time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32).expand(b, NUM_TIME_IDS)
+        time_ids = on_device(("sdxl time ids", H, W), lambda: torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32),
+                             device).expand(b, NUM_TIME_IDS)
     return unet(
         x, t, encoder_hidden_states=cond["crossattn"].to(device, dtype),
         added_cond_kwargs={"text_embeds": cond["pooled"].to(device, dtype), "time_ids": time_ids.to(device, dtype)},

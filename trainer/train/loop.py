@@ -25,6 +25,7 @@ from ..previews import PreparedSample, save_preview
 from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
+from .cuda_graphs import GraphedMicroStep
 from .distributed import Distributed
 from .optim import build_optimizer, build_scheduler
 from .run_identity import changed_job_error, past_steps_error, split_changes
@@ -77,6 +78,9 @@ class Trainer:
         fp16 = model.dtype == torch.float16 and model.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.state = TrainState()
+        # train.cuda_graphs: each micro-step's forward and backward replayed from a graph per input shape
+        self.graphs = GraphedMicroStep(self.forward_backward, model.device) if tc.cuda_graphs else None
+        self.micro_step = self.graphs or self.forward_backward
         self.network_shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
 
     def _schedule(self, total: int):
@@ -289,7 +293,12 @@ class Trainer:
         inputs = self.batch_inputs(micro, gen)
         if inputs is None:
             return None
-        latents, noise, sigmas, cond = inputs
+        return self.loss_of(*inputs, len(self.plan.batch(micro)))
+
+    def loss_of(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                items: int) -> torch.Tensor:
+        """The loss of a drawn batch, summed over its items and divided by `items` (the whole micro-batch's): the
+        step's work on the card, from inputs on the card (what a CUDA graph captures)."""
         obj = self.model.objective
         noisy = obj.add_noise(latents, noise, sigmas)
         known = self.model.known_latents(cond, latents)
@@ -305,7 +314,16 @@ class Trainer:
         else:  # the mean over what the model generates: given frames teach nothing
             free = (1 - given).expand_as(err)
             per_sample = (err * free).sum(dim=dims) / free.sum(dim=dims).clamp_min(1.0)
-        return (per_sample * self.loss_weights(sigmas)).sum() / len(self.plan.batch(micro))
+        return (per_sample * self.loss_weights(sigmas)).sum() / items
+
+    def forward_backward(self, inputs: tuple) -> torch.Tensor:
+        """One micro-batch's loss (divided by the micro-batches a step takes) and its backward, the gradients
+        accumulated into the parameters' .grad; returns the loss, detached. `inputs`: batch_inputs(), the batch's
+        item count, the micro-batches a step takes."""
+        latents, noise, sigmas, cond, items, accumulation = inputs
+        loss = self.loss_of(latents, noise, sigmas, cond, items) / accumulation
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
 
     def step(self) -> float:
         tc = self.cfg.train
@@ -315,16 +333,16 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         total = 0.0
         for a in range(tc.gradient_accumulation):
-            loss = self._loss(step * tc.gradient_accumulation + a, gen)
-            if loss is None:  # this rank has no items in this micro-batch
+            micro = step * tc.gradient_accumulation + a
+            inputs = self.batch_inputs(micro, gen)
+            if inputs is None:  # this rank has no items in this micro-batch
                 continue
-            loss = loss / tc.gradient_accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss = self.micro_step((*inputs, len(self.plan.batch(micro)), tc.gradient_accumulation))
             # read after the backward is queued (the one host sync of a step: reading it between forward and
             # backward would hold the backward's launches until the forward had finished on the card)
-            value = float(loss.detach())
+            value = float(loss)
             if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=self.graphs is None)
                 saved = self.state.last_save or "nothing was saved yet"
                 raise TrainingDiverged(
                     f"loss became {value} at step {step + 1}; training stopped before the weights were touched."
@@ -344,7 +362,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.graphs is None)  # a graph accumulates into its .grad
             self.scheduler.step()
             self.state.step += 1
         return total
@@ -442,6 +460,8 @@ class Trainer:
             raise
         finally:
             self.model.set_train_hooks(False)
+            if self.graphs is not None:
+                (report or log.info)(f"train.cuda_graphs: {self.graphs.summary()}")
         if self.state.step >= tc.steps:
             self.save(final=True)
             if sampling:

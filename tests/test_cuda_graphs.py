@@ -1,0 +1,155 @@
+"""train.cuda_graphs: the graphed step trains exactly as the plain step (same LoRA after the same steps, every
+bucket shape, gradient accumulation), falls back to the plain step where a capture fails, and is refused beside
+the settings it cannot work with, the keys named.
+
+The equivalence tests need a CUDA card (graphs do not exist on the CPU): on a machine without one they skip, and
+they are run on the device (see bench/cuda_graphs_check.log for the last run)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from helpers import job_dict, make_images, quiet
+from trainer.config import load_job_dict
+from trainer.errors import ConfigError
+from trainer.job import build_trainer
+from trainer.train.cuda_graphs import GraphedMicroStep, signature
+
+# read when cuBLAS starts, so before any test of this module touches the card (deterministic matmuls need it)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA card (run on the"
+                                " device: python -m pytest tests/test_cuda_graphs.py)")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> dict:
+    from sdxl_helpers import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("blocks_to_swap", 1, "train.blocks_to_swap"),
+    ("offload_activations", True, "train.offload_activations"),
+    ("train_text_encoder", True, "train.train_text_encoder"),  # sdxl trains its text encoders
+])
+def test_refused_beside_what_it_cannot_work_with(tiny_sdxl, images, tmp_path, key, value, named):
+    d = job_dict(tiny_sdxl, images, tmp_path, cuda_graphs=True, **{key: value})
+    with pytest.raises(ConfigError) as e:
+        build_trainer(load_job_dict(d), report=quiet)
+    assert "train.cuda_graphs" in str(e.value) and named in str(e.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_refused_without_a_cuda_device(tiny_flux, images, tmp_path):
+    d = job_dict(tiny_flux, images, tmp_path, cuda_graphs=True)  # device: cpu
+    with pytest.raises(ConfigError, match=r"train\.cuda_graphs: CUDA graphs need a CUDA device; this run is on cpu"):
+        build_trainer(load_job_dict(d), report=quiet)
+
+
+def test_signature_tells_shapes_apart_and_refuses_what_a_graph_cannot_hold():
+    a = (torch.zeros(1, 4, 8, 8), {"t5": torch.zeros(1, 7, 32), "mask": None}, 1, 2)
+    same = (torch.ones(1, 4, 8, 8), {"mask": None, "t5": torch.ones(1, 7, 32)}, 1, 2)
+    assert signature(a) == signature(same)
+    assert signature(a) != signature((torch.zeros(1, 4, 8, 12), a[1], 1, 2))  # another bucket
+    assert signature(a) != signature((a[0], a[1], 2, 2))  # another item count: a Python value baked into the graph
+    assert signature(a) != signature((a[0].half(), a[1], 1, 2))
+    assert signature((torch.zeros(2, requires_grad=True),)) is None  # a trained encoder's output
+    assert signature((object(),)) is None
+
+
+# --- on a CUDA card -----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def deterministic():
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:4]
+    torch.use_deterministic_algorithms(before[4])
+
+
+def _train(d: dict, steps: int) -> tuple[dict[str, torch.Tensor], list[float], object]:
+    d["config"]["process"][0]["train"]["steps"] = steps
+    trainer = build_trainer(load_job_dict(d), report=quiet)
+    state = trainer.train()
+    weights = {k: v.detach().float().cpu().clone() for k, v in trainer.network.state_dict().items()}
+    return weights, state.losses, trainer.graphs
+
+
+def _cuda_job(model: dict, data, out, **train) -> dict:
+    d = job_dict(model, data, out, disable_sampling=True, **train)
+    p = d["config"]["process"][0]
+    p["device"] = "cuda"
+    p["datasets"][0]["resolution"] = [32, 48]  # two bucket shapes: two graphs
+    p["save"]["save_every"] = 1000
+    return d
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+@pytest.mark.parametrize("accumulation, compile_", [(1, False), (2, False), (1, True)])
+def test_graphed_step_trains_as_the_plain_step(family, accumulation, compile_, tiny_flux, tiny_sdxl, tmp_path,
+                                               deterministic):
+    """Two bucket shapes, 10 steps: every shape warms up, is captured and replayed; the LoRA after the run and every
+    step's loss equal the plain step's within 1e-5 (fp32, TF32 off, deterministic kernels: without them two plain
+    runs of the UNet differ by ~1e-4 already, from cuDNN's nondeterministic convolution backward)."""
+    model = tiny_flux if family == "flux" else tiny_sdxl
+    data = make_images(tmp_path / "data", n=4, size=(64, 64))
+    extra = {"gradient_accumulation": accumulation, "compile": compile_}
+    plain, plain_losses, _ = _train(_cuda_job(model, data, tmp_path / "plain", **extra), 10)
+    graphed, graphed_losses, graphs = _train(_cuda_job(model, data, tmp_path / "graph", cuda_graphs=True, **extra), 10)
+    assert len(graphs.graphs) == 2 and graphs.replays > 0 and not graphs.eager, graphs.summary()
+    assert plain.keys() == graphed.keys()
+    worst = max(_rel(graphed[k], plain[k]) for k in plain)
+    assert worst < 1e-5, worst
+    for a, b in zip(graphed_losses, plain_losses):
+        assert a == pytest.approx(b, rel=1e-5)
+    # the LoRA moved: equal because both trained, not because neither did
+    start, _, _ = _train(_cuda_job(model, data, tmp_path / "start"), 1)
+    assert max(_rel(graphed[k], start[k]) for k in start if "up" in k or "lora_B" in k) > 1e-3
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_runs_without_a_graph(caplog):
+    """A step that reads a value on the host (`.item()`) cannot be captured: it runs eagerly, says so once, and
+    gives the plain step's result (the gradients accumulate as they would)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16).to(dev)
+
+    def micro_step(inputs):
+        x, scale = inputs
+        loss = (layer(x) ** 2).mean() * scale
+        if float(loss.detach().abs().max().item()) >= 0:  # a host read, as some model code does
+            loss.backward()
+        return loss.detach()
+
+    x = torch.randn(4, 16, device=dev)
+    graphed = GraphedMicroStep(micro_step, dev)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        losses = [float(graphed((x, 1.0))) for _ in range(4)]
+    assert not graphed.graphs and len(graphed.eager) == 1
+    assert sum("runs without a CUDA graph" in r.message for r in caplog.records) == 1
+    grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    for _ in range(4):
+        micro_step((x, 1.0))
+    torch.testing.assert_close(grad, layer.weight.grad)
+    assert losses == [losses[0]] * 4
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture left no stream behind

@@ -1,0 +1,195 @@
+"""`train.cuda_graphs`: each micro-step's forward, loss and backward replayed from a CUDA graph, one per input shape.
+
+SDXL at batch 1 and small images are bound by kernel launches and Python (hooks on hundreds of layers), not by the
+card: replaying the whole forward and backward as one graph takes those away (bench/sdxl_graph_step.py: 0.54 ->
+0.11 s/step at 1024² on an H200). What stays outside the graph: drawing the batch (data, noise, noise levels,
+captions), the optimizer step, clipping and the scheduler, so every optimizer and every other train key behaves as
+without graphs.
+
+Per input signature (the shapes, dtypes and devices of every tensor the step reads, and its Python values): the
+first WARMUP occurrences run eagerly on the capture stream (lazy initialisation, cuDNN's algorithm choice and
+torch.compile's compiling happen there, not in the capture), the next is captured and every later one is a copy
+of its inputs into the graph's buffers and a replay. All graphs share one memory pool: only one runs at a time.
+
+A step that cannot be captured (the family's code reads a value on the host or copies from host memory inside the
+step) runs eagerly from then on, for that signature, with one warning that says why: graphs are a speed-up, never a
+reason for a run to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("trainer")
+
+WARMUP = 2  # eager runs of a signature before its capture
+MAX_GRAPHS = 32  # signatures (bucket shapes) captured at most; later ones run eagerly
+
+
+def check_config(job, device: torch.device) -> None:
+    """train.cuda_graphs with settings it cannot work beside, said before anything loads (the key named)."""
+    tc, mc = job.process.train, job.process.model
+    if not tc.cuda_graphs:
+        return
+    key = "config.process[0].train.cuda_graphs"
+    clashes = [
+        (tc.blocks_to_swap not in (0, "0") or mc.layer_offloading, "train.blocks_to_swap (model.layer_offloading)",
+         "swapped blocks move their weights between steps, and a graph replays the addresses it captured"),
+        (tc.offload_activations, "train.offload_activations", "the offload copies to host memory inside the step"),
+        (tc.train_text_encoder, "train.train_text_encoder", "the text encoders run before the graph, whose copy of"
+         " their output would cut their gradients"),
+        (mc.backend == "comfyui", "model.backend comfyui", "ComfyUI's model management may move the weights between"
+         " steps; train from the model files (the engine's loaders) to use CUDA graphs"),
+    ]
+    for clash, other, why in clashes:
+        if clash:
+            raise ConfigError(f"{key}: not with {other}: {why}. Set one of them to false.")
+    if device.type != "cuda":
+        raise ConfigError(f"{key}: CUDA graphs need a CUDA device; this run is on {device.type} (set it to false)")
+
+
+def signature(value: Any) -> Any:
+    """A hashable description of the step's inputs: what a graph captured for one call can replay for another
+    (tensors by shape, dtype and device; plain values by value). None: a value no graph can hold."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:  # a graph's copy of it would cut the gradient's path (a trained text encoder)
+            return None
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        parts = tuple(signature(v) for v in value)
+        return None if any(p is None for p in parts) else (type(value).__name__, parts)
+    if isinstance(value, dict):
+        parts = tuple((k, signature(v)) for k, v in sorted(value.items()))
+        return None if any(p is None for _, p in parts) else ("dict", parts)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    return None
+
+
+def to_buffers(value: Any, device: torch.device) -> Any:
+    """The graph's own copy of the inputs, every tensor on `device` (a copy from host memory cannot be captured)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_buffers(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_buffers(v, device) for k, v in value.items()}
+    return value
+
+
+def copy_into(buffers: Any, value: Any) -> None:
+    """This call's inputs into the graph's buffers (same signature: same structure and shapes)."""
+    if isinstance(buffers, torch.Tensor):
+        buffers.copy_(value, non_blocking=True)
+    elif isinstance(buffers, (list, tuple)):
+        for b, v in zip(buffers, value):
+            copy_into(b, v)
+    elif isinstance(buffers, dict):
+        for k, b in buffers.items():
+            copy_into(b, value[k])
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, buffers: Any, output: torch.Tensor) -> None:
+        self.graph, self.buffers, self.output = graph, buffers, output
+
+
+class GraphedMicroStep:
+    """`micro_step(inputs) -> loss` (forward, loss and backward, its gradients accumulated into the parameters'
+    .grad) replayed from a CUDA graph per input signature. The parameters' gradients must stay allocated between
+    steps (zero_grad(set_to_none=False)): the graphs accumulate into them in place."""
+
+    def __init__(self, micro_step: Callable[[Any], torch.Tensor], device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.micro_step = micro_step
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[Any, _Graph] = {}
+        self.seen: dict[Any, int] = {}
+        self.eager: dict[Any, str] = {}  # signature -> why it runs eagerly
+        self.replays = 0
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        sig = signature(inputs)
+        if sig is None:
+            return self._refuse(sig, inputs, "the step's inputs hold a value a graph cannot keep")
+        g = self.graphs.get(sig)
+        if g is not None:
+            copy_into(g.buffers, inputs)
+            g.graph.replay()
+            self.replays += 1
+            return g.output
+        if sig in self.eager:
+            return self.micro_step(inputs)
+        n = self.seen.get(sig, 0)
+        if n < WARMUP:
+            self.seen[sig] = n + 1
+            return self._on_capture_stream(inputs)
+        if len(self.graphs) >= MAX_GRAPHS:
+            return self._refuse(sig, inputs, f"{MAX_GRAPHS} input shapes are captured already")
+        try:
+            g = self._capture(inputs)
+        except Exception as e:  # noqa: BLE001 - any failure to capture leaves the step to run eagerly
+            torch.cuda.synchronize(self.device)
+            return self._refuse(sig, inputs, first_cause(e))
+        self.graphs[sig] = g
+        g.graph.replay()  # a capture records without running: this call's step is the first replay
+        self.replays += 1
+        return g.output
+
+    def _on_capture_stream(self, inputs: Any) -> torch.Tensor:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = self.micro_step(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def _capture(self, inputs: Any) -> _Graph:
+        buffers = to_buffers(inputs, self.device)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        before = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                out = self.micro_step(buffers)
+        finally:  # a capture that fails at its end leaves the capture stream current: the step's own comes back
+            torch.cuda.set_stream(before)
+        return _Graph(graph, buffers, out)
+
+    def _refuse(self, sig: Any, inputs: Any, why: str) -> torch.Tensor:
+        key = sig if sig is not None else ("unkeepable",)
+        if key not in self.eager:
+            self.eager[key] = why
+            log.warning("train.cuda_graphs: a step (%s) runs without a CUDA graph: %s", describe(inputs), why)
+        return self.micro_step(inputs)
+
+    def summary(self) -> str:
+        return (f"{len(self.graphs)} CUDA graph(s) captured, {self.replays} replays"
+                + (f", {len(self.eager)} input shape(s) eager" if self.eager else ""))
+
+
+def first_cause(e: BaseException) -> str:
+    """The error that broke the capture: a failed capture's end raises its own error over the first one."""
+    while e.__context__ is not None and "during capture" in str(e):
+        e = e.__context__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def describe(inputs: Any) -> str:
+    """The inputs' first tensor's shape (the latents: the bucket), for messages."""
+    if isinstance(inputs, torch.Tensor):
+        return "x".join(str(d) for d in inputs.shape)
+    if isinstance(inputs, (list, tuple)):
+        for v in inputs:
+            d = describe(v)
+            if d:
+                return d
+    return ""
