@@ -135,7 +135,7 @@ def test_fp8_matmul_layer_is_close_to_the_dequantized_one(device, dtype):
     y.backward(grad)
     assert y.dtype == dtype and x.grad.dtype == dtype
     err_y, err_gx = _rel(y, ref_y), _rel(x.grad, ref_gx)
-    # fp8 activations: a few percent off (measured 2.6%), and not the dequantized path (exact in float32)
+    # fp8 activations: a few percent off (measured 2.3-2.7%), and not the dequantized path (exact in float32)
     assert 0.01 < err_y < 0.04 and 0.01 < err_gx < 0.04, (err_y, err_gx)
     assert lin.weight.grad is None and lin.bias.grad is None and not lin.weight.requires_grad
     lin.fp8_matmul = False
