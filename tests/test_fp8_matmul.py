@@ -237,21 +237,27 @@ def test_comfyui_model_refuses_fp8_matmul():
         require_fp8_matmul(model)
 
 
-@pytest.mark.skipif(not cpu_scaled_mm_runs(), reason="this torch has no CPU _scaled_mm")
-def test_job_with_fp8_matmul_switches_the_blocks_and_trains(tiny_flux, images, tmp_path, monkeypatch):
-    """Through the trainer (the CPU allowed by the test seam): the prepare step switches every quantized block linear,
-    a quantize-only job none, and a step trains with the LoRA's gradient through the fp8 input gradients."""
-    monkeypatch.setenv(FP8_MATMUL_CPU_ENV, "1")
+@pytest.mark.parametrize("device", DEVICES)
+def test_job_with_fp8_matmul_switches_the_blocks_and_trains(tiny_flux, images, tmp_path, monkeypatch, device):
+    """Through the trainer (the CPU allowed by the test seam; the card as it is): the prepare step switches every
+    quantized block linear, a quantize-only job none, and steps train the LoRA through the fp8 input gradients."""
+    if device == "cpu":
+        monkeypatch.setenv(FP8_MATMUL_CPU_ENV, "1")
     lines = []
     runs = {}
     for on in (False, True):
-        job = load_job_dict(job_dict({**tiny_flux, "quantize": True, "fp8_matmul": on}, images,
-                                     tmp_path / f"out{on}", steps=1, dtype="bf16"))
-        trainer = build_trainer(job, report=lines.append)
+        d = job_dict({**tiny_flux, "quantize": True, "fp8_matmul": on}, images, tmp_path / f"out{on}", steps=2,
+                     dtype="bf16")
+        d["config"]["process"][0]["device"] = device
+        trainer = build_trainer(load_job_dict(d), report=lines.append)
         linears = [m for b in trainer.model.repeated_blocks() for m in b.modules() if isinstance(m, nn.Linear)]
         assert linears and all(m.weight.dtype == FP8 and m.fp8_matmul is on for m in linears)
         runs[on] = trainer
     assert any(ln.startswith("model.fp8_matmul: ") for ln in lines)
+    before = {k: v.detach().clone() for k, v in runs[True].network.state_dict().items()}
     state = runs[True].train()
-    assert state.step == 1 and runs[True].run.final_path.exists()
+    after = runs[True].network.state_dict()
+    # every LoRA tensor moved: the gradient reached the first block through the later blocks' fp8 input gradients
+    assert all(torch.isfinite(after[k]).all() and not torch.equal(after[k], v) for k, v in before.items())
+    assert state.step == 2 and runs[True].run.final_path.exists()
     assert all(p.grad is None for p in runs[True].model.denoiser.parameters() if p.dtype == FP8)
