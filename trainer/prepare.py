@@ -79,7 +79,7 @@ def require_fp8_matmul(model: TrainingModel) -> None:
 def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> None:
     tc, mc = job.process.train, job.process.model
     if mc.fp8_matmul:
-        require_fp8_matmul(model)  # before the quantize, which takes minutes on a 12B model
+        require_fp8_matmul(model)  # refused before any of the work below
     if mc.quantize:
         # the loaders leave the denoiser on the CPU: quantized there, it moves to the card at fp8 size
         n, saved = model.quantize()
