@@ -33,6 +33,9 @@ VARIANTS = {
     "fp8_compile": {"compile": True, "model": {"quantize": True}},
     "fp8_compile_ckpt05": {"compile": True, "gradient_checkpointing": 0.5, "model": {"quantize": True}},
     "fp8_compile_ckpt025": {"compile": True, "gradient_checkpointing": 0.25, "model": {"quantize": True}},
+    # model.fp8_matmul: the same fp8 weights, their matmuls in fp8 (torch._scaled_mm); loss curves: bench/fp8_curve.py
+    "fp8mm": {"model": {"quantize": True, "fp8_matmul": True}},
+    "fp8mm_compile": {"compile": True, "model": {"quantize": True, "fp8_matmul": True}},
 }
 
 

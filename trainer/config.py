@@ -188,6 +188,10 @@ class ModelConfig:
     is_v_pred: Optional[bool] = spec(None, aliases=("v_pred",))
     bypass_guidance_embedding: Optional[bool] = spec(None)
     quantize: bool = spec(False, help="store the block weights in fp8 (half of bf16): Flux in 24 GB")
+    # opt-in, never the default: the fp8 layers' matmuls (forward and input gradient) in fp8 with torch._scaled_mm,
+    # activations quantized per token; needs model.quantize and a card with fp8 tensor cores
+    fp8_matmul: bool = spec(False, help="with model.quantize: run the fp8 layers' matmuls in fp8 too (activations"
+                            " quantized per token; a card of compute capability 8.9+: RTX 40xx, H100 / H200); opt-in")
     # Wan I2V: CLIP vision H (ComfyUI's models/clip_vision/clip_vision_h.safetensors)
     clip_vision_path: Optional[str] = spec(None, help="CLIP vision file for image-to-video models")
     # flow shifts of the families that have them (Wan): previews, and train.timestep_type: shift
@@ -497,6 +501,9 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
         ctx.warnings.append("config.process[0].train.text_encoder_lr: ignored without train.train_text_encoder: true")
     if isinstance(tc.blocks_to_swap, str) and tc.blocks_to_swap.strip().lower() != "auto":
         ctx.error("config.process[0].train.blocks_to_swap", f"expected a number of blocks or auto, got {tc.blocks_to_swap!r}")
+    if proc.model.fp8_matmul and not proc.model.quantize:
+        ctx.error("config.process[0].model.fp8_matmul", "needs model.quantize: true (the fp8 matmuls run on the"
+                  " weights model.quantize stores in fp8); set both, or fp8_matmul to false")
     if not tc.train_unet and not tc.train_text_encoder:
         ctx.error("config.process[0].train.train_unet", "false with train.train_text_encoder false: nothing would train")
     ctx.raise_if_errors()

@@ -2,8 +2,9 @@
 such as ComfyUI handing over its own MODEL): the same job gives the same prepared model.
 
 Two phases, around the encoding of the dataset:
-  before: fp8 storage of the block weights (`model.quantize`), the attention backend, gradient checkpointing,
-          and the encoders (text, VAE) on the training device, alone there;
+  before: fp8 storage of the block weights (`model.quantize`; their matmuls in fp8 with `model.fp8_matmul`), the
+          attention backend, gradient checkpointing, and the encoders (text, VAE) on the training device, alone
+          there;
   after:  the text encoders leave the card (released, or parked on the CPU when a session will encode new
           prompts later), the denoiser moves onto it, the network is attached, and the blocks are compiled.
 """
@@ -21,6 +22,7 @@ from .config import JobConfig
 from .errors import ConfigError
 from .models.base import TrainingModel
 from .models.offload import BlockSwap, offload_activations
+from .models.quantize import fp8_matmul_problem, set_fp8_matmul
 
 log = logging.getLogger("trainer")
 
@@ -62,12 +64,30 @@ def choose_attention(model: TrainingModel, job: JobConfig, sizes: list[tuple[int
            f" ({v['why']})")
 
 
+def require_fp8_matmul(model: TrainingModel) -> None:
+    """model.fp8_matmul is refused where it cannot run: a backend that keeps its host's layers (ComfyUI's MODEL), or a
+    training device that is no CUDA card with fp8 tensor cores (compute capability 8.9+)."""
+    if model.fp8_matmul_refusal:
+        raise ConfigError(f"config.process[0].model.fp8_matmul: {model.fp8_matmul_refusal}")
+    problem = fp8_matmul_problem(model.device)
+    if problem:
+        raise ConfigError(f"config.process[0].model.fp8_matmul: needs a CUDA card with fp8 tensor cores (compute"
+                          f" capability 8.9 or newer: RTX 40xx / Ada, H100 / H200, Blackwell); {problem}. Set it to"
+                          " false: model.quantize alone keeps the fp8 weights and dequantizes them per matmul")
+
+
 def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[[str], None]) -> None:
     tc, mc = job.process.train, job.process.model
+    if mc.fp8_matmul:
+        require_fp8_matmul(model)  # refused before any of the work below
     if mc.quantize:
         # the loaders leave the denoiser on the CPU: quantized there, it moves to the card at fp8 size
         n, saved = model.quantize()
         report(f"model.quantize: {n} block linears stored in float8 e4m3 ({saved / 1e9:.1f} GB less)")
+    if mc.fp8_matmul:
+        n = set_fp8_matmul(model.denoiser)
+        report(f"model.fp8_matmul: {n} of the denoiser's fp8 linears run their matmuls in fp8 (torch._scaled_mm,"
+               " activations quantized per token; shapes it cannot take are dequantized as before)")
     if mc.text_image_node:
         model.use_text_image_node(mc.text_image_node)
     configure_attention(model.device)

@@ -354,6 +354,8 @@ class TrainingModel(ABC):
 
     # whose model management places the weights (ComfyUI's): block swap is then the host's partial loading
     host_places_weights = False
+    # why this backend cannot honour model.fp8_matmul (None: it can; the switch is on the layers model.quantize makes)
+    fp8_matmul_refusal: str | None = None
 
     def reserve_memory(self, nbytes: int) -> None:
         """A host that places the weights itself (host_places_weights) loads only what fits on the card beside

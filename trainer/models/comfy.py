@@ -738,6 +738,9 @@ class ComfyModel(TrainingModel):
         return None if node is None else f"ComfyUI's {type(self.base.model_config).__name__} MODEL trains on {node.needs}"
 
     host_places_weights = True
+    fp8_matmul_refusal = ("not on ComfyUI's MODEL: its layers are ComfyUI's own ops (an fp8 checkpoint's matmuls are"
+                          " ComfyUI's to run), not the ones model.quantize makes; set it to false, or train with the"
+                          " engine's loaders (model.arch) and model.quantize")
     _reserve: int | None = None  # bytes kept free for the training step under partial loading; None: load it all
     fp8_layers = 0  # the layers whose fp8 weights' upcast copies autograd does not keep (remember_upcasts), once loaded
 
