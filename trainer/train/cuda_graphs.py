@@ -95,20 +95,33 @@ def copy_into(buffers: Any, value: Any) -> None:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, buffers: Any, output: torch.Tensor) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph, buffers: Any, output: torch.Tensor,
+                 reached: list[torch.Tensor]) -> None:
         self.graph, self.buffers, self.output = graph, buffers, output
+        self.reached = reached  # the parameters its backward gives a gradient
 
 
 class GraphedMicroStep:
     """`micro_step(inputs) -> loss` (forward, loss and backward, its gradients accumulated into the parameters'
-    .grad) replayed from a CUDA graph per input signature. The parameters' gradients must stay allocated between
-    steps (zero_grad(set_to_none=False)): the graphs accumulate into them in place."""
+    .grad) replayed from a CUDA graph per input signature.
 
-    def __init__(self, micro_step: Callable[[Any], torch.Tensor], device: torch.device) -> None:
+    A graph accumulates into gradient buffers of its own (one per parameter, shared by every graph): before a
+    replay, each parameter the graph reaches gets its buffer as .grad (zeroed where .grad was None, holding the
+    step's earlier micro-batches' gradient where it was not), and the parameters it does not reach keep theirs. So
+    the optimizer sees what it would without graphs, also a None gradient (a parameter this step did not reach:
+    AdamW then leaves it alone, where a zero gradient would still move it by its momentum and weight decay)."""
+
+    def __init__(self, micro_step: Callable[[Any], torch.Tensor], device: torch.device,
+                 params: list[torch.Tensor]) -> None:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.micro_step = micro_step
         self.device = device
+        self.params = list(params)
+        self._grads: dict[int, torch.Tensor] = {}  # id(param) -> the graphs' gradient buffer
+        self._reached: set[int] | None = None  # while capturing: the parameters whose gradient was accumulated
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Any, _Graph] = {}
@@ -123,6 +136,7 @@ class GraphedMicroStep:
         g = self.graphs.get(sig)
         if g is not None:
             copy_into(g.buffers, inputs)
+            self._bind_grads(g.reached)
             g.graph.replay()
             self.replays += 1
             return g.output
@@ -140,6 +154,7 @@ class GraphedMicroStep:
             torch.cuda.synchronize(self.device)
             return self._refuse(sig, inputs, first_cause(e))
         self.graphs[sig] = g
+        self._bind_grads(g.reached)
         g.graph.replay()  # a capture records without running: this call's step is the first replay
         self.replays += 1
         return g.output
@@ -153,15 +168,43 @@ class GraphedMicroStep:
 
     def _capture(self, inputs: Any) -> _Graph:
         buffers = to_buffers(inputs, self.device)
+        for p in self.params:  # allocated outside the graph's pool, so they outlive every replay
+            if id(p) not in self._grads:
+                self._grads[id(p)] = torch.zeros_like(p)
+        kept = [p.grad for p in self.params]
+        for p in self.params:  # a defined .grad: the captured backward adds into it in place
+            p.grad = self._grads[id(p)]
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         before = torch.cuda.current_stream(self.device)
+        self._reached = set()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 out = self.micro_step(buffers)
         finally:  # a capture that fails at its end leaves the capture stream current: the step's own comes back
             torch.cuda.set_stream(before)
-        return _Graph(graph, buffers, out)
+            reached, self._reached = self._reached, None
+            for p, g in zip(self.params, kept):  # the capture ran nothing: every gradient is as it was
+                p.grad = g
+        return _Graph(graph, buffers, out, [p for p in self.params if id(p) in reached])
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if self._reached is not None:
+            self._reached.add(id(param))
+
+    def _bind_grads(self, reached: list[torch.Tensor]) -> None:
+        """The graph's gradient buffers as the .grad of the parameters it reaches, holding what .grad held."""
+        fresh = []
+        for p in reached:
+            buf, cur = self._grads[id(p)], p.grad
+            if cur is None:
+                fresh.append(buf)
+                p.grad = buf
+            elif cur.data_ptr() != buf.data_ptr():  # an eager micro-batch of this step left its own gradient
+                buf.copy_(cur)
+                p.grad = buf
+        if fresh:
+            torch._foreach_zero_(fresh)
 
     def _refuse(self, sig: Any, inputs: Any, why: str) -> torch.Tensor:
         key = sig if sig is not None else ("unkeepable",)

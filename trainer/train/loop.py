@@ -79,7 +79,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.state = TrainState()
         # train.cuda_graphs: each micro-step's forward and backward replayed from a graph per input shape
-        self.graphs = GraphedMicroStep(self.forward_backward, model.device) if tc.cuda_graphs else None
+        self.graphs = GraphedMicroStep(self.forward_backward, model.device, self.params) if tc.cuda_graphs else None
         self.micro_step = self.graphs or self.forward_backward
         self.network_shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
 
@@ -342,7 +342,7 @@ class Trainer:
             # backward would hold the backward's launches until the forward had finished on the card)
             value = float(loss)
             if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=self.graphs is None)
+                self.optimizer.zero_grad(set_to_none=True)
                 saved = self.state.last_save or "nothing was saved yet"
                 raise TrainingDiverged(
                     f"loss became {value} at step {step + 1}; training stopped before the weights were touched."
@@ -362,7 +362,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=self.graphs is None)  # a graph accumulates into its .grad
+            self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.state.step += 1
         return total
