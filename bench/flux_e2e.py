@@ -1,23 +1,22 @@
 """End-to-end benchmark through `python -m trainer`: full-size random FLUX.1-dev files on disk, a job at
-1024², and the trainer's own metrics.jsonl. Reports median s/step after warm-up and peak GiB per variant.
+1024², and the trainer's own metrics.jsonl. Reports median s/step after warm-up, peak GiB and MFU per variant
+(bench/e2e_run.py: the job, the run, the JSON line; FLOPs counted on the meta device).
+
+The transformer's 11.9B weights are drawn in bf16 on the card (e2e_run.random_state) and written in the original
+single-file layout; CLIP-L (768) and T5-XXL (4096) at their real widths, one layer each (--t5-layers for more).
 
     python3 bench/flux_e2e.py --work /tmp/e2e --steps 30 [--variants base compile ckpt0 compile_ckpt0]
+    python3 bench/flux_e2e.py --tiny          # CPU smoke test: tiny files, 3 steps (cuda_graphs variants skipped)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
+
+import e2e_run
 
 VARIANTS = {
     "base": {},
@@ -36,89 +35,91 @@ VARIANTS = {
     # model.fp8_matmul: the same fp8 weights, their matmuls in fp8 (torch._scaled_mm); loss curves: bench/fp8_curve.py
     "fp8mm": {"model": {"quantize": True, "fp8_matmul": True}},
     "fp8mm_compile": {"compile": True, "model": {"quantize": True, "fp8_matmul": True}},
+    # train.cuda_graphs: each step's forward and backward replayed from a CUDA graph per bucket shape
+    "compile_graph": {"compile": True, "cuda_graphs": True},
+    "compile_ckpt0_graph": {"compile": True, "gradient_checkpointing": False, "cuda_graphs": True},
+}
+# transformer (hidden, head dim, double, single blocks), CLIP-L width (the pooled input), T5 width (the context),
+# VAE widths and layers, T5 tokens
+SIZES = {
+    "real": dict(hidden=3072, head_dim=128, double=19, single=38, clip=768, t5=4096, vae=([128, 256, 512, 512], 2),
+                 t5_tokens=512),
+    "tiny": dict(hidden=128, head_dim=32, double=2, single=2, clip=32, t5=64, vae=([32, 32, 32, 32], 1),
+                 t5_tokens=16),
 }
 
 
-def build_files(folder: Path, t5_layers: int = 1) -> dict:
-    from trainer.demo import make_dataset
-    from trainer.demo import tiny
+def flux_cfg(size: dict) -> dict:
     from trainer.demo import flux as demo_flux
 
+    return demo_flux.flux_diffusers_config(hidden=size["hidden"], head_dim=size["head_dim"], double=size["double"],
+                                           single=size["single"], context_dim=size["t5"], pooled_dim=size["clip"],
+                                           guidance=True)
+
+
+def build_files(folder: Path, t5_layers: int = 1, size: dict = SIZES["real"], res: int = 1024) -> dict:
+    from diffusers import FluxTransformer2DModel
+
+    from trainer.demo import make_dataset
+    from trainer.demo import tiny
+    from trainer.fileio import save_safetensors_atomic
+    from trainer.models.flux_layout import diffusers_to_original
+
+    tiny_size = size is SIZES["tiny"]
+    dtype = torch.float32 if tiny_size else torch.bfloat16
     folder.mkdir(parents=True, exist_ok=True)
     flux = folder / "flux1-dev-random.safetensors"
     if not flux.exists():
         t0 = time.time()
-        cfg = demo_flux.flux_diffusers_config(hidden=3072, head_dim=128, double=19, single=38, context_dim=4096,
-                                         pooled_dim=768, guidance=True)
-        demo_flux.make_flux_file(flux, cfg, dtype=torch.bfloat16)
+        cfg = flux_cfg(size)
+        sd = e2e_run.random_state(tiny.module_shapes(FluxTransformer2DModel, cfg), dtype, seed=4)
+        params = sum(v.numel() for v in sd.values()) / 1e9
+        save_safetensors_atomic(diffusers_to_original(sd, cfg), flux)
+        del sd
         ct = tiny.build_tokenizer(folder / "tok_clip", "clip")
-        tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
+        tiny.build_tokenizer(folder / "tok_t5", "t5")
         # real widths where the transformer reads them (768 pooled, 4096 context), one layer each
-        tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=768, layers=1, dtype=torch.bfloat16)
-        tiny.make_vae_file(folder / "ae.safetensors", [128, 256, 512, 512], layers=2, latent=16, dtype=torch.bfloat16)
-        make_dataset(folder / "data", n=4, size=(1024, 1024))
-        print(f"# files written in {time.time() - t0:.0f}s", flush=True)
+        tiny.make_clip_file(folder / "clip_l.safetensors", len(ct), hidden=size["clip"], layers=1, dtype=dtype)
+        widths, layers = size["vae"]
+        tiny.make_vae_file(folder / "ae.safetensors", widths, layers=layers, latent=16, dtype=dtype)
+        make_dataset(folder / "data", n=4, size=(res, res) if tiny_size else (1024, 1024))
+        print(f"# files written in {time.time() - t0:.0f}s (transformer {params:.2f}B parameters drawn on"
+              f" {e2e_run.build_device().type})", flush=True)
     # T5 at real width; --t5-layers 24 is T5-XXL's full depth (9.5 GB in bf16), to see the load-time peak
     t5 = folder / f"t5_{t5_layers}l.safetensors"
     if not t5.exists():
         tt = tiny.build_tokenizer(folder / "tok_t5", "t5")
-        tiny.make_t5_file(t5, len(tt), d_model=4096, layers=t5_layers, heads=64, d_kv=64, d_ff=10240,
-                          dtype=torch.bfloat16)
+        d = size["t5"]
+        kw = dict(d_model=d) if tiny_size else dict(d_model=d, heads=64, d_kv=64, d_ff=10240)
+        tiny.make_t5_file(t5, len(tt), layers=t5_layers, dtype=dtype, **kw)
     return {"arch": "flux", "name_or_path": str(flux),
             "text_encoder_paths": [str(folder / "clip_l.safetensors"), str(t5)],
             "vae_path": str(folder / "ae.safetensors"),
-            "tokenizer_paths": [str(folder / "tok_clip"), str(folder / "tok_t5")], "t5_max_length": 512}
+            "tokenizer_paths": [str(folder / "tok_clip"), str(folder / "tok_t5")], "t5_max_length": size["t5_tokens"]}
 
 
-def job(name: str, model: dict, folder: Path, steps: int, res: int, extra: dict) -> dict:
-    train = {"steps": steps, "lr": 1e-4, "optimizer": "adamw", "dtype": "bf16", "gradient_checkpointing": True,
-             "cache_text_embeddings": True, "disable_sampling": True}
-    extra = dict(extra)
-    model = {**model, **extra.pop("model", {})}
-    train.update(extra)
-    return {"job": "extension", "config": {"name": name, "process": [{
-        "training_folder": str(folder / "runs"), "device": "cuda",
-        "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
-        "save": {"dtype": "bf16", "save_every": 100000},
-        "datasets": [{"folder_path": str(folder / "data"), "resolution": [res], "caption_ext": "txt"}],
-        "train": train, "model": model}]}}
+def count_flops(size: dict, res: int, ckpt: float) -> float:
+    """FLOPs of one LoRA step at res² (the T5 tokens padded to t5_max_length), counted on the meta device."""
+    from diffusers import FluxTransformer2DModel
+
+    from trainer.models.flux import FluxModel
+
+    transformer = e2e_run.meta_module(FluxTransformer2DModel, flux_cfg(size), torch.bfloat16)
+    model = FluxModel(transformer, e2e_run.VAE_8X, None, None, None, None, size["t5_tokens"], torch.device("meta"),
+                      torch.bfloat16)
+    cond = {"t5": torch.zeros(1, size["t5_tokens"], size["t5"]), "pooled": torch.zeros(1, size["clip"])}
+    return e2e_run.step_flops(model, (1, 16, res // 8, res // 8), cond, ckpt)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/flux_e2e")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--res", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--t5-layers", type=int, default=1)
-    ap.add_argument("--cache", default=None, help="ERIDIFFUSION_CACHE for the runs (compiled kernels, attention"
-                    " verdicts); an empty folder measures a first run")
-    a = ap.parse_args()
-    env = {**os.environ, **({"ERIDIFFUSION_CACHE": a.cache} if a.cache else {})}
-    folder = Path(a.work)
-    model = build_files(folder, a.t5_layers)
-    for v in a.variants:
-        name = f"e2e_{v}_{a.res}_t5x{a.t5_layers}"
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(job(name, model, folder, a.steps, a.res, VARIANTS[v])))
-        t0 = time.time()
-        shutil.rmtree(folder / "runs" / name, ignore_errors=True)  # a repeated variant starts over, not resumes
-        r = subprocess.run([sys.executable, "-m", "trainer", str(path)], capture_output=True, text=True, env=env)
-        wall = time.time() - t0
-        if r.returncode != 0:
-            print(json.dumps({"variant": v, "error": r.stderr[-2000:]}), flush=True)
-            continue
-        m = [json.loads(l) for l in (folder / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-        steady = [x["s_per_step"] for x in m[a.warmup:]]
-        print(json.dumps({"variant": v, "res": a.res, "median_s_per_step": round(statistics.median(steady), 4),
-                          "mean_s_per_step": round(statistics.mean(steady), 4),
-                          "first_step_s": round(m[0]["s_per_step"], 2),
-                          "first_steps_s": [round(x["s_per_step"], 2) for x in m[:4]],
-                          "attention": [ln for ln in r.stdout.splitlines() if "attention" in ln][-1:],
-                          "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1),
-                          "t5_layers": a.t5_layers,
-                          "device": torch.cuda.get_device_name()}), flush=True)
+    def size(a) -> dict:
+        return SIZES["tiny" if a.tiny else "real"]
+
+    e2e_run.bench_main("flux", VARIANTS, lambda folder, a: build_files(folder, a.t5_layers, size(a), a.res),
+                       lambda a, ckpt: count_flops(size(a), a.res, ckpt),
+                       lambda a, v: f"e2e_{v}_{a.res}_t5x{a.t5_layers}",
+                       more_args=lambda ap: ap.add_argument("--t5-layers", type=int, default=1),
+                       fields=lambda a: {"t5_layers": a.t5_layers})
 
 
 if __name__ == "__main__":

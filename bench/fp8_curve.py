@@ -26,7 +26,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]  # this checkout's trainer, here and in the runs (PYTHONPATH below)
-from flux_e2e import build_files, job  # noqa: E402
+from e2e_run import job  # noqa: E402
+from flux_e2e import build_files  # noqa: E402
 
 RUNS = {"fp8": {"quantize": True}, "fp8mm": {"quantize": True, "fp8_matmul": True}}
 

@@ -2,12 +2,16 @@
 
 Each row runs the benchmark that measures it, in its own process (so one row's memory and compile caches do not
 reach the next), and prints one JSON line: {"row", "s_per_step", "peak_gib", "source", ...the benchmark's own
-fields}. Flux rows go through `python -m trainer` end to end (bench/flux_e2e.py: full-size random files on disk,
-median after warm-up); SDXL and SD 3.5 through the step benchmarks (the trainer's model, network and loss code on
-random full-size weights). Peak memory is each benchmark's own torch.cuda.max_memory_allocated.
+fields}. Every row goes through `python -m trainer` end to end (bench/flux_e2e.py, sdxl_e2e.py, sd3_e2e.py: full-size
+random files on disk, the run's own metrics.jsonl, median after warm-up, peak GiB, MFU against 790 TFLOP/s); the
+rows of the families' step benches (the trainer's model, network and loss code on random full-size weights, no
+data loading) stay available as families sdxl_step and sd3_step, run only when asked for.
 
-    python3 bench/speed_table.py --work /tmp/speed                     # every row
+    python3 bench/speed_table.py --work /tmp/speed                     # every end-to-end row
     python3 bench/speed_table.py --only sdxl sd3                       # some families
+    python3 bench/speed_table.py --rows sdxl_1024_ckpt_cuda_graph      # some rows
+    python3 bench/speed_table.py --only sdxl_step sd3_step             # the step benches' rows
+    python3 bench/speed_table.py --tiny                                # CPU smoke test of every row's bench
 """
 
 from __future__ import annotations
@@ -30,15 +34,29 @@ ROWS = {
                                        "fp8_compile"]),
     "flux_512_bf16_compile": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512", "--variants",
                                        "compile"]),
-    "sdxl_1024_ckpt_and_none": ("sdxl", ["sdxl_step.py", "--res", "1024", "--ckpt", "1", "0"]),
-    "sdxl_1024_cuda_graph": ("sdxl", ["sdxl_graph_step.py", "--res", "1024", "--ckpt", "0", "1"]),
-    "sd35_large_1024": ("sd3", ["sd3_step.py", "--variant", "large", "--res", "1024"]),
+    "flux_512_bf16_compile_cuda_graph": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512",
+                                                  "--variants", "compile_graph"]),
+    "sdxl_1024_ckpt_and_none": ("sdxl", ["sdxl_e2e.py", "--work", "{work}/sdxl", "--res", "1024", "--variants",
+                                         "ckpt", "none"]),
+    "sdxl_1024_cuda_graph": ("sdxl", ["sdxl_e2e.py", "--work", "{work}/sdxl", "--res", "1024", "--variants",
+                                      "none_graph"]),
+    "sdxl_1024_ckpt_cuda_graph": ("sdxl", ["sdxl_e2e.py", "--work", "{work}/sdxl", "--res", "1024", "--variants",
+                                           "ckpt_graph"]),
+    "sd35_large_1024": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024", "--variants", "base"]),
+    "sd35_large_1024_compile_graph": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024", "--variants",
+                                              "compile_graph"]),
+    # the step benches' rows (the model's step alone), before the end-to-end ones
+    "sdxl_1024_step_bench": ("sdxl_step", ["sdxl_step.py", "--res", "1024", "--ckpt", "1", "0"]),
+    "sdxl_1024_cuda_graph_step_bench": ("sdxl_step", ["sdxl_graph_step.py", "--res", "1024", "--ckpt", "0", "1"]),
+    "sd35_large_1024_step_bench": ("sd3_step", ["sd3_step.py", "--variant", "large", "--res", "1024"]),
 }
+# families run when neither --only nor --rows names them
+ON_REQUEST = {"sdxl_step", "sd3_step"}
 
 
-def run_row(row: str, work: str) -> list[dict]:
+def run_row(row: str, work: str, tiny: bool = False) -> list[dict]:
     _, cmd = ROWS[row]
-    args = [a.replace("{work}", work) for a in cmd]
+    args = [a.replace("{work}", work) for a in cmd] + (["--tiny"] if tiny else [])
     proc = subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], cwd=str(HERE), capture_output=True,
                           text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -54,17 +72,24 @@ def run_row(row: str, work: str) -> list[dict]:
     return out
 
 
+def chosen(only: list[str] | None, rows: list[str] | None) -> list[str]:
+    """The rows to run, in table order: those named, those of the families named, else every end-to-end row."""
+    if not only and not rows:
+        return [r for r, (family, _) in ROWS.items() if family not in ON_REQUEST]
+    return [r for r, (family, _) in ROWS.items() if r in (rows or []) or family in (only or [])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/speed_table")
-    ap.add_argument("--only", nargs="+", default=None, help="families: flux sdxl sd3")
+    ap.add_argument("--only", nargs="+", default=None, choices=sorted({f for f, _ in ROWS.values()}),
+                    help="families: flux sdxl sd3 (end to end), sdxl_step sd3_step (the step benches)")
+    ap.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="rows by name")
+    ap.add_argument("--tiny", action="store_true", help="every row's benchmark with --tiny: a CPU smoke test")
     a = ap.parse_args()
-    for row, (family, _) in ROWS.items():
-        if a.only and family not in a.only:
-            continue
-        for r in run_row(row, a.work):
+    for row in chosen(a.only, a.rows):
+        for r in run_row(row, a.work, a.tiny):
             print(json.dumps(r), flush=True)
-
 
 if __name__ == "__main__":
     main()
