@@ -1,13 +1,12 @@
 """train.cuda_graphs: the graphed step trains exactly as the plain step (same LoRA after the same steps, every
-bucket shape, gradient accumulation), falls back to the plain step where a capture fails, and is refused beside
-the settings it cannot work with, the keys named.
+bucket shape, gradient accumulation), stops with the reason where a capture fails, and is refused beside the
+settings and for the families it cannot work with, the keys named.
 
 The equivalence tests need a CUDA card (graphs do not exist on the CPU): on a machine without one they skip, and
 they are run on the device (see bench/cuda_graphs_check.log for the last run)."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -116,46 +115,20 @@ def test_graphed_step_trains_as_the_plain_step(family, accumulation, compile_, t
     data = make_images(tmp_path / "data", n=4, size=(64, 64))
     extra = {"gradient_accumulation": accumulation, "compile": compile_}
     plain, plain_losses, _ = _train(_cuda_job(model, data, tmp_path / "plain", **extra), 10)
+    again, _, _ = _train(_cuda_job(model, data, tmp_path / "again", **extra), 10)
     graphed, graphed_losses, graphs = _train(_cuda_job(model, data, tmp_path / "graph", cuda_graphs=True, **extra), 10)
     assert len(graphs.graphs) == 2 and graphs.replays > 0 and not graphs.eager, graphs.summary()
     assert plain.keys() == graphed.keys()
+    # within 1e-5, or within twice what two plain runs differ by where a kernel is not deterministic even so
+    # (compiled UNet kernels)
+    noise = max(_rel(again[k], plain[k]) for k in plain)
     worst = max(_rel(graphed[k], plain[k]) for k in plain)
-    assert worst < 1e-5, worst
+    assert worst < max(1e-5, 2 * noise), (worst, noise)
     for a, b in zip(graphed_losses, plain_losses):
         assert a == pytest.approx(b, rel=1e-5)
     # the LoRA moved: equal because both trained, not because neither did
     start, _, _ = _train(_cuda_job(model, data, tmp_path / "start"), 1)
     assert max(_rel(graphed[k], start[k]) for k in start if "up" in k or "lora_B" in k) > 1e-3
-
-
-@needs_cuda
-def test_a_step_that_cannot_be_captured_runs_without_a_graph(caplog):
-    """A step that reads a value on the host (`.item()`) cannot be captured: it runs eagerly, says so once, and
-    gives the plain step's result (the gradients accumulate as they would)."""
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 16).to(dev)
-
-    def micro_step(inputs):
-        x, scale = inputs
-        loss = (layer(x) ** 2).mean() * scale
-        if float(loss.detach().abs().max().item()) >= 0:  # a host read, as some model code does
-            loss.backward()
-        return loss.detach()
-
-    x = torch.randn(4, 16, device=dev)
-    graphed = GraphedMicroStep(micro_step, dev, list(layer.parameters()))
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        losses = [float(graphed((x, 1.0))) for _ in range(4)]
-    assert not graphed.graphs and len(graphed.eager) == 1
-    assert sum("runs without a CUDA graph" in r.message for r in caplog.records) == 1
-    grad = layer.weight.grad.clone()
-    layer.weight.grad = None
-    for _ in range(4):
-        micro_step((x, 1.0))
-    torch.testing.assert_close(grad, layer.weight.grad)
-    assert losses == [losses[0]] * 4
-    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture left no stream behind
 
 
 @needs_cuda
@@ -204,3 +177,49 @@ def test_a_parameter_a_graph_does_not_reach_keeps_no_gradient(deterministic):
             if w is not None:
                 torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     assert graphed.replays > 2
+
+
+CANNOT_CAPTURE = """
+import torch
+from trainer.train.cuda_graphs import CaptureFailed, GraphedMicroStep
+dev = torch.device("cuda")
+layer = torch.nn.Linear(16, 16).to(dev)
+def micro_step(inputs):
+    x, = inputs
+    loss = (layer(x) ** 2).mean()
+    if loss.item() >= 0:  # a host read, as some model code does
+        loss.backward()
+    return loss.detach()
+step = GraphedMicroStep(micro_step, dev, list(layer.parameters()))
+x = torch.randn(4, 16, device=dev)
+losses = [float(step((x,))) for _ in range(2)]  # the two eager warm-ups train
+try:
+    step((x,))
+except CaptureFailed as e:
+    print("REFUSED", e)
+"""
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_stops_with_the_reason():
+    """A step that reads a value on the host (`.item()`) cannot be captured: CaptureFailed names the shape and the
+    cause (the loop saves and stops on it). In its own process: a failed capture leaves the CUDA generator in its
+    capture state, which is why the run cannot go on."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CANNOT_CAPTURE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("REFUSED")]
+    assert line and "the step at 4x16 could not be captured in a CUDA graph" in line[0], r.stdout
+    assert "capturing" in line[0]  # the first cause (the host read), not the capture's own end
+
+
+def test_refused_for_a_family_whose_step_reads_the_host(tmp_path):
+    from trainer.train.cuda_graphs import check_config
+
+    for arch in ("chroma", "sana", "omnigen2", "hunyuan_video", "hidream"):
+        d = job_dict({"arch": arch, "name_or_path": str(tmp_path / "m.safetensors")}, tmp_path, tmp_path,
+                     cuda_graphs=True)
+        with pytest.raises(ConfigError, match=rf"train\.cuda_graphs: not for model\.arch '{arch}': its step"):
+            check_config(load_job_dict(d), torch.device("cuda"))

@@ -189,5 +189,6 @@ def load_chroma(mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> Ch
 
 FAMILIES = [
     Family("chroma", "Chroma (Flux-layout blocks, pruned modulation): T5-XXL only, 16-channel Flux VAE, true CFG",
-           load_chroma, comfy_clip_type="chroma", tokenizers=(("t5", -1, "tokenizer"),)),
+           load_chroma, comfy_clip_type="chroma", tokenizers=(("t5", -1, "tokenizer"),),
+           cuda_graphs_refusal="its step trims each batch's text padding to the longest caption, read on the host"),
 ]

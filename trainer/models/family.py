@@ -44,3 +44,6 @@ class Family:
     # tokenizers its loader must find: (kind, index in model.tokenizer_paths, diffusers folder component), checked
     # before any model file is read
     tokenizers: tuple[tuple[str, int, str], ...] = ()
+    # train.cuda_graphs: why its training step cannot be captured (it reads values on the host inside the step, so
+    # its shapes depend on the data); empty: it can (bench/cuda_graph_families.py measures which)
+    cuda_graphs_refusal: str = ""

@@ -214,5 +214,7 @@ def load_omnigen2(mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
 FAMILIES = [
     Family("omnigen2", "OmniGen2 (4B): Qwen2.5-VL-3B text, Flux VAE; reference images from control_path (edit)",
            load_omnigen2, takes_control=True, comfy_clip_type="omnigen2",
-           model_defaults={"sample_shift": None, "train_shift": None}),
+           model_defaults={"sample_shift": None, "train_shift": None},
+           cuda_graphs_refusal="its step trims the text padding and sorts items with and without a reference image,"
+           " read on the host"),
 ]

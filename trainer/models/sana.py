@@ -258,5 +258,6 @@ FAMILIES = [
            comfy_model_loader=("checkpoints", "Sana Checkpoint Loader (ComfyUI_ExtraModels)"),
            comfy_text_loader=("text_encoders", "Gemma Loader (ComfyUI_ExtraModels; it reads the gemma-2-2b-it"
                                                " folder, not a single file)"),
-           comfy_vae_loader=("vae", "ExtraVAELoader (ComfyUI_ExtraModels, the dcae-f32c32 model)")),
+           comfy_vae_loader=("vae", "ExtraVAELoader (ComfyUI_ExtraModels, the dcae-f32c32 model)"),
+           cuda_graphs_refusal="its step trims the text padding to the batch's longest caption, read on the host"),
 ]

@@ -11,9 +11,10 @@ first WARMUP occurrences run eagerly on the capture stream (lazy initialisation,
 torch.compile's compiling happen there, not in the capture), the next is captured and every later one is a copy
 of its inputs into the graph's buffers and a replay. All graphs share one memory pool: only one runs at a time.
 
-A step that cannot be captured (the family's code reads a value on the host or copies from host memory inside the
-step) runs eagerly from then on, for that signature, with one warning that says why: graphs are a speed-up, never a
-reason for a run to stop.
+A family whose step reads values on the host (its shapes depend on the data) says so (Family.cuda_graphs_refusal)
+and the key is refused for it before anything loads. A step that fails to capture anyway stops the run, saved at
+the step it reached, with the reason (CaptureFailed): a failed capture leaves the CUDA random generator in its
+capture state, so the process cannot safely train on; the same command with train.cuda_graphs false resumes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def check_config(job, device: torch.device) -> None:
     for clash, other, why in clashes:
         if clash:
             raise ConfigError(f"{key}: not with {other}: {why}. Set one of them to false.")
+    if mc.backend == "diffusers":
+        from ..models import registry
+
+        why = registry.get_family(job.arch).cuda_graphs_refusal
+        if why:
+            raise ConfigError(f"{key}: not for model.arch {job.arch!r}: {why}. Set it to false.")
     if device.type != "cuda":
         raise ConfigError(f"{key}: CUDA graphs need a CUDA device; this run is on {device.type} (set it to false)")
 
@@ -92,6 +99,11 @@ def copy_into(buffers: Any, value: Any) -> None:
     elif isinstance(buffers, dict):
         for k, b in buffers.items():
             copy_into(b, value[k])
+
+
+class CaptureFailed(RuntimeError):
+    """A step could not be captured. The process cannot go on training on the card: a failed capture leaves the CUDA
+    random generator in its capture state (later random ops raise or draw wrongly), so the run stops, saved."""
 
 
 class _Graph:
@@ -150,9 +162,9 @@ class GraphedMicroStep:
             return self._refuse(sig, inputs, f"{MAX_GRAPHS} input shapes are captured already")
         try:
             g = self._capture(inputs)
-        except Exception as e:  # noqa: BLE001 - any failure to capture leaves the step to run eagerly
-            torch.cuda.synchronize(self.device)
-            return self._refuse(sig, inputs, first_cause(e))
+        except Exception as e:  # noqa: BLE001 - whatever broke the capture is said, with the shape
+            raise CaptureFailed(f"the step at {describe(inputs) or 'this shape'} could not be captured in a CUDA"
+                                f" graph ({first_cause(e)})") from e
         self.graphs[sig] = g
         self._bind_grads(g.reached)
         g.graph.replay()  # a capture records without running: this call's step is the first replay

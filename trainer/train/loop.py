@@ -25,7 +25,7 @@ from ..previews import PreparedSample, save_preview
 from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
-from .cuda_graphs import GraphedMicroStep
+from .cuda_graphs import CaptureFailed, GraphedMicroStep
 from .distributed import Distributed
 from .optim import build_optimizer, build_scheduler
 from .run_identity import changed_job_error, past_steps_error, split_changes
@@ -337,7 +337,15 @@ class Trainer:
             inputs = self.batch_inputs(micro, gen)
             if inputs is None:  # this rank has no items in this micro-batch
                 continue
-            loss = self.micro_step((*inputs, len(self.plan.batch(micro)), tc.gradient_accumulation))
+            try:
+                loss = self.micro_step((*inputs, len(self.plan.batch(micro)), tc.gradient_accumulation))
+            except CaptureFailed as e:  # the weights are the last step's: saved, then the run stops
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.state.last_save != str(self.run.step_path(step)):
+                    self.save()
+                raise UserError(f"config.process[0].train.cuda_graphs: {e}. The run stopped at step {step}, saved"
+                                f" ({self.state.last_save}); set train.cuda_graphs: false and run the same command to"
+                                " resume.") from None
             # read after the backward is queued (the one host sync of a step: reading it between forward and
             # backward would hold the backward's launches until the forward had finished on the card)
             value = float(loss)
