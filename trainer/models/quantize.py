@@ -90,7 +90,8 @@ def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     as _scaled_mm's first operand must be. A row of zeros gets a tiny scale and stays zeros."""
     amax = t.abs().amax(dim=1, keepdim=True).float()  # abs and max are exact in any float dtype
     # the scale is floored at a normal float32 (amax 0, or subnormal: no 0/0 and no x/denormal overflowing to inf),
-    # and the quotient is clamped to +-448 before the cast (e4m3fn has no inf: an out-of-range cast is NaN)
+    # and the quotient is clamped to +-448 before the cast (e4m3fn has no inf: torch 2.13's CPU cast saturates, but
+    # c10's older cast, which other builds and devices may use, turns out-of-range values into NaN)
     scale = amax.clamp_min(_MIN_AMAX) / FP8_MAX
     q = (t.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.contiguous(), scale.contiguous()
