@@ -95,11 +95,11 @@ def test_fp8_forward_is_the_rowwise_quantized_product(device):
     """fp8_linear computes exactly: x quantized per row, times the fp8 weight, scaled by both row scales (emulated in
     float32 here), plus the bias; only the bf16 output rounds."""
     lin = _layer(64, 48, device)
-    x = _inputs((3, 20, 64), device, torch.bfloat16)
+    x = _inputs((3, 32, 64), device, torch.bfloat16)
     y = fp8_linear(x, lin.weight, lin.weight_scale, lin.bias)
     xq, xs = rowwise_fp8(x.reshape(-1, 64))
     ref = (xq.float() * xs) @ _dequantized(lin).t() + lin.bias.float()
-    assert y.shape == (3, 20, 48) and y.dtype == torch.bfloat16
+    assert y.shape == (3, 32, 48) and y.dtype == torch.bfloat16
     assert _rel(y.reshape(-1, 48), ref) < 5e-3
 
 
@@ -109,12 +109,12 @@ def test_fp8_input_grad_folds_the_weight_scale_into_the_gradient(device):
     which is quantized per row; emulated in float32 the result is the same to the bf16 output's rounding, and it
     is the input gradient of the dequantized weight to fp8's precision."""
     lin = _layer(64, 48, device)
-    grad = _inputs((3, 20, 48), device, torch.bfloat16, seed=2)
+    grad = _inputs((3, 32, 48), device, torch.bfloat16, seed=2)
     gx = fp8_input_grad(grad, lin.weight, lin.weight_scale)
     folded = grad.reshape(-1, 48).float() * lin.weight_scale.float().reshape(1, -1)
     gq, gs = rowwise_fp8(folded)
     emulated = (gq.float() * gs) @ lin.weight.float()
-    assert gx.shape == (3, 20, 64) and gx.dtype == torch.bfloat16
+    assert gx.shape == (3, 32, 64) and gx.dtype == torch.bfloat16
     assert _rel(gx.reshape(-1, 64), emulated) < 5e-3
     assert _rel(gx.reshape(-1, 64), grad.reshape(-1, 48).float() @ _dequantized(lin)) < 0.04
 
@@ -176,6 +176,45 @@ def test_shapes_scaled_mm_cannot_take_fall_back_to_the_dequantized_path_exactly(
         y.backward(grad)
         out[on] = (y.detach(), xi.grad)
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+@pytest.mark.parametrize("lead,in_f,out_f", [((1,), 32, 192), ((1, 8), 32, 96), ((1, 72), 32, 224), ((3, 20), 64, 48)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_not_a_multiple_of_16_fall_back_to_the_dequantized_path_exactly(device, lead, in_f, out_f):
+    """M (the rows: a modulation linear's one vector per sample, 8 text tokens, 64 + 8 tokens) not a multiple of 16:
+    the dequantized matmul, bit for bit, forward and input gradient; the tiny Flux job that diverged on the H200
+    had all three."""
+    lin = _layer(in_f, out_f, device)
+    x = _inputs((*lead, in_f), device, torch.bfloat16) if len(lead) > 1 else \
+        torch.randn(*lead, in_f, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    grad = torch.randn(*lead, out_f, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
+    out = {}
+    for on in (False, True):
+        lin.fp8_matmul = on
+        xi = x.clone().requires_grad_()
+        y = lin(xi)
+        y.backward(grad)
+        out[on] = (y.detach(), xi.grad)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    # a multiple of 16 rows of the same layer does take the fp8 path (not the dequantized numbers)
+    x16 = torch.randn(16, in_f, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    lin.fp8_matmul = False
+    ref = lin(x16)
+    lin.fp8_matmul = True
+    assert not torch.equal(lin(x16), ref)
+
+
+def test_rowwise_fp8_stays_finite_on_zero_and_subnormal_rows():
+    t = torch.zeros(4, 32)
+    t[1, 0] = 1e-40  # float32 subnormal
+    t[2, 3] = -float(torch.finfo(torch.float32).tiny)
+    t[3] = torch.randn(32).clamp(-3, 3) * 1e38  # near float32's max: the quotient stays within +-448
+    q, s = rowwise_fp8(t)
+    assert torch.isfinite(q.float()).all() and torch.isfinite(s).all() and (s > 0).all()
+    assert (q[0].float() == 0).all()
+    assert ((q.float() * s - t).abs() <= t.abs() / 16 + s * 2.0 ** -9).all()
+    qb, sb = rowwise_fp8(t.bfloat16())
+    assert torch.isfinite(qb.float()).all() and torch.isfinite(sb).all()
 
 
 @pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA card with fp8 tensor cores (compute capability 8.9+)")

@@ -81,22 +81,41 @@ FP8_MATMUL_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0), Bla
 # a test seam: the CPU's _scaled_mm (torch 2.13 has one) runs the same math, slowly; for the tests and the --tiny
 # smoke run of bench/fp8_curve.py only
 FP8_MATMUL_CPU_ENV = "ERIDIFFUSION_FP8_MATMUL_ON_CPU"
+FP8_MATMUL_ROWS = 16  # the fp8 path needs M (rows, tokens) a multiple of this: see fp8_matmul_takes
+_MIN_AMAX = float(torch.finfo(torch.float32).tiny) * FP8_MAX  # the scale amax / 448 stays a normal float32
 
 
 def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D tensor as e4m3 values and a float32 scale per row (amax / 448): t ~= q * scale. Row-major (contiguous),
     as _scaled_mm's first operand must be. A row of zeros gets a tiny scale and stays zeros."""
     amax = t.abs().amax(dim=1, keepdim=True).float()  # abs and max are exact in any float dtype
-    scale = amax.clamp_min(1e-30) / FP8_MAX
+    # the scale is floored at a normal float32 (amax 0, or subnormal: no 0/0 and no x/denormal overflowing to inf),
+    # and the quotient is clamped to +-448 before the cast (e4m3fn has no inf: torch 2.13's CPU cast saturates, but
+    # c10's older cast, which other builds and devices may use, turns out-of-range values into NaN)
+    scale = amax.clamp_min(_MIN_AMAX) / FP8_MAX
     q = (t.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.contiguous(), scale
+    return q.contiguous(), scale.contiguous()
 
 
 def fp8_matmul_takes(t: torch.Tensor, k: int, n: int) -> bool:
     """Whether _scaled_mm takes `t` [..., k] times a [k, n] matrix: both dims multiples of 16 (the CUDA kernels'
-    rule, kept on every device so that a shape takes the same path everywhere), rows to multiply, a float input."""
-    return (t.shape[-1] == k and k % 16 == 0 and n % 16 == 0 and t.numel() > 0
+    rule, kept on every device so that a shape takes the same path everywhere), rows to multiply, a float input.
+
+    The rows (M, the tokens) must be a multiple of 16 too. torch checks nothing on M, but the H200 run
+    (torch 2.11+cu130: rowwise goes to cuBLASLt's outer-vector scaling on sm90) diverged in the tiny Flux job, whose
+    fp8 layers see M = 1 (the modulation linears' input, one vector per sample), 8 (text tokens) and 72 (the single
+    blocks' 64 + 8), while the layer tests that passed there only had M >= 60; the tensor-core tiles are 16+ rows,
+    and with M a multiple of 16 no shape outside what was checked on the card takes the kernel. Real jobs lose
+    nothing: Flux's image and text token counts (4096, 512, 4608 at 1024^2) are multiples of 16, and the
+    modulation matmuls (M = batch) are tiny. bench/fp8_matmul_check.py measures each case on the card."""
+    rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
+    return (t.shape[-1] == k and k % 16 == 0 and n % 16 == 0 and rows > 0 and rows % FP8_MATMUL_ROWS == 0
             and t.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _weight_scale_row(scale: torch.Tensor, out_f: int) -> torch.Tensor:
+    """The weight's per-output-row scale ([out, 1] from store_fp8) as scale_b wants it: float32, (1, out), contiguous."""
+    return scale.float().reshape(1, out_f).contiguous()
 
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -108,8 +127,9 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torc
     if not fp8_matmul_takes(x, in_f, out_f):
         return F.linear(x, _dequantize(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
     xq, xs = rowwise_fp8(x.reshape(-1, in_f))
-    # mat2 [in, out] column-major: the transpose of the row-major q, a view
-    y = torch._scaled_mm(xq, q.contiguous().t(), scale_a=xs, scale_b=scale.float().reshape(1, out_f),
+    # mat2 [in, out] column-major: the transpose of the row-major q, a view. scale_b: float32 (1, N) contiguous (a
+    # weight_scale cast with the model or stored as (N,) would otherwise reach the kernel with another layout)
+    y = torch._scaled_mm(xq, q.contiguous().t(), scale_a=xs, scale_b=_weight_scale_row(scale, out_f),
                          out_dtype=torch.bfloat16)
     y = y.to(x.dtype).reshape(*x.shape[:-1], out_f)
     return y if bias is None else y + bias.to(x.dtype)
@@ -125,7 +145,7 @@ def fp8_input_grad(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     out_f, in_f = q.shape
     if not fp8_matmul_takes(grad, out_f, in_f):
         return grad @ _dequantize(q, scale, grad.dtype)
-    gq, gs = rowwise_fp8(grad.reshape(-1, out_f).float() * scale.float().reshape(1, out_f))
+    gq, gs = rowwise_fp8(grad.reshape(-1, out_f).float() * _weight_scale_row(scale, out_f))
     # mat2 [out, in] must be column-major: a transposed copy of q on every call (1 byte a parameter, freed after it)
     qc = q.t().contiguous().t()
     ones = torch.ones(1, in_f, dtype=torch.float32, device=q.device)
