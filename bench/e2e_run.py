@@ -176,6 +176,8 @@ def add_args(ap: argparse.ArgumentParser, work: str, variants: dict, default: li
     ap.add_argument("--cache", default=None, help="ERIDIFFUSION_CACHE for the runs (compiled kernels, attention"
                     " verdicts); an empty folder measures a first run")
     ap.add_argument("--tiny", action="store_true", help="tiny random files, 3 steps on the CPU (a smoke test)")
+    ap.add_argument("--cap-gib", type=float, default=None, help="the runs under this much of the card's memory"
+                    " (torch.cuda.set_per_process_memory_fraction before the trainer starts: a 24 GB card's room)")
 
 
 def tiny_args(a: argparse.Namespace, res: int = 64) -> None:
@@ -183,6 +185,20 @@ def tiny_args(a: argparse.Namespace, res: int = 64) -> None:
     if a.tiny:
         a.steps, a.warmup, a.res = 3, 1, res
         a.work = str(Path(a.work) / "tiny")
+
+
+# `python -m trainer job.yaml` with the card's memory capped first, as a 24 GB card would have it
+CAPPED_TRAINER = ("import runpy, sys, torch; cap = float(sys.argv.pop(1)) * 2**30;"
+                  " torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0)"
+                  ".total_memory)); sys.argv[0] = 'trainer'; runpy.run_module('trainer', run_name='__main__',"
+                  " alter_sys=True)")
+
+
+def trainer_command(job_path: Path, cap_gib: float | None) -> list[str]:
+    """The run's command line: `python -m trainer job.yaml`, under a memory cap of `cap_gib` GiB when given."""
+    if cap_gib is None:
+        return [sys.executable, "-m", "trainer", str(job_path)]
+    return [sys.executable, "-c", CAPPED_TRAINER, str(cap_gib), str(job_path)]
 
 
 def run_variant(v: str, extra: dict, name: str, folder: Path, model: dict, a: argparse.Namespace, device: str,
@@ -197,7 +213,8 @@ def run_variant(v: str, extra: dict, name: str, folder: Path, model: dict, a: ar
     env = {**os.environ, **({"ERIDIFFUSION_CACHE": a.cache} if a.cache else {})}
     t0 = time.time()
     shutil.rmtree(folder / "runs" / name, ignore_errors=True)  # a repeated variant starts over, not resumes
-    r = subprocess.run([sys.executable, "-m", "trainer", str(path)], capture_output=True, text=True, env=env)
+    r = subprocess.run(trainer_command(path, a.cap_gib if device == "cuda" else None), capture_output=True,
+                       text=True, env=env)
     wall = time.time() - t0
     if r.returncode != 0:
         return {"variant": v, "error": r.stderr[-2000:]}
@@ -211,6 +228,8 @@ def run_variant(v: str, extra: dict, name: str, folder: Path, model: dict, a: ar
            "attention": [ln for ln in r.stdout.splitlines() if "attention" in ln][-1:],
            "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1), **(fields or {}),
            "device": device_name(), "torch": torch.__version__}
+    if a.cap_gib and device == "cuda":
+        out["cap_gib"] = a.cap_gib
     if extra.get("cuda_graphs"):
         out["cuda_graphs"] = [ln for ln in log if "train.cuda_graphs" in ln][-1:]
     if flops is not None:

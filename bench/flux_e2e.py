@@ -38,6 +38,10 @@ VARIANTS = {
     # train.cuda_graphs: each step's forward and backward replayed from a CUDA graph per bucket shape
     "compile_graph": {"compile": True, "cuda_graphs": True},
     "compile_ckpt0_graph": {"compile": True, "gradient_checkpointing": False, "cuda_graphs": True},
+    "fp8_compile_graph": {"compile": True, "cuda_graphs": True, "model": {"quantize": True}},
+    "fp8_compile_ckpt05_graph": {"compile": True, "gradient_checkpointing": 0.5, "cuda_graphs": True,
+                                 "model": {"quantize": True}},
+    "fp8mm_compile_graph": {"compile": True, "cuda_graphs": True, "model": {"quantize": True, "fp8_matmul": True}},
 }
 # transformer (hidden, head dim, double, single blocks), CLIP-L width (the pooled input), T5 width (the context),
 # VAE widths and layers, T5 tokens
