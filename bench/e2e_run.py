@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -89,6 +90,13 @@ def ckpt_of(extra: dict) -> float:
     from trainer.prepare import checkpoint_fraction
 
     return checkpoint_fraction(extra.get("gradient_checkpointing", True))
+
+
+def auto_fraction(line: str) -> float:
+    """The share of blocks checkpointed, from train.gradient_checkpointing auto's report line (for the FLOPs count:
+    the blocks it leaves unchecked are spread over depth, the counted fraction too)."""
+    m = re.search(r"(\d+) of (\d+) blocks unchecked", line)
+    return 1.0 if m is None else 1.0 - int(m.group(1)) / int(m.group(2))
 
 
 def skip_reason(extra: dict, device: str) -> str | None:
@@ -232,8 +240,11 @@ def run_variant(v: str, extra: dict, name: str, folder: Path, model: dict, a: ar
         out["cap_gib"] = a.cap_gib
     if extra.get("cuda_graphs"):
         out["cuda_graphs"] = [ln for ln in log if "train.cuda_graphs" in ln][-1:]
+    auto = [ln for ln in log if "gradient_checkpointing auto:" in ln][-1:]
+    if auto:
+        out["auto_checkpointing"] = auto
     if flops is not None:
-        f = flops(ckpt_of(extra))
+        f = flops(auto_fraction(auto[0]) if auto else ckpt_of(extra))
         out["tflop_per_step"] = float(f"{f / 1e12:.4g}")
         out["mfu"] = float(f"{f / median / (PEAK_TFLOPS * 1e12):.3g}")
     return out

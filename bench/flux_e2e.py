@@ -42,6 +42,10 @@ VARIANTS = {
     "fp8_compile_ckpt05_graph": {"compile": True, "gradient_checkpointing": 0.5, "cuda_graphs": True,
                                  "model": {"quantize": True}},
     "fp8mm_compile_graph": {"compile": True, "cuda_graphs": True, "model": {"quantize": True, "fp8_matmul": True}},
+    # train.gradient_checkpointing auto: the blocks the card (or --cap-gib) has room for left unchecked
+    "compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True},
+    "fp8_compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True,
+                               "model": {"quantize": True}},
 }
 # transformer (hidden, head dim, double, single blocks), CLIP-L width (the pooled input), T5 width (the context),
 # VAE widths and layers, T5 tokens

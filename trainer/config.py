@@ -111,9 +111,11 @@ class TrainConfig:
                                       help="micro-batches per optimizer step")
     max_grad_norm: float = spec(1.0, ge=0, le=1e6, help="gradient clipping (0: off)")
     dtype: str = spec("bf16", choices=DTYPES, help="compute dtype of the base model")
-    # true / false, or the fraction of blocks to checkpoint (memory for speed: 0.5 is about half of each)
-    gradient_checkpointing: Union[bool, float] = spec(True, ge=0, le=1,
-                                                      help="recompute activations: less memory, slower steps")
+    # true / false, the fraction of blocks to checkpoint (memory for speed: 0.5 is about half of each), or auto: the
+    # blocks the card has no room for (train/auto_checkpointing.py measures the step before the first one)
+    gradient_checkpointing: Union[bool, float, str] = spec(True, ge=0, le=1,
+                                                           help="recompute activations: less memory, slower steps;"
+                                                           " auto: only the blocks the card has no room for")
     compile: bool = spec(False, help="torch.compile the blocks (CUDA; the first steps of each size take longer)")
     # each micro-step's forward and backward replayed from a CUDA graph per bucket shape (train/cuda_graphs.py):
     # launch-bound steps (SDXL, small images) get faster; each captured shape keeps its activations' memory reserved
@@ -499,6 +501,12 @@ def load_job_dict(data: Any, overrides: list[str] | None = None, source: str = "
                   " captions are encoded anew each step); set it to false")
     if tc.text_encoder_lr is not None and not tc.train_text_encoder:
         ctx.warnings.append("config.process[0].train.text_encoder_lr: ignored without train.train_text_encoder: true")
+    if isinstance(tc.gradient_checkpointing, str):
+        if tc.gradient_checkpointing.strip().lower() != "auto":
+            ctx.error("config.process[0].train.gradient_checkpointing",
+                      f"expected true, false, a fraction of the blocks (0 to 1) or auto, got"
+                      f" {tc.gradient_checkpointing!r}")
+        tc.gradient_checkpointing = "auto"
     if isinstance(tc.blocks_to_swap, str) and tc.blocks_to_swap.strip().lower() != "auto":
         ctx.error("config.process[0].train.blocks_to_swap", f"expected a number of blocks or auto, got {tc.blocks_to_swap!r}")
     if proc.model.fp8_matmul and not proc.model.quantize:

@@ -24,6 +24,7 @@ from .models.fingerprint import file_fingerprint, module_fingerprint
 from .networks.network import Network, build_network, read_network_file
 from .prepare import choose_attention, compile_model, prepare_for_encoding, prepare_for_training
 from .previews import prepare_samples
+from .train.auto_checkpointing import plan_checkpointing
 from .train.checkpoints import DTYPES, RunFolder
 from .train.cuda_graphs import check_config as check_cuda_graphs
 from .train.distributed import Distributed, require_single_process
@@ -244,7 +245,6 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
     prepare_for_training(model, job, texts is not None, keep_text_encoders, report, largest)
     network = make_network(job, model)
     choose_attention(model, job, sorted({e.key for d in datasets for e in d.entries}), report)
-    compile_model(model, job, report)
     n_params = sum(p.numel() for p in network.parameters())
     check_disk_room(run.root, n_params, proc.save.dtype)
     report(f"{proc.network.type} rank {proc.network.linear} on {len(network.targets)} layers"
@@ -257,6 +257,9 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
             report(f"  changed since the run began, applied from step {trainer.state.step}: {c}")
     if dist is not None:
         dist.broadcast_from_main(trainer.params)
+    if proc.train.gradient_checkpointing == "auto":  # measured on the trained weights, before compile traces the blocks
+        plan_checkpointing(trainer, largest, report)
+    compile_model(model, job, report)
     if trainer.writes:
         write_text_atomic(run.root / "config.yaml", dump_job_yaml(job))
     return trainer

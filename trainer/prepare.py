@@ -27,9 +27,10 @@ from .models.quantize import fp8_matmul_problem, set_fp8_matmul
 log = logging.getLogger("trainer")
 
 
-def checkpoint_fraction(setting: bool | float | None) -> float:
-    """train.gradient_checkpointing as the fraction of blocks to checkpoint."""
-    if setting is True:
+def checkpoint_fraction(setting: bool | float | str | None) -> float:
+    """train.gradient_checkpointing as the fraction of blocks to checkpoint (auto: all of them until the trainer's
+    plan, train/auto_checkpointing.py, leaves some unchecked)."""
+    if setting is True or setting == "auto":
         return 1.0
     return float(setting or 0.0)
 

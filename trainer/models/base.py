@@ -367,8 +367,11 @@ class TrainingModel(ABC):
         return quantize_blocks(self.repeated_blocks())
 
     def set_gradient_checkpointing(self, fraction: float) -> None:
-        """Checkpoint this fraction of the denoiser's repeated blocks (0: none, 1: all)."""
-        chosen = spread_over_depth(self.repeated_blocks(), fraction)
+        """Checkpoint this fraction of the denoiser's repeated blocks (0: none, 1: all), spread over depth."""
+        self.checkpoint_blocks(spread_over_depth(self.repeated_blocks(), fraction))
+
+    def checkpoint_blocks(self, chosen: list[nn.Module]) -> None:
+        """Checkpoint these of the repeated blocks, and no others."""
         self._checkpointed_ids = {id(b) for b in chosen}
         if self.checkpointing == "wrap":
             self._block_forwards().wrap(chosen, checkpointed)

@@ -21,7 +21,6 @@ from torch import nn
 from ..config import TEXT_IMAGE_NODE_NAMES
 from ..errors import ConfigError
 from .base import Conditioning, Target, TargetMember, TrainingModel, ragged_batch, sample_of
-from .blocks import spread_over_depth
 from .fingerprint import module_fingerprint
 from .objectives import EpsObjective, FlowObjective
 from .schedules import linear_mu
@@ -782,8 +781,7 @@ class ComfyModel(TrainingModel):
     def repeated_blocks(self) -> list[nn.Module]:
         return repeated_layers(self.denoiser)
 
-    def set_gradient_checkpointing(self, fraction: float) -> None:
-        chosen = spread_over_depth(self.repeated_blocks(), fraction)
+    def checkpoint_blocks(self, chosen: list[nn.Module]) -> None:
         self._checkpointed_ids = {id(b) for b in chosen}
         self._block_forwards().wrap(chosen, checkpointed_block)
 

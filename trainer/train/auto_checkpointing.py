@@ -1,0 +1,233 @@
+"""train.gradient_checkpointing: auto — the blocks left unchecked are those the card has room for.
+
+A checkpointed block keeps only its input for backward and runs its forward a second time there; an unchecked one
+keeps what autograd saves and runs once. auto measures both sides on the run's first batch before any step:
+
+- one fully checkpointed forward and backward gives the step's peak (and each kind of block's inputs, taken by
+  pre-hooks: a kind is the block's class with its parameter and input shapes);
+- one kind at a time, a forward of its first block alone (unchecked, the network's hooks on) counts the bytes of
+  the tensors autograd saves (saved-tensor hooks; the weights, buffers and the block's inputs are not counted: they
+  are kept either way) and its time, the recompute a checkpoint costs;
+
+then scales the activations to the largest training size (they grow with the latent's size), and leaves unchecked
+the blocks with the most recompute time saved per byte until the room under the card's memory (its per-process cap
+included, less a headroom and the optimizer's states) is used. The measured figures are the eager step's: a
+compiled block saves less (inductor recomputes cheap ops), so the estimate errs towards memory left free."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models.blocks import spread_over_depth
+
+# kept free under the limit for the allocator's fragmentation and the CUDA context (as block swap's auto)
+HEADROOM_BYTES = 2**30
+# copies of the trained parameters an optimizer keeps (AdamW: 2; Prodigy: 4), taken at the most
+OPTIMIZER_COPIES = 4
+
+
+@dataclass
+class BlockKind:
+    """Blocks of one class with the same parameter and input shapes: what one of them saves unchecked (bytes)
+    and the time its forward takes (the recompute a checkpoint costs)."""
+    indices: list[int]
+    saved_bytes: int
+    forward_s: float
+
+
+@dataclass
+class Plan:
+    unchecked: list[int]  # indices into the model's repeated blocks
+    room: int  # bytes the unchecked blocks could use
+    used: int  # bytes they are estimated to keep
+    peak: int  # the fully checkpointed step's peak, scaled to the largest size
+    limit: int  # what this process may allocate on the card
+    scale: float  # largest training latent over the probe's
+    kinds: list[BlockKind]  # as measured, saved bytes scaled to the largest size
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _detached(obj):
+    """Block inputs held for a later probe: tensors detached, each keeping whether it required grad."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().requires_grad_(obj.requires_grad) if obj.is_floating_point() else obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
+def kind_key(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    shapes = tuple(tuple(t.shape) for t in _tensors((args, kwargs)))
+    return (type(block).__qualname__, tuple(tuple(p.shape) for p in block.parameters()), shapes)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def saved_bytes(block: nn.Module, args: tuple, kwargs: dict, kept: set[tuple]) -> tuple[int, float]:
+    """(bytes autograd saves for backward in one unchecked forward of `block`, the forward's seconds). Storages in
+    `kept` (weights, buffers) and the inputs' own are not counted; a storage saved twice counts once. The block's
+    class forward is called, past any checkpointing wrapper; the hooks of its sub-modules (the network) run."""
+    skip = set(kept) | {_storage_key(t) for t in _tensors((args, kwargs))}
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    sync = torch.cuda.synchronize if any(t.is_cuda for t in _tensors(args)) else (lambda: None)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sync()
+        t0 = time.perf_counter()
+        out = type(block).forward(block, *args, **kwargs)
+        sync()
+        seconds = time.perf_counter() - t0
+    del out  # the graph and what it saved go with it
+    return sum(seen.values()), seconds
+
+
+def choose_unchecked(kinds: list[BlockKind], room: int) -> list[int]:
+    """The blocks to leave unchecked within `room` bytes: kinds in order of recompute time saved per byte, as many
+    blocks of each as fit, spread over depth among that kind's."""
+    chosen: list[int] = []
+    left = room
+    for k in sorted(kinds, key=lambda k: k.forward_s / max(k.saved_bytes, 1), reverse=True):
+        n = len(k.indices) if k.saved_bytes <= 0 else min(len(k.indices), max(0, left) // k.saved_bytes)
+        if n <= 0:
+            continue
+        picked = spread_over_depth(k.indices, n / len(k.indices))
+        chosen += picked
+        left -= len(picked) * max(k.saved_bytes, 0)
+    return sorted(chosen)
+
+
+def memory_limit(device: torch.device) -> int:
+    """Bytes this process may allocate on the card: its per-process cap, and no more than is free beside what its
+    allocator already holds."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return int(min(fraction * total, free + torch.cuda.memory_reserved(device)))
+
+
+def why_not(model, tc, limit_given: bool = False) -> str | None:
+    """Why auto checkpoints every block on this run (a reason for the report), or None when it measures.
+    `limit_given`: the caller gives the memory limit, so the device's own is not needed."""
+    if model.device.type != "cuda" and not limit_given:
+        return f"the memory of a {model.device.type} device is not measured"
+    if model.host_places_weights:
+        return "ComfyUI's model management places the weights"
+    if getattr(model, "block_swap", None) is not None:
+        return "swapped blocks need checkpointing"
+    if tc.offload_activations:
+        return "train.offload_activations keeps the checkpointed inputs in host memory"
+    if not model.repeated_blocks():
+        return "the model has no repeated blocks"
+    return None
+
+
+def measure(trainer, inputs: tuple, items: int) -> tuple[int, int, dict[tuple, BlockKind], dict[tuple, tuple]]:
+    """One fully checkpointed forward and backward of `inputs` (batch_inputs' tuple, `items` the micro-batch's
+    item count): (allocated before, peak during, the kinds of block with their indices, one input per kind). Off a
+    CUDA card the memory is not measured (0, 0)."""
+    model = trainer.model
+    blocks = model.repeated_blocks()
+    kinds: dict[tuple, BlockKind] = {}
+    first: dict[tuple, tuple] = {}
+    index = {id(b): i for i, b in enumerate(blocks)}
+    called: set[int] = set()
+
+    def pre_hook(block, args, kwargs):
+        i = index[id(block)]
+        if i in called:  # a recompute in backward calls it again
+            return
+        called.add(i)
+        key = kind_key(block, args, kwargs)
+        if key not in kinds:
+            kinds[key] = BlockKind([], 0, 0.0)
+            first[key] = (block, _detached(args), _detached(kwargs))
+        kinds[key].indices.append(i)
+
+    handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in blocks]
+    dev = model.device
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev) if cuda else 0
+    try:
+        trainer.loss_of(*inputs, items).backward()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) if cuda else 0
+    finally:
+        for h in handles:
+            h.remove()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return before, peak, kinds, first
+
+
+def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[[str], None],
+                       limit: int | None = None) -> Plan | None:
+    """Choose and apply the checkpointed blocks of a run with train.gradient_checkpointing: auto (before its first
+    step and before compile); `largest`: the biggest training size (width, height, frames); `limit`: the bytes the
+    process may use (default: memory_limit of the card; given, the plan is made on any device, the CPU's peak
+    counted as 0). None: every block stays checkpointed (the report says why)."""
+    model, tc = trainer.model, trainer.cfg.train
+    reason = why_not(model, tc, limit_given=limit is not None)
+    if reason:
+        report(f"train.gradient_checkpointing auto: every block checkpointed ({reason})")
+        return None
+    blocks = model.repeated_blocks()
+    inputs = trainer.batch_inputs(0, torch.Generator().manual_seed(tc.seed))
+    if inputs is None:  # this rank has no item in the first batch
+        report("train.gradient_checkpointing auto: every block checkpointed (no item of the first batch on this rank)")
+        return None
+    items = len(trainer.plan.batch(0))
+    trainer.network.train()
+    model.set_train_hooks(True)
+    try:
+        before, peak, kinds, first = measure(trainer, inputs, items)
+        kept = {_storage_key(t) for m in (model.denoiser, trainer.network) for t in (*m.parameters(), *m.buffers())}
+        for key, (block, args, kwargs) in first.items():
+            saved_bytes(block, args, kwargs, kept)  # a first call: kernels chosen and loaded, not timed
+            kinds[key].saved_bytes, kinds[key].forward_s = saved_bytes(block, args, kwargs, kept)
+    finally:
+        model.set_train_hooks(False)
+    del first
+    # positions (frames x height x width) of the largest training latent against the probe's
+    scale = max(1.0, math.prod(model.latent_shape(*largest)[2:]) / math.prod(inputs[0].shape[2:]))
+    for k in kinds.values():
+        k.saved_bytes = int(k.saved_bytes * scale)
+    optimizer = OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in trainer.params)
+    limit = memory_limit(model.device) if limit is None else limit
+    step_peak = int(before + (peak - before) * scale)
+    room = limit - step_peak - optimizer - HEADROOM_BYTES
+    unchecked = choose_unchecked(list(kinds.values()), room)
+    ids = set(unchecked)
+    model.checkpoint_blocks([b for i, b in enumerate(blocks) if i not in ids])
+    used = sum(k.saved_bytes for k in kinds.values() for i in k.indices if i in ids)
+    gib = 2**30
+    report(f"train.gradient_checkpointing auto: {len(unchecked)} of {len(blocks)} blocks unchecked ({used / gib:.1f}"
+           f" GiB of activations kept for them); a fully checkpointed step peaks at {step_peak / gib:.1f} GiB of the"
+           f" {limit / gib:.1f} GiB this process may use ({HEADROOM_BYTES / gib:.0f} GiB kept free)")
+    return Plan(unchecked, room, used, step_peak, limit, scale, list(kinds.values()))
