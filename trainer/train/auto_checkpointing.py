@@ -124,6 +124,8 @@ def choose_unchecked(kinds: list[BlockKind], room: int) -> list[int]:
 def memory_limit(device: torch.device) -> int:
     """Bytes this process may allocate on the card: its per-process cap, and no more than is free beside what its
     allocator already holds."""
+    if device.index is None:  # "cuda": the current card (the per-process cap is read per index)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
     return int(min(fraction * total, free + torch.cuda.memory_reserved(device)))
