@@ -46,6 +46,9 @@ VARIANTS = {
     "compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True},
     "fp8_compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True,
                                "model": {"quantize": True}},
+    "fp8_cudnn_off": {"cudnn_attention": False, "model": {"quantize": True}},
+    "fp8_compile_auto_graph_cudnn_off": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True,
+                                         "cudnn_attention": False, "model": {"quantize": True}},
 }
 # transformer (hidden, head dim, double, single blocks), CLIP-L width (the pooled input), T5 width (the context),
 # VAE widths and layers, T5 tokens
