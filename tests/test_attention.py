@@ -110,3 +110,14 @@ def test_compile_cache_in_the_user_cache_unless_set(monkeypatch, tmp_path):
     assert persistent_compile_cache() == str(tmp_path / "c" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert persistent_compile_cache() == str(tmp_path / "mine")
+
+
+def test_unset_cudnn_attention_is_off_for_an_eager_step_and_the_self_tests_for_a_compiled_one():
+    """Eager Flux with cuDNN on went NaN on an H200 though the self-test passed: unset, an eager step keeps it off;
+    a compiled step asks the self-test (None); a setting is kept either way."""
+    from trainer.prepare import cudnn_setting
+
+    assert cudnn_setting(None, compiled=False) is False
+    assert cudnn_setting(None, compiled=True) is None
+    assert cudnn_setting(True, compiled=False) is True
+    assert cudnn_setting(False, compiled=True) is False

@@ -42,18 +42,38 @@ def configure_attention(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+# why an unset train.cudnn_attention stays off without train.compile, whatever the self-test says
+EAGER_CUDNN = ("eager Flux training (fp8, 1024²) with the self-test's verdict went NaN at step 2 on an H200 with"
+               " torch 2.11, and ran with cuDNN off (2026-12-03, bench/flux_eager_cudnn_h200.jsonl); compiled steps"
+               " ran finite with it on")
+
+
+def cudnn_setting(setting: bool | None, compiled: bool) -> bool | None:
+    """What decides cuDNN attention: True / False (train.cudnn_attention, or off for an eager step), None (the
+    self-test). The self-test's verdict is trusted for compiled blocks only (EAGER_CUDNN)."""
+    if setting is None and not compiled:
+        return False
+    return setting
+
+
 def choose_attention(model: TrainingModel, job: JobConfig, sizes: list[tuple[int, int, int]],
                      report: Callable[[str], None]) -> None:
     """train.cudnn_attention: unset, cuDNN attention is turned on where the self-test at the model's attention
-    shapes (the training sizes) finds it correct and faster on this card; false: off; true: on, untested."""
+    shapes (the training sizes) finds it correct and faster on this card, for compiled blocks (train.compile);
+    false: off; true: on, untested."""
     from . import attention
 
     if model.device.type != "cuda":
         return
-    setting = job.process.train.cudnn_attention
+    tc = job.process.train
+    setting = cudnn_setting(tc.cudnn_attention, tc.compile)
     if setting is not None:
         attention.use_cudnn(setting)
-        report(f"train.cudnn_attention: {'on (untested)' if setting else 'off'}")
+        if tc.cudnn_attention is None:
+            if model.attention_shapes(sizes, tc.batch_size):  # a family the self-test would have run for
+                report(f"cuDNN attention off without train.compile: {EAGER_CUDNN}")
+        else:
+            report(f"train.cudnn_attention: {'on (untested)' if setting else 'off'}")
         return
     shapes = model.attention_shapes(sizes, job.process.train.batch_size)
     if not shapes:
