@@ -43,12 +43,11 @@ VARIANTS = {
                                  "model": {"quantize": True}},
     "fp8mm_compile_graph": {"compile": True, "cuda_graphs": True, "model": {"quantize": True, "fp8_matmul": True}},
     # train.gradient_checkpointing auto: the blocks the card (or --cap-gib) has room for left unchecked
-    "compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True},
-    "fp8_compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True,
-                               "model": {"quantize": True}},
+    # (not beside cuda_graphs: the trainer refuses the two together)
+    "compile_auto": {"compile": True, "gradient_checkpointing": "auto"},
+    "fp8_compile_auto": {"compile": True, "gradient_checkpointing": "auto", "model": {"quantize": True}},
+    # the eager step with cuDNN attention forced off (bench/flux_eager_cudnn_h200.jsonl)
     "fp8_cudnn_off": {"cudnn_attention": False, "model": {"quantize": True}},
-    "fp8_compile_auto_graph_cudnn_off": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True,
-                                         "cudnn_attention": False, "model": {"quantize": True}},
 }
 # transformer (hidden, head dim, double, single blocks), CLIP-L width (the pooled input), T5 width (the context),
 # VAE widths and layers, T5 tokens

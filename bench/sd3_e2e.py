@@ -30,7 +30,7 @@ VARIANTS = {
     # train.cuda_graphs: each step's forward and backward replayed from a CUDA graph per bucket shape
     "graph": {"cuda_graphs": True},
     "compile_graph": {"compile": True, "cuda_graphs": True},
-    "compile_auto_graph": {"compile": True, "gradient_checkpointing": "auto", "cuda_graphs": True},
+    "compile_auto": {"compile": True, "gradient_checkpointing": "auto"},
     # model.quantize: block linears stored in fp8
     "fp8": {"model": {"quantize": True}},
     "fp8_compile": {"compile": True, "model": {"quantize": True}},

@@ -29,7 +29,7 @@ VARIANTS = {
     # train.cuda_graphs: each step's forward and backward replayed from a CUDA graph per bucket shape
     "ckpt_graph": {"cuda_graphs": True},
     "none_graph": {"gradient_checkpointing": False, "cuda_graphs": True},
-    "auto_graph": {"gradient_checkpointing": "auto", "cuda_graphs": True},
+    "auto": {"gradient_checkpointing": "auto"},
     "compile": {"compile": True},
     "compile_none": {"compile": True, "gradient_checkpointing": False},
     "compile_graph": {"compile": True, "cuda_graphs": True},

@@ -120,8 +120,9 @@ def _step_peak(trainer) -> int:
 @needs_cuda
 def test_on_the_card_the_estimate_bounds_what_unchecked_blocks_keep(tiny_flux, tmp_path):
     """Every block unchecked against every block checkpointed, real steps on the card: the step's peak grows by
-    no more than the plan's estimate of the activations kept (and by at least half of it: the count is of what is
-    kept, not a loose bound); with room for half of them, some blocks are unchecked and some not."""
+    no more than the plan's estimate of the activations kept (the count times MARGIN: on an H200 the growth was 1.4x
+    the count) and by at least half of it (not a loose bound); with room for half of them, some blocks are unchecked
+    and some not."""
     data = make_images(tmp_path / "data", n=2, size=(256, 256))
     d = job_dict(tiny_flux, data, tmp_path / "auto", gradient_checkpointing="auto", steps=4)
     d["config"]["process"][0]["device"] = "cuda"
@@ -137,3 +138,11 @@ def test_on_the_card_the_estimate_bounds_what_unchecked_blocks_keep(tiny_flux, t
     fixed = HEADROOM_BYTES + OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in trainer.params)
     half = plan_checkpointing(trainer, size, lambda s: None, limit=full.peak + fixed + full.used // 2)
     assert 0 < len(half.unchecked) < len(trainer.model.repeated_blocks())
+
+
+def test_auto_is_refused_beside_cuda_graphs_naming_both(tiny_flux, images, tmp_path):
+    from trainer.train.cuda_graphs import check_config
+
+    job = load_job_dict(job_dict(tiny_flux, images, tmp_path, gradient_checkpointing="auto", cuda_graphs=True))
+    with pytest.raises(ConfigError, match="train.cuda_graphs: not with train.gradient_checkpointing auto"):
+        check_config(job, torch.device("cuda"))

@@ -44,6 +44,9 @@ def check_config(job, device: torch.device) -> None:
         (tc.offload_activations, "train.offload_activations", "the offload copies to host memory inside the step"),
         (tc.train_text_encoder, "train.train_text_encoder", "the text encoders run before the graph, whose copy of"
          " their output would cut their gradients"),
+        (tc.gradient_checkpointing == "auto", "train.gradient_checkpointing auto", "the two are not proven together"
+         " (SD 3.5 Large with both failed its capture at step 2 on an H200); set a fraction of blocks to checkpoint"
+         " instead"),
         (mc.backend == "comfyui", "model.backend comfyui", "ComfyUI's model management may move the weights between"
          " steps; train from the model files (the engine's loaders) to use CUDA graphs"),
     ]
