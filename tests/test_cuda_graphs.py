@@ -3,7 +3,7 @@ bucket shape, gradient accumulation), stops with the reason where a capture fail
 settings and for the families it cannot work with, the keys named.
 
 The equivalence tests need a CUDA card (graphs do not exist on the CPU): on a machine without one they skip, and
-they are run on the device (see bench/cuda_graphs_check.log for the last run)."""
+they are run on the device (bench/gpu_tests_h200.log: the last run, without the compiled variants)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_graphed_step_trains_as_the_plain_step(family, accumulation, compile_, t
                                                deterministic):
     """Two bucket shapes, 10 steps: every shape warms up, is captured and replayed; the LoRA after the run and every
     step's loss equal the plain step's within 1e-5 (fp32, TF32 off, deterministic kernels and math attention: without
-    them two plain runs of the UNet differ by ~1e-4 already, bench/cuda_graphs_h200.log)."""
+    them two plain runs of the UNet differed by ~1e-4 already on an H200)."""
     model = tiny_flux if family == "flux" else tiny_sdxl
     data = make_images(tmp_path / "data", n=4, size=(64, 64))
     extra = {"gradient_accumulation": accumulation, "compile": compile_}
