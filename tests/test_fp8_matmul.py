@@ -162,12 +162,8 @@ def test_fp8_matmul_keeps_only_the_fp8_weight_for_backward(device):
     assert x.grad is not None and lin.weight.grad is None
 
 
-@pytest.mark.parametrize("in_f,out_f", [(90, 48), (64, 40), (40, 24)])
-@pytest.mark.parametrize("device", DEVICES)
-def test_shapes_scaled_mm_cannot_take_fall_back_to_the_dequantized_path_exactly(device, in_f, out_f):
-    lin = _layer(in_f, out_f, device)
-    x = _inputs((2, 7, in_f), device, torch.bfloat16)
-    grad = _inputs((2, 7, out_f), device, torch.bfloat16, seed=4)
+def _assert_fp8_path_equals_the_dequantized(lin, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """The layer's output and input gradient with fp8_matmul on equal those with it off, bit for bit."""
     out = {}
     for on in (False, True):
         lin.fp8_matmul = on
@@ -176,6 +172,15 @@ def test_shapes_scaled_mm_cannot_take_fall_back_to_the_dequantized_path_exactly(
         y.backward(grad)
         out[on] = (y.detach(), xi.grad)
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+@pytest.mark.parametrize("in_f,out_f", [(90, 48), (64, 40), (40, 24)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_shapes_scaled_mm_cannot_take_fall_back_to_the_dequantized_path_exactly(device, in_f, out_f):
+    lin = _layer(in_f, out_f, device)
+    x = _inputs((2, 7, in_f), device, torch.bfloat16)
+    grad = _inputs((2, 7, out_f), device, torch.bfloat16, seed=4)
+    _assert_fp8_path_equals_the_dequantized(lin, x, grad)
 
 
 @pytest.mark.parametrize("lead,in_f,out_f", [((1,), 32, 192), ((1, 8), 32, 96), ((1, 72), 32, 224), ((3, 20), 64, 48)])
@@ -188,14 +193,7 @@ def test_rows_not_a_multiple_of_16_fall_back_to_the_dequantized_path_exactly(dev
     x = _inputs((*lead, in_f), device, torch.bfloat16) if len(lead) > 1 else \
         torch.randn(*lead, in_f, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     grad = torch.randn(*lead, out_f, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
-    out = {}
-    for on in (False, True):
-        lin.fp8_matmul = on
-        xi = x.clone().requires_grad_()
-        y = lin(xi)
-        y.backward(grad)
-        out[on] = (y.detach(), xi.grad)
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    _assert_fp8_path_equals_the_dequantized(lin, x, grad)
     # a multiple of 16 rows of the same layer does take the fp8 path (not the dequantized numbers)
     x16 = torch.randn(16, in_f, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     lin.fp8_matmul = False
