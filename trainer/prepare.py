@@ -222,18 +222,30 @@ def activation_bytes(model: TrainingModel, blocks: list, largest: tuple[int, int
     return need
 
 
+def card(device: torch.device) -> torch.device:
+    """A CUDA device with its index ("cuda" is the current card; the per-process cap is read per index)."""
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def memory_limit(device: torch.device) -> int:
+    """Bytes this process may allocate on the card: its per-process cap, and no more than is free beside what its
+    allocator already holds."""
+    device = card(device)
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return int(min(fraction * total, free + torch.cuda.memory_reserved(device)))
+
+
 def auto_blocks_to_swap(model: TrainingModel, blocks: list, activations: int | None = None) -> int:
     """How many blocks to swap so the rest fits the card's free memory (within its per-process cap), leaving
     room for the activations (`activations` bytes, at least max(4 GiB, a quarter of the budget)): a heuristic; set a
     number where it guesses wrong."""
     if model.device.type != "cuda":
         return 0
-    device = model.device if model.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    device = card(model.device)
     # the model's own weights already on this card are counted below, not as used memory
     here = sum(t.numel() * t.element_size() for t in model.denoiser.parameters() if t.device == device)
-    budget = min(free, fraction * total - torch.cuda.memory_reserved(device)) + here
+    budget = memory_limit(device) - torch.cuda.memory_reserved(device) + here
     sizes = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks]
     rest = sum(t.numel() * t.element_size() for t in model.denoiser.parameters()) - sum(sizes)
     room = budget - rest - max(4 * 2**30, budget / 4, activations or 0) - HEADROOM_BYTES

@@ -24,11 +24,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..models.blocks import spread_over_depth
+from ..prepare import HEADROOM_BYTES, memory_limit
 
-# kept free under the limit for the allocator's fragmentation and the CUDA context (as block swap's auto)
-HEADROOM_BYTES = 2**30
 # copies of the trained parameters an optimizer keeps (AdamW: 2; Prodigy: 4), taken at the most
 OPTIMIZER_COPIES = 4
 # the counted bytes times this are planned for: on an H200 (torch 2.11) a tiny Flux's step grew by 1.4x the count when
@@ -59,24 +59,13 @@ class Plan:
 
 
 def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def _detached(obj):
     """Block inputs held for a later probe: tensors detached, each keeping whether it required grad."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().requires_grad_(obj.requires_grad) if obj.is_floating_point() else obj.detach()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detached(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    return obj
+    return tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad) if t.is_floating_point()
+                         else t.detach(), obj)
 
 
 def kind_key(block: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -125,16 +114,6 @@ def choose_unchecked(kinds: list[BlockKind], room: int) -> list[int]:
         chosen += picked
         left -= len(picked) * max(k.saved_bytes, 0)
     return sorted(chosen)
-
-
-def memory_limit(device: torch.device) -> int:
-    """Bytes this process may allocate on the card: its per-process cap, and no more than is free beside what its
-    allocator already holds."""
-    if device.index is None:  # "cuda": the current card (the per-process cap is read per index)
-        device = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
-    return int(min(fraction * total, free + torch.cuda.memory_reserved(device)))
 
 
 def why_not(model, tc, limit_given: bool = False) -> str | None:
