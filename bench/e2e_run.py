@@ -186,6 +186,8 @@ def add_args(ap: argparse.ArgumentParser, work: str, variants: dict, default: li
     ap.add_argument("--tiny", action="store_true", help="tiny random files, 3 steps on the CPU (a smoke test)")
     ap.add_argument("--cap-gib", type=float, default=None, help="the runs under this much of the card's memory"
                     " (torch.cuda.set_per_process_memory_fraction before the trainer starts: a 24 GB card's room)")
+    ap.add_argument("--ckpt", type=float, default=None, help="train.gradient_checkpointing of every chosen variant"
+                    " (the fraction of blocks checkpointed, 0 to 1), over the variant's own")
 
 
 def tiny_args(a: argparse.Namespace, res: int = 64) -> None:
@@ -273,6 +275,10 @@ def bench_main(label: str, variants: dict, build: Callable[[Path, argparse.Names
         return cached_flops(folder, key, lambda: count(a, ckpt))
 
     for v in a.variants:
-        out = run_variant(v, variants[v], name(a, v), folder, model, a, device, dtype, flops,
-                          fields(a) if fields else None)
+        extra, run_name = variants[v], name(a, v)
+        if a.ckpt is not None:  # its own run folder: a fraction is another job
+            extra, run_name = {**extra, "gradient_checkpointing": a.ckpt}, f"{run_name}_ckpt{a.ckpt:g}"
+        out = run_variant(v, extra, run_name, folder, model, a, device, dtype, flops, fields(a) if fields else None)
+        if a.ckpt is not None:
+            out["gradient_checkpointing"] = a.ckpt
         print(json.dumps(out), flush=True)
