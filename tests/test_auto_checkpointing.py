@@ -4,6 +4,9 @@ peak stays within the plan's estimate."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +15,7 @@ from helpers import job_dict, make_images
 from trainer.config import load_job_dict
 from trainer.errors import ConfigError
 from trainer.job import build_trainer
-from trainer.train.auto_checkpointing import (HEADROOM_BYTES, OPTIMIZER_COPIES, BlockKind, choose_unchecked,
+from trainer.train.auto_checkpointing import (HEADROOM_BYTES, MARGIN, OPTIMIZER_COPIES, BlockKind, choose_unchecked,
                                               plan_checkpointing, saved_bytes)
 
 
@@ -38,6 +41,33 @@ def test_saved_bytes_are_what_autograd_keeps_beside_weights_and_inputs(train_sec
     n, seconds = saved_bytes(block, (x,), {}, kept)
     assert n == 5 * 32 * 4 * (2 if train_second else 1)
     assert seconds >= 0
+
+
+class _SavesItsOutput(nn.Module):
+    """sigmoid's backward reads its output: the node that saves it is the output's own grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 32).requires_grad_(False)
+        self.outputs: list[weakref.ref] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.a(x))
+        self.outputs.append(weakref.ref(y))
+        return y.sum(dim=-1)
+
+
+def test_counting_keeps_nothing_alive_after_it():
+    """A pack hook that returned the tensor itself would leave the sigmoid's output (and the graph behind it) alive
+    for good, in a cycle through autograd's nodes that gc cannot collect: memory the run would never get back (on
+    the card, the steps after a plan peaked higher by about what the probe counted)."""
+    block = _SavesItsOutput()
+    kept = {(p.device, p.untyped_storage().data_ptr()) for p in block.parameters()}
+    x = torch.randn(5, 8, requires_grad=True)
+    n, _ = saved_bytes(block, (x,), {}, kept)
+    assert n == 5 * 32 * 4  # the sigmoid's output; the frozen linear keeps nothing but the block's input
+    gc.collect()
+    assert len(block.outputs) == 1 and block.outputs[0]() is None
 
 
 def test_choose_unchecked_takes_the_most_recompute_per_byte_first_and_spreads_a_kind_over_depth():
@@ -104,6 +134,28 @@ def test_a_plan_leaves_unchecked_what_fits_and_trains_as_every_block_checkpointe
     assert any((v != 0).any() for k, v in expected.items() if "lora_up" in k)
 
 
+def test_the_probe_runs_without_cudnn_attention_and_gives_it_back(tiny_flux, tmp_path):
+    """The probe's forwards are eager: cuDNN attention, on for a compiled run's blocks, is off while they run (on an
+    H200 an eager probe with it on hit an illegal memory access) and on again after."""
+    data = make_images(tmp_path / "data", n=2, size=(32, 32))
+    trainer = build_trainer(load_job_dict(job_dict(tiny_flux, data, tmp_path, gradient_checkpointing="auto")),
+                            report=lambda s: None)
+    seen: list[bool] = []
+    handles = [b.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+               for b in trainer.model.repeated_blocks()]
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        plan_checkpointing(trainer, (32, 32, 1), lambda s: None, limit=10**15)
+        after = torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+        for h in handles:
+            h.remove()
+    assert seen and not any(seen)
+    assert after
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="auto measures a CUDA card's memory (run on the"
                                 " device: python -m pytest tests/test_auto_checkpointing.py)")
 
@@ -120,9 +172,10 @@ def _step_peak(trainer) -> int:
 @needs_cuda
 def test_on_the_card_the_estimate_bounds_what_unchecked_blocks_keep(tiny_flux, tmp_path):
     """Every block unchecked against every block checkpointed, real steps on the card: the step's peak grows by
-    no more than the plan's estimate of the activations kept (the count times MARGIN: on an H200 the growth was 1.4x
-    the count) and by at least half of it (not a loose bound); with room for half of them, some blocks are unchecked
-    and some not."""
+    no more than the bytes counted (the plan's estimate is the count times MARGIN) and by at least half of them
+    (the count is of what is kept, not a loose bound: bench/auto_count_probe.py measured 0.75x to 0.82x on an
+    H200, the peak holding one recomputed block when checkpointed); with room for half of them, some blocks are
+    unchecked and some not."""
     data = make_images(tmp_path / "data", n=2, size=(256, 256))
     d = job_dict(tiny_flux, data, tmp_path / "auto", gradient_checkpointing="auto", steps=4)
     d["config"]["process"][0]["device"] = "cuda"
@@ -134,7 +187,8 @@ def test_on_the_card_the_estimate_bounds_what_unchecked_blocks_keep(tiny_flux, t
     checkpointed = _step_peak(trainer)
     full = plan_checkpointing(trainer, size, lambda s: None, limit=10**15)
     unchecked = _step_peak(trainer)
-    assert 0.5 * full.used <= unchecked - checkpointed <= full.used + 2**20, (checkpointed, unchecked, full.used)
+    counted = full.used / MARGIN
+    assert 0.5 * counted <= unchecked - checkpointed <= counted + 2**20, (checkpointed, unchecked, counted)
     fixed = HEADROOM_BYTES + OPTIMIZER_COPIES * sum(p.numel() * p.element_size() for p in trainer.params)
     half = plan_checkpointing(trainer, size, lambda s: None, limit=full.peak + fixed + full.used // 2)
     assert 0 < len(half.unchecked) < len(trainer.model.repeated_blocks())

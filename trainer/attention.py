@@ -18,7 +18,9 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -207,6 +209,18 @@ def use_cudnn(on: bool) -> None:
                  SDPBackend.MATH]
         rest = [b for b in torch._C._get_sdp_priority_order() if b not in [int(x) for x in first]]
         torch._C._set_sdp_priority_order([int(b) for b in first] + rest)
+
+
+@contextmanager
+def cudnn_attention_off() -> Iterator[None]:
+    """cuDNN attention off for what runs inside (an eager forward in a run whose compiled blocks use it), then
+    as it was."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def main() -> None:

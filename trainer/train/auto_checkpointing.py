@@ -11,9 +11,8 @@ keeps what autograd saves and runs once. auto measures both sides on the run's f
 
 then scales the activations to the largest training size (they grow with the latent's size), and leaves unchecked
 the blocks with the most recompute time saved per byte until the room under the card's memory (its per-process cap
-included, less a headroom and the optimizer's states) is used. The measured figures are the eager step's: a
-compiled block saves less (inductor recomputes cheap ops); the count is planned for times MARGIN, since on a CUDA card
-a step was seen to keep more than it counts."""
+included, less a headroom and the optimizer's states) is used. The measured figures are the eager step's; a
+compiled block saves what inductor's partitioner chooses, which is planned for with MARGIN."""
 
 from __future__ import annotations
 
@@ -26,15 +25,18 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from ..attention import cudnn_attention_off
 from ..models.blocks import spread_over_depth
 from ..prepare import HEADROOM_BYTES, memory_limit
 
 # copies of the trained parameters an optimizer keeps (AdamW: 2; Prodigy: 4), taken at the most
 OPTIMIZER_COPIES = 4
-# the counted bytes times this are planned for: on an H200 (torch 2.11) a tiny Flux's step grew by 1.4x the count when
-# both of its blocks ran unchecked (on the CPU, by half the count, as expected: the peak holds one recomputed block);
-# what the count misses on CUDA is not found yet, and Flux 1024² (fp8, compile, cuda_graphs) planned on the count
-# alone ran out of memory under a 23 GiB cap
+# the counted bytes times this are planned for. On an H200 (torch 2.11, bench/auto_count_probe.py) the eager count
+# matched what the caching allocator held after an unchecked forward within 2% (a small bf16 Flux: 265.0 MB held,
+# 270.6 MB counted) and the step's peak grew by 0.75x to 0.82x of it; the 1.4x seen before was the probe's own graph
+# left alive (saved_bytes now holds what it counts outside the graph). A compiled step: SD 3.5 Large (compile, 23 GiB
+# cap) with 3 of 38 blocks unchecked peaked 2.6 GiB over the plan's fully checkpointed peak, 1.6x the 1.6 GiB counted,
+# with the probe's graph still alive then; not measured since, so the margin stays
 MARGIN = 2.0
 
 
@@ -83,12 +85,18 @@ def saved_bytes(block: nn.Module, args: tuple, kwargs: dict, kept: set[tuple]) -
     class forward is called, past any checkpointing wrapper; the hooks of its sub-modules (the network) run."""
     skip = set(kept) | {_storage_key(t) for t in _tensors((args, kwargs))}
     seen: dict[tuple, int] = {}
+    # the saved tensors are held here, not in the graph: a graph node packing its own output (attention, sigmoid)
+    # would hold it in a cycle through autograd's C++ objects that no collector frees, and with it the whole
+    # block's saved tensors for the rest of the run (on the card, the next steps' peaks grew by that much); held
+    # they also keep their addresses from being reused by later tensors, which would count as one
+    held: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor):
         key = _storage_key(t)
         if key not in skip:
             seen[key] = t.untyped_storage().nbytes()
-        return t
+        held.append(t)
+        return None  # never unpacked: no backward runs through this graph
 
     sync = torch.cuda.synchronize if any(t.is_cuda for t in _tensors(args)) else (lambda: None)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -97,7 +105,8 @@ def saved_bytes(block: nn.Module, args: tuple, kwargs: dict, kept: set[tuple]) -
         out = type(block).forward(block, *args, **kwargs)
         sync()
         seconds = time.perf_counter() - t0
-    del out  # the graph and what it saved go with it
+    del out  # the graph goes with it, and what it saved with the list
+    held.clear()
     return sum(seen.values()), seconds
 
 
@@ -192,12 +201,16 @@ def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[
     items = len(trainer.plan.batch(0))
     trainer.network.train()
     model.set_train_hooks(True)
+    # the probe runs eager, where cuDNN attention is not trusted (prepare.EAGER_CUDNN; on an H200 an eager probe of
+    # a compiled Flux run with it on hit an illegal memory access)
     try:
-        before, peak, kinds, first = measure(trainer, inputs, items)
-        kept = {_storage_key(t) for m in (model.denoiser, trainer.network) for t in (*m.parameters(), *m.buffers())}
-        for key, (block, args, kwargs) in first.items():
-            saved_bytes(block, args, kwargs, kept)  # a first call: kernels chosen and loaded, not timed
-            kinds[key].saved_bytes, kinds[key].forward_s = saved_bytes(block, args, kwargs, kept)
+        with cudnn_attention_off():
+            before, peak, kinds, first = measure(trainer, inputs, items)
+            kept = {_storage_key(t) for m in (model.denoiser, trainer.network)
+                    for t in (*m.parameters(), *m.buffers())}
+            for key, (block, args, kwargs) in first.items():
+                saved_bytes(block, args, kwargs, kept)  # a first call: kernels chosen and loaded, not timed
+                kinds[key].saved_bytes, kinds[key].forward_s = saved_bytes(block, args, kwargs, kept)
     finally:
         model.set_train_hooks(False)
     del first
