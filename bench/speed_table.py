@@ -10,7 +10,11 @@ data loading) stay available as families sdxl_step and sd3_step, run only when a
     python3 bench/speed_table.py --work /tmp/speed                     # every end-to-end row
     python3 bench/speed_table.py --only sdxl sd3                       # some families
     python3 bench/speed_table.py --rows sdxl_1024_ckpt_cuda_graph      # some rows
-    python3 bench/speed_table.py --only sdxl_step sd3_step             # the step benches' rows
+    python3 bench/speed_table.py --only sdxl_step sd3_step             "sd35_large_1024_compile_cuda_graph_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
+                                                         "--cap-gib", "23", "--variants", "compile_graph"]),
+    "sd35_large_1024_compile_auto_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
+                                                   "--cap-gib", "23", "--variants", "compile_auto"]),
+    # the step benches' rows
     python3 bench/speed_table.py --tiny                                # CPU smoke test of every row's bench
 """
 
@@ -36,6 +40,10 @@ ROWS = {
                                        "fp8_compile"]),
     "flux_1024_fp8_compile_cap24": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "1024", "--cap-gib",
                                              "24", "--variants", "fp8_compile", "fp8_compile_graph"]),
+    # the fastest step measured within 23 GiB: fp8 weights, graphs, 9 of 57 blocks unchecked
+    "flux_1024_fp8_compile_cuda_graph_ckpt085_cap23": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res",
+                                                                "1024", "--cap-gib", "23", "--ckpt", "0.85",
+                                                                "--variants", "fp8_compile_graph"]),
     "flux_512_bf16_compile": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512", "--variants",
                                        "compile"]),
     "flux_512_bf16_compile_cuda_graph": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512",
