@@ -88,6 +88,12 @@ def _block_inputs_gb(blocks: int, tokens: int, hidden: int) -> float:
 
 RECIPES = [
     Recipe("Flux 1024², fp8 base, compile", 0.650, 247.0, 14.6, "speed_table_h200.jsonl (python -m trainer)"),
+    Recipe("Flux 1024², fp8 base, compile, cuda_graphs, 85% checkpointed", 0.520, 235.4, 21.9,
+           "speed_rows_h200_2026-12-03_second.jsonl (python -m trainer, 23 GiB cap)"),
+    Recipe("SD 3.5 Large 1024², checkpointing", 0.896, 105.2, 17.8,
+           "speed_rows_h200_2026-12-03_second.jsonl (python -m trainer, 24 GiB cap)"),
+    Recipe("SD 3.5 Large 1024², compile, cuda_graphs", 0.341, 105.2, 18.0,
+           "speed_rows_h200_2026-12-03_second.jsonl (python -m trainer, 23 GiB cap)"),
     Recipe("SDXL 1024², checkpointing", 0.933, 20.87, 6.0, "speed_table_h200.jsonl; graph: sdxl_graph_step",
            graph_s=0.150),
     Recipe("SDXL 1024², no checkpointing", 0.568, 14.74, 11.9, "speed_table_h200.jsonl; graph: sdxl_graph_step",
