@@ -59,10 +59,10 @@ def test_auto_and_ai_toolkit_names(tiny_flux, images, tmp_path):
     from trainer.prepare import swap_setting
 
     d = job_dict(tiny_flux, images, tmp_path, blocks_to_swap="auto")
-    assert swap_setting(load_job_dict(d)) == "auto"
+    assert swap_setting(load_job_dict(d).process) == "auto"
     d = job_dict(tiny_flux, images, tmp_path)
     d["config"]["process"][0]["model"].update(layer_offloading=True, layer_offloading_transformer_percent=0.5)
-    assert swap_setting(load_job_dict(d)) == "fraction:0.5"
+    assert swap_setting(load_job_dict(d).process) == "fraction:0.5"
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match="blocks_to_swap: expected a number of blocks or auto"):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .config import JobConfig
+from .config import JobConfig, ProcessConfig
 from .errors import ConfigError
 from .models.base import TrainingModel
 from .models.offload import BlockSwap, offload_activations
@@ -136,9 +136,9 @@ def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: boo
     return swap
 
 
-def swap_setting(job: JobConfig) -> int | str:
+def swap_setting(process: ProcessConfig) -> int | str:
     """train.blocks_to_swap, or ai-toolkit's model.layer_offloading (true: auto; a percent: that share of blocks)."""
-    tc, mc = job.process.train, job.process.model
+    tc, mc = process.train, process.model
     if tc.blocks_to_swap not in (0, "0"):
         return tc.blocks_to_swap if isinstance(tc.blocks_to_swap, int) else "auto"
     if mc.layer_offloading:
@@ -149,7 +149,7 @@ def swap_setting(job: JobConfig) -> int | str:
 
 def install_block_swap(model: TrainingModel, job: JobConfig, report: Callable[[str], None],
                        largest: tuple[int, int, int] | None = None) -> BlockSwap | None:
-    setting = swap_setting(job)
+    setting = swap_setting(job.process)
     if setting == 0:
         return None
     blocks = model.repeated_blocks()

@@ -26,6 +26,7 @@ from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .cuda_graphs import CaptureFailed, GraphedMicroStep
+from .out_of_memory import OutOfMemory, out_of_memory_message
 from .distributed import Distributed
 from .optim import build_optimizer, build_scheduler
 from .run_identity import changed_job_error, past_steps_error, split_changes
@@ -340,12 +341,14 @@ class Trainer:
             try:
                 loss = self.micro_step((*inputs, len(self.plan.batch(micro)), tc.gradient_accumulation))
             except CaptureFailed as e:  # the weights are the last step's: saved, then the run stops
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.state.last_save != str(self.run.step_path(step)):
-                    self.save()
+                self._save_before_stop(step)
                 raise UserError(f"config.process[0].train.cuda_graphs: {e}. The run stopped at step {step}, saved"
                                 f" ({self.state.last_save}); set train.cuda_graphs: false and run the same command to"
                                 " resume.") from None
+            except torch.cuda.OutOfMemoryError:  # before the update: the weights are the last step's
+                saved = self._save_before_stop(step)
+                raise OutOfMemory(out_of_memory_message(self.cfg, self.model.device, step, saved,
+                                                        self.model.host_places_weights)) from None
             # read after the backward is queued (the one host sync of a step: reading it between forward and
             # backward would hold the backward's launches until the forward had finished on the card)
             value = float(loss)
@@ -374,6 +377,16 @@ class Trainer:
             self.scheduler.step()
             self.state.step += 1
         return total
+
+    def _save_before_stop(self, step: int) -> str:
+        """A step that cannot go on, stopped before its update: the partial gradients dropped, the weights (the
+        last step's) saved unless they are already or nothing was trained; what is on disk, for the message."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()  # room for the save's copies
+        if step > 0 and self.state.last_save != str(self.run.step_path(step)):
+            self.save()
+        return f"saved {self.state.last_save}" if self.state.last_save else "nothing was trained yet"
 
     # --- sampling ------------------------------------------------------------------------------
     def sample(self, report: Callable[[str], None] | None = None) -> list:

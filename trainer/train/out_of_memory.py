@@ -1,0 +1,55 @@
+"""A training step that runs out of the card's memory: one message with what was in use, what was saved, and the
+keys of this job that would lower the peak (none of them names a family: each is read from the job and the model's
+own answers)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ProcessConfig
+from ..errors import UserError
+from ..prepare import checkpoint_fraction, memory_limit, swap_setting
+
+
+class OutOfMemory(UserError):
+    """A step ran out of the card's memory; the last step's weights are saved (after the first step)."""
+
+
+def lower_memory_keys(cfg: ProcessConfig, host_places_weights: bool) -> list[str]:
+    """The settings of this job that would lower a step's peak, the surest first (each with the value it has now)."""
+    tc, mc = cfg.train, cfg.model
+    out = []
+    if tc.cuda_graphs:
+        out.append("train.cuda_graphs: false (each captured shape keeps its activations' memory reserved)")
+    if tc.gradient_checkpointing == "auto":
+        out.append("train.gradient_checkpointing: true (auto left some blocks unchecked)")
+    elif checkpoint_fraction(tc.gradient_checkpointing) < 1.0:
+        out.append(f"train.gradient_checkpointing: true (now {tc.gradient_checkpointing})")
+    if not host_places_weights:  # ComfyUI's MODEL: its own model management places the weights
+        if not mc.quantize:
+            out.append("model.quantize: true (fp8 base weights: half the memory of bf16)")
+        if swap_setting(cfg) == 0:
+            out.append("train.blocks_to_swap: auto (blocks' weights kept in RAM and streamed in)")
+        if not tc.offload_activations:
+            out.append("train.offload_activations: true (what backward keeps, in RAM)")
+    if tc.batch_size > 1:
+        out.append(f"train.batch_size: 1 with train.gradient_accumulation: {tc.batch_size * tc.gradient_accumulation}"
+                   f" (now batch_size {tc.batch_size})")
+    largest = max((r for d in cfg.datasets for r in d.resolution), default=None)
+    if largest is not None:
+        out.append(f"a smaller datasets[].resolution (the largest now {largest})")
+    return out
+
+
+def out_of_memory_message(cfg: ProcessConfig, device: torch.device, step: int, saved: str,
+                          host_places_weights: bool) -> str:
+    """What the user reads when step `step` (0-based) ran out of memory; `saved`: what is on disk now."""
+    gib = 2**30
+    where = ""
+    if device.type == "cuda":
+        peak, limit = torch.cuda.max_memory_allocated(device), memory_limit(device)
+        where = f" ({peak / gib:.1f} GiB in use at the peak, of the {limit / gib:.1f} GiB this process may use)"
+    keys = lower_memory_keys(cfg, host_places_weights)
+    fix = ("; to fit, one of: " + "; ".join(keys)) if keys else ""
+    return (f"out of memory on the card in step {step + 1}{where}; {saved}{fix}. Then run the same command: the"
+            f" run resumes from its last save.")
