@@ -76,3 +76,17 @@ def test_the_keys_offered_are_only_those_this_job_can_still_change(tiny_flux, tm
     comfy = lower_memory_keys(plain, host_places_weights=True)  # ComfyUI's MODEL: its weights are ComfyUI's to place
     assert "train.gradient_checkpointing: true (auto left some blocks unchecked)" in comfy
     assert not any(k.startswith(("model.quantize", "train.blocks_to_swap")) for k in comfy), comfy
+
+
+def test_auto_checkpointings_probe_out_of_memory_is_told_the_same_way(tiny_flux, tmp_path):
+    """The probe is a fully checkpointed step: the message says so, and does not offer checkpointing."""
+    from trainer.train.auto_checkpointing import plan_checkpointing
+
+    data = make_images(tmp_path / "data", n=2)
+    trainer = build_trainer(load_job_dict(job_dict(tiny_flux, data, tmp_path / "out", gradient_checkpointing="auto")),
+                            report=lambda s: None)
+    _out_of_memory_in_forward(trainer, at_step=0)
+    with pytest.raises(OutOfMemory, match="auto's probe .*; nothing was trained yet; to fit, one of: model.quantize"
+                       ) as e:
+        plan_checkpointing(trainer, (32, 32, 1), lambda s: None, limit=10**15)
+    assert "gradient_checkpointing: true" not in str(e.value)

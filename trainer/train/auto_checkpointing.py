@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from ..attention import cudnn_attention_off
 from ..models.blocks import spread_over_depth
 from ..prepare import HEADROOM_BYTES, memory_limit
+from .out_of_memory import OutOfMemory, out_of_memory_message
 
 # copies of the trained parameters an optimizer keeps (AdamW: 2; Prodigy: 4), taken at the most
 OPTIMIZER_COPIES = 4
@@ -182,6 +184,18 @@ def measure(trainer, inputs: tuple, items: int) -> tuple[int, int, dict[tuple, B
     return before, peak, kinds, first
 
 
+@contextmanager
+def _out_of_memory_told(trainer) -> Iterator[None]:
+    """The probe is a fully checkpointed step: one that does not fit is the run's first step not fitting."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        model = trainer.model
+        raise OutOfMemory(out_of_memory_message(trainer.cfg, model.device, 0, "nothing was trained yet",
+                                                model.host_places_weights, probe=True)) from None
+
+
 def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[[str], None],
                        limit: int | None = None) -> Plan | None:
     """Choose and apply the checkpointed blocks of a run with train.gradient_checkpointing: auto (before its first
@@ -204,7 +218,7 @@ def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[
     # the probe runs eager, where cuDNN attention is not trusted (prepare.EAGER_CUDNN; on an H200 an eager probe of
     # a compiled Flux run with it on hit an illegal memory access)
     try:
-        with cudnn_attention_off():
+        with cudnn_attention_off(), _out_of_memory_told(trainer):
             before, peak, kinds, first = measure(trainer, inputs, items)
             kept = {_storage_key(t) for m in (model.denoiser, trainer.network)
                     for t in (*m.parameters(), *m.buffers())}

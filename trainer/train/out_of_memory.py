@@ -15,13 +15,15 @@ class OutOfMemory(UserError):
     """A step ran out of the card's memory; the last step's weights are saved (after the first step)."""
 
 
-def lower_memory_keys(cfg: ProcessConfig, host_places_weights: bool) -> list[str]:
-    """The settings of this job that would lower a step's peak, the surest first (each with the value it has now)."""
+def lower_memory_keys(cfg: ProcessConfig, host_places_weights: bool, every_block_checkpointed: bool = False
+                      ) -> list[str]:
+    """The settings of this job that would lower a step's peak, the surest first (each with the value it has now).
+    `every_block_checkpointed`: the step that did not fit already checkpointed every block (auto's probe)."""
     tc, mc = cfg.train, cfg.model
     out = []
     if tc.cuda_graphs:
         out.append("train.cuda_graphs: false (each captured shape keeps its activations' memory reserved)")
-    if tc.gradient_checkpointing == "auto":
+    if tc.gradient_checkpointing == "auto" and not every_block_checkpointed:
         out.append("train.gradient_checkpointing: true (auto left some blocks unchecked)")
     elif checkpoint_fraction(tc.gradient_checkpointing) < 1.0:
         out.append(f"train.gradient_checkpointing: true (now {tc.gradient_checkpointing})")
@@ -42,14 +44,17 @@ def lower_memory_keys(cfg: ProcessConfig, host_places_weights: bool) -> list[str
 
 
 def out_of_memory_message(cfg: ProcessConfig, device: torch.device, step: int, saved: str,
-                          host_places_weights: bool) -> str:
-    """What the user reads when step `step` (0-based) ran out of memory; `saved`: what is on disk now."""
+                          host_places_weights: bool, probe: bool = False) -> str:
+    """What the user reads when step `step` (0-based) ran out of memory; `saved`: what is on disk now; `probe`: it
+    was train.gradient_checkpointing auto's fully checkpointed probe step, before the first."""
     gib = 2**30
     where = ""
     if device.type == "cuda":
         peak, limit = torch.cuda.max_memory_allocated(device), memory_limit(device)
         where = f" ({peak / gib:.1f} GiB in use at the peak, of the {limit / gib:.1f} GiB this process may use)"
-    keys = lower_memory_keys(cfg, host_places_weights)
+    keys = lower_memory_keys(cfg, host_places_weights, every_block_checkpointed=probe)
     fix = ("; to fit, one of: " + "; ".join(keys)) if keys else ""
-    return (f"out of memory on the card in step {step + 1}{where}; {saved}{fix}. Then run the same command: the"
+    what = ("train.gradient_checkpointing auto's probe (one step with every block checkpointed)" if probe
+            else f"step {step + 1}")
+    return (f"out of memory on the card in {what}{where}; {saved}{fix}. Then run the same command: the"
             f" run resumes from its last save.")
