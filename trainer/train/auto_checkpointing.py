@@ -192,8 +192,9 @@ def _out_of_memory_told(trainer) -> Iterator[None]:
     except torch.cuda.OutOfMemoryError:
         trainer.optimizer.zero_grad(set_to_none=True)
         model = trainer.model
-        raise OutOfMemory(out_of_memory_message(trainer.cfg, model.device, 0, "nothing was trained yet",
-                                                model.host_places_weights, probe=True)) from None
+        raise OutOfMemory(out_of_memory_message(
+            trainer.cfg, model.device, "train.gradient_checkpointing auto's probe (one step with every block"
+            " checkpointed)", None, model.host_places_weights, every_block_checkpointed=True)) from None
 
 
 def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[[str], None],

@@ -26,9 +26,9 @@ from ..sampling import sample, to_pil
 from ..seeds import derived_seed
 from .checkpoints import DTYPES, RunFolder, check_resumable
 from .cuda_graphs import CaptureFailed, GraphedMicroStep
-from .out_of_memory import OutOfMemory, out_of_memory_message
 from .distributed import Distributed
 from .optim import build_optimizer, build_scheduler
+from .out_of_memory import OutOfMemory, out_of_memory_message
 from .run_identity import changed_job_error, past_steps_error, split_changes
 from .timesteps import expert_window, in_window, linear_timestep_weights
 
@@ -346,9 +346,9 @@ class Trainer:
                                 f" ({self.state.last_save}); set train.cuda_graphs: false and run the same command to"
                                 " resume.") from None
             except torch.cuda.OutOfMemoryError:  # before the update: the weights are the last step's
-                saved = self._save_before_stop(step)
-                raise OutOfMemory(out_of_memory_message(self.cfg, self.model.device, step, saved,
-                                                        self.model.host_places_weights)) from None
+                self._save_before_stop(step)
+                raise OutOfMemory(out_of_memory_message(self.cfg, self.model.device, f"step {step + 1}",
+                                                        self.state.last_save, self.model.host_places_weights)) from None
             # read after the backward is queued (the one host sync of a step: reading it between forward and
             # backward would hold the backward's launches until the forward had finished on the card)
             value = float(loss)
@@ -378,15 +378,14 @@ class Trainer:
             self.state.step += 1
         return total
 
-    def _save_before_stop(self, step: int) -> str:
+    def _save_before_stop(self, step: int) -> None:
         """A step that cannot go on, stopped before its update: the partial gradients dropped, the weights (the
-        last step's) saved unless they are already or nothing was trained; what is on disk, for the message."""
+        last step's) saved unless they are already or nothing was trained."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()  # room for the save's copies
         if step > 0 and self.state.last_save != str(self.run.step_path(step)):
             self.save()
-        return f"saved {self.state.last_save}" if self.state.last_save else "nothing was trained yet"
 
     # --- sampling ------------------------------------------------------------------------------
     def sample(self, report: Callable[[str], None] | None = None) -> list:

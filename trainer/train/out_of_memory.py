@@ -43,18 +43,17 @@ def lower_memory_keys(cfg: ProcessConfig, host_places_weights: bool, every_block
     return out
 
 
-def out_of_memory_message(cfg: ProcessConfig, device: torch.device, step: int, saved: str,
-                          host_places_weights: bool, probe: bool = False) -> str:
-    """What the user reads when step `step` (0-based) ran out of memory; `saved`: what is on disk now; `probe`: it
-    was train.gradient_checkpointing auto's fully checkpointed probe step, before the first."""
+def out_of_memory_message(cfg: ProcessConfig, device: torch.device, what: str, saved: str | None,
+                          host_places_weights: bool, every_block_checkpointed: bool = False) -> str:
+    """What the user reads when `what` (a step, auto's probe) ran out of memory; `saved`: the run's last save, None
+    before anything was trained."""
     gib = 2**30
     where = ""
     if device.type == "cuda":
         peak, limit = torch.cuda.max_memory_allocated(device), memory_limit(device)
         where = f" ({peak / gib:.1f} GiB in use at the peak, of the {limit / gib:.1f} GiB this process may use)"
-    keys = lower_memory_keys(cfg, host_places_weights, every_block_checkpointed=probe)
+    keys = lower_memory_keys(cfg, host_places_weights, every_block_checkpointed)
     fix = ("; to fit, one of: " + "; ".join(keys)) if keys else ""
-    what = ("train.gradient_checkpointing auto's probe (one step with every block checkpointed)" if probe
-            else f"step {step + 1}")
-    return (f"out of memory on the card in {what}{where}; {saved}{fix}. Then run the same command: the"
-            f" run resumes from its last save.")
+    kept, then = ((f"saved {saved}", "the run resumes from its last save") if saved else
+                  ("nothing was trained yet", "the run starts"))
+    return f"out of memory on the card in {what}{where}; {kept}{fix}. Then run the same command: {then}."
