@@ -6,6 +6,7 @@ steps, median s/step after --warmup steps, peak GiB) and a summary line per pair
 fp8mm against fp8: the largest relative difference between their window means; s/step and peaks side by side).
 
     python3 bench/fp8_curve.py --work /tmp/e2e --steps 200 --res 512 [--compile] [--ckpt 0]
+    python3 bench/fp8_curve.py ... --runs fp8mm --previous bench/fp8_curve_h200_partial.jsonl   # the others read back
     python3 bench/fp8_curve.py --work /tmp/fp8_tiny --tiny       # CPU smoke test: a tiny Flux, a few steps
 """
 
@@ -60,6 +61,26 @@ def window_means(losses: list[float], window: int) -> list[float]:
     return [statistics.mean(losses[i:i + window]) for i in range(0, len(losses) - window + 1, window)]
 
 
+def previous_runs(path: Path | None, wanted: set[str], **same) -> dict[str, dict]:
+    """The records of `wanted` runs from an earlier call's output, each checked to be of the same job settings."""
+    if not wanted:
+        return {}
+    if path is None:
+        raise SystemExit(f"runs {sorted(wanted)} are not made now: name the earlier output with --previous")
+    found = {}
+    for ln in path.read_text().splitlines():
+        rec = json.loads(ln) if ln.startswith("{") else {}
+        if rec.get("run") in wanted and "losses" in rec:
+            got = {"res": rec["res"], "steps": rec["steps"], "compile": rec["compile"],
+                   "ckpt": rec["gradient_checkpointing"]}
+            if got != same:
+                raise SystemExit(f"{path}: run {rec['run']} was made with {got}, not {same}")
+            found[rec["run"]] = rec
+    if missing := wanted - set(found):
+        raise SystemExit(f"{path} holds no run {sorted(missing)}")
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/fp8_curve")
@@ -73,6 +94,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny Flux at 32 px, 10 steps, windows"
                     " of 5 (the CPU's _scaled_mm, allowed by the trainer's test seam)")
     ap.add_argument("--cache", default=None, help="ERIDIFFUSION_CACHE for the runs")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="the runs to make now")
+    ap.add_argument("--previous", type=Path, default=None, help="JSON lines of an earlier call of this script: the"
+                    " runs not made now are read from it (the same --res, --steps, --compile and --ckpt)")
     a = ap.parse_args()
     folder = Path(a.work)
     env = {**os.environ, **({"ERIDIFFUSION_CACHE": a.cache} if a.cache else {}),
@@ -91,8 +115,9 @@ def main() -> None:
     data = folder / f"one_image_{res}"
     if not data.exists():
         make_dataset(data, n=1, size=(res, res))
-    out = {}
-    for run, model_keys in RUNS.items():
+    out = previous_runs(a.previous, set(RUNS) - set(a.runs), res=res, steps=steps, compile=a.compile, ckpt=a.ckpt)
+    for run in a.runs:
+        model_keys = RUNS[run]
         name = f"fp8curve_{run}_{res}{'_compile' if a.compile else ''}_ckpt{a.ckpt:g}{'_tiny' if a.tiny else ''}"
         d = job(name, model, folder, steps, res, {"compile": a.compile, "seed": 42, "model": model_keys,
                                                   "gradient_checkpointing": a.ckpt})
