@@ -37,6 +37,8 @@ VARIANTS = {
     "fp8mm_compile": {"compile": True, "model": {"quantize": True, "fp8_matmul": True}},
     # train.cuda_graphs: each step's forward and backward replayed from a CUDA graph per bucket shape
     "compile_graph": {"compile": True, "cuda_graphs": True},
+    # AdamW with torch's foreach kernels, not the trainer's fused default on the card (the A/B of that default)
+    "compile_graph_foreach": {"compile": True, "cuda_graphs": True, "optimizer_params": {"foreach": True}},
     "compile_ckpt0_graph": {"compile": True, "gradient_checkpointing": False, "cuda_graphs": True},
     "fp8_compile_graph": {"compile": True, "cuda_graphs": True, "model": {"quantize": True}},
     "fp8_compile_ckpt05_graph": {"compile": True, "gradient_checkpointing": 0.5, "cuda_graphs": True,

@@ -30,6 +30,36 @@ def test_adamw8bit_needs_cuda_clearly():
         build_optimizer("adamw", p, 1e-3, {"turbo": 1}, torch.device("cpu"))
 
 
+def _adam_run(device: str, extra: dict) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 16, generator=g).to(device)) for _ in range(3)]
+    opt = build_optimizer("adamw", [{"params": params, "lr": 1e-2}], 1e-2, extra, torch.device(device))
+    for step in range(5):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i)).to(device)
+        opt.step()
+    return opt, [p.detach().cpu() for p in params]
+
+
+def test_adamw_kernel_default_off_the_card():
+    """Off the card torch's default stays (no fused kernel asked for); optimizer_params still choose."""
+    opt, _ = _adam_run("cpu", {})
+    assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["foreach"] is None
+    opt, _ = _adam_run("cpu", {"foreach": False})
+    assert opt.param_groups[0]["foreach"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused AdamW default applies to parameters on a"
+                    " CUDA card")
+def test_adamw_fused_on_the_card_steps_as_foreach():
+    fused, a = _adam_run("cuda", {})
+    assert fused.param_groups[0]["fused"] is True
+    foreach, b = _adam_run("cuda", {"foreach": True})
+    assert not foreach.param_groups[0]["fused"] and foreach.param_groups[0]["foreach"] is True
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides", [
     {"dtype": "bf16", "gradient_checkpointing": True},
     {"timestep_type": "shift", "batch_size": 2, "lr_scheduler": "linear"},
