@@ -62,11 +62,10 @@ def window_means(losses: list[float], window: int) -> list[float]:
 
 
 def previous_runs(path: Path | None, wanted: set[str], **same) -> dict[str, dict]:
-    """The records of `wanted` runs from an earlier call's output, each checked to be of the same job settings."""
-    if not wanted:
+    """The records of `wanted` runs from an earlier call's output, each checked to be of the same job settings
+    (none without `path`: the pairs of runs not made are left out)."""
+    if not wanted or path is None:
         return {}
-    if path is None:
-        raise SystemExit(f"runs {sorted(wanted)} are not made now: name the earlier output with --previous")
     found = {}
     for ln in path.read_text().splitlines():
         rec = json.loads(ln) if ln.startswith("{") else {}
