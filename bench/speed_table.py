@@ -10,11 +10,7 @@ data loading) stay available as families sdxl_step and sd3_step, run only when a
     python3 bench/speed_table.py --work /tmp/speed                     # every end-to-end row
     python3 bench/speed_table.py --only sdxl sd3                       # some families
     python3 bench/speed_table.py --rows sdxl_1024_ckpt_cuda_graph      # some rows
-    python3 bench/speed_table.py --only sdxl_step sd3_step             "sd35_large_1024_compile_cuda_graph_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
-                                                         "--cap-gib", "23", "--variants", "compile_graph"]),
-    "sd35_large_1024_compile_auto_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
-                                                   "--cap-gib", "23", "--variants", "compile_auto"]),
-    # the step benches' rows
+    python3 bench/speed_table.py --only sdxl_step sd3_step             # the step benches' rows
     python3 bench/speed_table.py --tiny                                # CPU smoke test of every row's bench
 """
 
@@ -44,10 +40,19 @@ ROWS = {
     "flux_1024_fp8_compile_cuda_graph_ckpt085_cap23": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res",
                                                                 "1024", "--cap-gib", "23", "--ckpt", "0.85",
                                                                 "--variants", "fp8_compile_graph"]),
+    # the same with the matmuls in fp8 (model.fp8_matmul, opt-in)
+    "flux_1024_fp8mm_compile_cuda_graph_ckpt085_cap23": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res",
+                                                                  "1024", "--cap-gib", "23", "--ckpt", "0.85",
+                                                                  "--variants", "fp8mm_compile_graph"]),
     "flux_512_bf16_compile": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512", "--variants",
                                        "compile"]),
     "flux_512_bf16_compile_cuda_graph": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512",
                                                   "--variants", "compile_graph"]),
+    # no checkpointing (bf16 at 512² fits beside the 22 GiB of weights on a card of more than 24 GB), and the
+    # same with torch's foreach AdamW instead of the fused default
+    "flux_512_bf16_compile_cuda_graph_ckpt0": ("flux", ["flux_e2e.py", "--work", "{work}/flux", "--res", "512",
+                                                        "--ckpt", "0", "--variants", "compile_graph",
+                                                        "compile_graph_foreach"]),
     "sdxl_1024_ckpt_and_none": ("sdxl", ["sdxl_e2e.py", "--work", "{work}/sdxl", "--res", "1024", "--variants",
                                          "ckpt", "none"]),
     "sdxl_1024_cuda_graph": ("sdxl", ["sdxl_e2e.py", "--work", "{work}/sdxl", "--res", "1024", "--variants",
@@ -61,6 +66,10 @@ ROWS = {
                                               "compile_graph"]),
     "sd35_large_1024_cap24": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024", "--cap-gib", "24",
                                       "--variants", "base", "compile_graph"]),
+    "sd35_large_1024_compile_cuda_graph_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
+                                                         "--cap-gib", "23", "--variants", "compile_graph"]),
+    "sd35_large_1024_compile_auto_cap23": ("sd3", ["sd3_e2e.py", "--work", "{work}/sd3", "--res", "1024",
+                                                   "--cap-gib", "23", "--variants", "compile_auto"]),
     # the step benches' rows (the model's step alone), before the end-to-end ones
     "sdxl_1024_step_bench": ("sdxl_step", ["sdxl_step.py", "--res", "1024", "--ckpt", "1", "0"]),
     "sdxl_1024_cuda_graph_step_bench": ("sdxl_step", ["sdxl_graph_step.py", "--res", "1024", "--ckpt", "0", "1"]),
