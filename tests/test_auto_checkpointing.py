@@ -121,10 +121,16 @@ def test_a_plan_leaves_unchecked_what_fits_and_trains_as_every_block_checkpointe
     full = plan_checkpointing(trainer, (32, 32, 1), lambda s: None, limit=10**15)
     assert full.unchecked == list(range(n)) and not any(_blocks_checkpointed(trainer))
     assert len(full.kinds) == 2 and all(k.saved_bytes > 0 for k in full.kinds)  # Flux: double and single blocks
-    # room for one block of the kind that saves least: that one unchecked, the rest checkpointed
+    # room for one block of the kind that saves least: that one unchecked, the rest checkpointed; the probe is a
+    # fully checkpointed step although the plan before left every block unchecked
+    seen: list[int] = []
+    first = trainer.model.repeated_blocks()[0]
+    hook = first.register_forward_pre_hook(lambda m, a: seen.append(sum(_blocks_checkpointed(trainer))))
     lines: list[str] = []
     plan = plan_checkpointing(trainer, (32, 32, 1), lines.append,
                               limit=fixed + min(k.saved_bytes for k in full.kinds))
+    hook.remove()
+    assert seen and seen[0] == n, seen
     assert len(plan.unchecked) == 1 and sum(not c for c in _blocks_checkpointed(trainer)) == 1
     assert f"1 of {n} blocks unchecked" in lines[-1]
     trainer.train()

@@ -214,6 +214,9 @@ def plan_checkpointing(trainer, largest: tuple[int, int, int], report: Callable[
         report("train.gradient_checkpointing auto: every block checkpointed (no item of the first batch on this rank)")
         return None
     items = len(trainer.plan.batch(0))
+    # the probe is a fully checkpointed step whatever an earlier plan left unchecked (a second plan measured the
+    # first one's unchecked blocks as the checkpointed peak and found no room: tests/test_auto_checkpointing.py)
+    model.checkpoint_blocks(blocks)
     trainer.network.train()
     model.set_train_hooks(True)
     # the probe runs eager, where cuDNN attention is not trusted (prepare.EAGER_CUDNN; on an H200 an eager probe of
