@@ -88,12 +88,13 @@ _MIN_AMAX = float(torch.finfo(torch.float32).tiny) * FP8_MAX  # the scale amax /
 def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D tensor as e4m3 values and a float32 scale per row (amax / 448): t ~= q * scale. Row-major (contiguous),
     as _scaled_mm's first operand must be. A row of zeros gets a tiny scale and stays zeros."""
-    amax = t.abs().amax(dim=1, keepdim=True).float()  # abs and max are exact in any float dtype
+    # the largest |value| of each row in one pass (no |t| copy); exact in any float dtype
+    amax = torch.linalg.vector_norm(t, ord=float("inf"), dim=1, keepdim=True).float()
     # the scale is floored at a normal float32 (amax 0, or subnormal: no 0/0 and no x/denormal overflowing to inf),
     # and the quotient is clamped to +-448 before the cast (e4m3fn has no inf: torch 2.13's CPU cast saturates, but
     # c10's older cast, which other builds and devices may use, turns out-of-range values into NaN)
     scale = amax.clamp_min(_MIN_AMAX) / FP8_MAX
-    q = (t.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    q = torch.div(t, scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # float32 by promotion, without a float32 copy of t
     return q.contiguous(), scale.contiguous()
 
 
@@ -145,7 +146,7 @@ def fp8_input_grad(grad: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     out_f, in_f = q.shape
     if not fp8_matmul_takes(grad, out_f, in_f):
         return grad @ _dequantize(q, scale, grad.dtype)
-    gq, gs = rowwise_fp8(grad.reshape(-1, out_f).float() * _weight_scale_row(scale, out_f))
+    gq, gs = rowwise_fp8(torch.mul(grad.reshape(-1, out_f), _weight_scale_row(scale, out_f)))  # float32 by promotion
     # mat2 [out, in] must be column-major: a transposed copy of q on every call (1 byte a parameter, freed after it)
     qc = q.t().contiguous().t()
     ones = torch.ones(1, in_f, dtype=torch.float32, device=q.device)
