@@ -188,6 +188,8 @@ def add_args(ap: argparse.ArgumentParser, work: str, variants: dict, default: li
                     " (torch.cuda.set_per_process_memory_fraction before the trainer starts: a 24 GB card's room)")
     ap.add_argument("--ckpt", type=float, default=None, help="train.gradient_checkpointing of every chosen variant"
                     " (the fraction of blocks checkpointed, 0 to 1), over the variant's own")
+    ap.add_argument("--memory-budget", type=float, default=None, help="train.compile_memory_budget of every chosen"
+                    " variant (with compile: the share of a compiled block's activations kept for backward)")
 
 
 def tiny_args(a: argparse.Namespace, res: int = 64) -> None:
@@ -278,7 +280,11 @@ def bench_main(label: str, variants: dict, build: Callable[[Path, argparse.Names
         extra, run_name = variants[v], name(a, v)
         if a.ckpt is not None:  # its own run folder: a fraction is another job
             extra, run_name = {**extra, "gradient_checkpointing": a.ckpt}, f"{run_name}_ckpt{a.ckpt:g}"
+        if a.memory_budget is not None:
+            extra, run_name = {**extra, "compile_memory_budget": a.memory_budget}, f"{run_name}_mb{a.memory_budget:g}"
         out = run_variant(v, extra, run_name, folder, model, a, device, dtype, flops, fields(a) if fields else None)
         if a.ckpt is not None:
             out["gradient_checkpointing"] = a.ckpt
+        if a.memory_budget is not None:
+            out["compile_memory_budget"] = a.memory_budget
         print(json.dumps(out), flush=True)

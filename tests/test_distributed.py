@@ -18,21 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-import trainer
 from helpers import job_dict, quiet
 from helpers import make_images
+from launch_helpers import LAUNCH_VARS, launch_env, rel, torchrun, write_job
 from trainer.config import load_job_dict
 from trainer.errors import ConfigError, UserError
 from trainer.job import run_job
 from trainer.train.distributed import start
 from trainer.train.state_file import read_state
 
-ROOT = Path(trainer.__file__).resolve().parent.parent  # the checkout under test: the ranks import this one
 STEPS = 20
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 pytestmark = pytest.mark.usefixtures("one_thread")  # as the ranks run (OMP_NUM_THREADS=1): no spinning workers
 
 
@@ -48,23 +45,8 @@ def _job(model: dict, data: Path, out: Path, **train) -> dict:
     return d
 
 
-def _env(**launch: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    return {**env, **launch}
-
-
-def _write(d: dict, folder: Path) -> Path:
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
-
-
 def _torchrun(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "trainer", str(path)], cwd=path.parent, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    return torchrun("-m", "trainer", str(path), cwd=path.parent)
 
 
 def _free_port() -> int:
@@ -78,7 +60,7 @@ def _ranks(path: Path, tag: str = "") -> tuple[list[subprocess.Popen], list[Path
     port, procs, logs = str(_free_port()), [], []
     for r in range(2):
         logs.append(path.parent / f"rank{r}{tag}.err")
-        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = launch_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=path.parent, env=env,
                                       stdout=logs[-1].with_suffix(".out").open("w"), stderr=logs[-1].open("w")))
     return procs, logs
@@ -99,13 +81,6 @@ def _exit_times(procs: list[subprocess.Popen], timeout: float) -> list[float]:
     return ends
 
 
-def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    va = torch.cat([a[k].double().flatten() for k in sorted(a)])
-    vb = torch.cat([b[k].double().flatten() for k in sorted(b)])
-    return float((va - vb).norm() / vb.norm())
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("ddp") / "data", n=5)
@@ -115,7 +90,7 @@ def data(tmp_path_factory) -> Path:
 def two_ranks(tiny_flux, data, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The final LoRA of the job trained by two ranks at batch 1 through torchrun, never stopped."""
     out = tmp_path_factory.mktemp("two_ranks")
-    r = _torchrun(_write(_job(tiny_flux, data, out), out))
+    r = _torchrun(write_job(_job(tiny_flux, data, out), out))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "samples/s on 2 ranks" in r.stderr  # the bar: the job's rate, every rank's images
     return load_file(str(out / "run" / "run.safetensors"))
@@ -126,13 +101,13 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(two_ranks, tiny_flu
     for b in (2, 1):
         run_job(load_job_dict(_job(tiny_flux, data, tmp_path / f"b{b}", batch_size=b)), report=quiet)
         final[b] = load_file(str(tmp_path / f"b{b}" / "run" / "run.safetensors"))
-    assert _rel(two_ranks, final[2]) < 1e-5
+    assert rel(two_ranks, final[2]) < 1e-5
     # the comparison can fail: a rank's own batch alone trains another network
-    assert _rel(two_ranks, final[1]) > 1e-3
+    assert rel(two_ranks, final[1]) > 1e-3
 
 
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_same_end(two_ranks, tiny_flux, data, tmp_path):
-    path = _write(_job(tiny_flux, data, tmp_path), tmp_path)
+    path = write_job(_job(tiny_flux, data, tmp_path), tmp_path)
     run = tmp_path / "run"
     procs, logs = _ranks(path)
     deadline = time.monotonic() + 120
@@ -163,7 +138,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_same_end(two_r
 def test_a_failing_rank_stops_the_other_within_seconds_with_its_message(tiny_flux, data, tmp_path):
     # a folder where rank 0 must write the step-4 save: only the main rank writes, so only it fails
     (tmp_path / "run" / "run_000000004.safetensors").mkdir(parents=True)
-    procs, logs = _ranks(_write(_job(tiny_flux, data, tmp_path), tmp_path))
+    procs, logs = _ranks(write_job(_job(tiny_flux, data, tmp_path), tmp_path))
     ends = _exit_times(procs, timeout=120)
     err0, err1 = (p.read_text() for p in logs)
     assert [p.returncode for p in procs] == [2, 2], err0[-3000:] + err1[-3000:]
@@ -192,5 +167,5 @@ def test_ddp_without_a_launch_names_the_key(tiny_flux, data, tmp_path, monkeypat
     with pytest.raises(ConfigError, match=r"train\.distributed: ddp needs a multi-process launch"):
         start(job, torch.device("cpu"))
     assert start(load_job_dict(_job(tiny_flux, data, tmp_path)), torch.device("cpu")) is None  # auto: one process
-    with pytest.raises(ConfigError, match=r"train\.distributed"):
-        load_job_dict(_job(tiny_flux, data, tmp_path, distributed="fsdp"))  # not built
+    with pytest.raises(ConfigError, match=r"train\.distributed: fsdp needs a multi-process launch"):
+        start(load_job_dict(_job(tiny_flux, data, tmp_path, distributed="fsdp")), torch.device("cpu"))

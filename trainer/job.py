@@ -27,6 +27,7 @@ from .previews import prepare_samples
 from .train.auto_checkpointing import plan_checkpointing
 from .train.checkpoints import DTYPES, RunFolder
 from .train.cuda_graphs import check_config as check_cuda_graphs
+from .train.sharding import check_config as check_sharding, shard_denoiser
 from .train.distributed import Distributed, require_single_process
 from .train.loop import Trainer, TrainState
 from .train.run_identity import check_job_fits_state, run_identity
@@ -111,6 +112,7 @@ def check_before_loading(job: JobConfig, model_files: bool = True) -> None:
     if job.process.network.pretrained_lora_path:
         local_path(job.process.network.pretrained_lora_path, "network.pretrained_lora_path")
     check_cuda_graphs(job, pick_device(job.process.device))
+    check_sharding(job)
     if job.process.train.optimizer == "adamw8bit":
         device = pick_device(job.process.device)
         if device.type != "cuda":
@@ -242,8 +244,11 @@ def build_trainer(job: JobConfig, report: Callable[[str], None] = print, model: 
         latents, texts = caches()
     samples = [] if proc.train.disable_sampling else prepare_samples(job, model)
     largest = max((e.key for d in datasets for e in d.entries), key=lambda k: k[0] * k[1] * k[2])
-    prepare_for_training(model, job, texts is not None, keep_text_encoders, report, largest)
+    sharded = dist is not None and dist.sharded
+    prepare_for_training(model, job, texts is not None, keep_text_encoders, report, largest, place=not sharded)
     network = make_network(job, model)
+    if sharded:  # after the network: DoRA starts from the base's whole weights
+        shard_denoiser(model, dist.device, report)
     choose_attention(model, job, sorted({e.key for d in datasets for e in d.entries}), report)
     n_params = sum(p.numel() for p in network.parameters())
     check_disk_room(run.root, n_params, proc.save.dtype)

@@ -119,9 +119,11 @@ def prepare_for_encoding(model: TrainingModel, job: JobConfig, report: Callable[
 
 
 def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: bool, keep_text_encoders: bool,
-                         report: Callable[[str], None], largest: tuple[int, int, int] | None = None) -> BlockSwap | None:
+                         report: Callable[[str], None], largest: tuple[int, int, int] | None = None,
+                         place: bool = True) -> BlockSwap | None:
     """Everything after the dataset is encoded, before the network is attached. `largest`: the biggest training
-    size (width, height, frames), which block swap's auto setting leaves room for."""
+    size (width, height, frames), which block swap's auto setting leaves room for. `place`: false when the
+    denoiser is placed by sharding it over several ranks (train/sharding.py) instead of moved whole."""
     tc = job.process.train
     if texts_cached and not tc.train_text_encoder:
         if keep_text_encoders:
@@ -129,7 +131,8 @@ def prepare_for_training(model: TrainingModel, job: JobConfig, texts_cached: boo
         else:
             model.release_text_encoders()
     swap = install_block_swap(model, job, report, largest)  # before placement: swapped weights never reach the card at once
-    model.place_denoiser()  # after the encoders had the card to themselves
+    if place:
+        model.place_denoiser()  # after the encoders had the card to themselves
     if tc.offload_activations:
         offload_activations(model.denoiser)
         report("train.offload_activations: the activations saved for backward are kept in host memory")
@@ -263,10 +266,23 @@ def compile_model(model: TrainingModel, job: JobConfig, report: Callable[[str], 
     if model.device.type != "cuda":
         log.warning("train.compile: needs a CUDA device; ignored on %s", model.device.type)
         return
+    set_memory_budget(job.process.train.compile_memory_budget, report)
     where = persistent_compile_cache()
     report(f"compiling the model's blocks (the first steps of each new size take longer; compiled kernels are"
            f" kept in {where} for the next run)")
     model.compile_blocks()
+
+
+def set_memory_budget(budget: float | None, report: Callable[[str], None]) -> None:
+    """train.compile_memory_budget: inductor's partitioner keeps this share of a compiled graph's activations for
+    backward and recomputes the rest; None restores torch's default (1: keep all), so an earlier job of the same
+    process (a ComfyUI session) does not leak its budget into the next."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0 if budget is None else float(budget)
+    if budget is not None:
+        report(f"train.compile_memory_budget {budget:g}: the compiled blocks keep that share of their activations"
+               " for backward and recompute the rest")
 
 
 def persistent_compile_cache() -> str:

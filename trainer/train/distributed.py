@@ -74,7 +74,8 @@ def start(job: JobConfig, device: torch.device) -> "Distributed | None":
         return None
     missing = [v for v in LAUNCH_VARS if not os.environ.get(v)]
     if missing:
-        raise ConfigError(f"{key}: ddp needs a multi-process launch, and {', '.join(missing)} is not set; run"
+        mode = "ddp" if tc.distributed == "auto" else tc.distributed
+        raise ConfigError(f"{key}: {mode} needs a multi-process launch, and {', '.join(missing)} is not set; run"
                           " `torchrun --nproc_per_node N -m trainer job.yaml` (or accelerate launch), or set it to auto")
     world, rank, local = (_env_int(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if device.type == "cuda":
@@ -100,14 +101,16 @@ def start(job: JobConfig, device: torch.device) -> "Distributed | None":
                         f" train.distributed_timeout, {tc.distributed_timeout} s): {_first_line(e)}") from None
     # without torchrun's agent (a plain env launch) rank 0's process serves the store: it must outlive its message
     hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    return Distributed(rank, world, device, ours, hosts_store=hosts)
+    return Distributed(rank, world, device, ours, hosts_store=hosts, sharded=tc.distributed == "fsdp")
 
 
 class Distributed:
     """This rank in its process group; `is_main` (rank 0) is the one that writes."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, store, hosts_store: bool = False) -> None:
+    def __init__(self, rank: int, world: int, device: torch.device, store, hosts_store: bool = False,
+                 sharded: bool = False) -> None:
         self.rank, self.world, self.device = rank, world, device
+        self.sharded = sharded  # train.distributed fsdp: the base's blocks are sharded over the ranks (sharding.py)
         self.store = store
         self.hosts_store = hosts_store
         self.peaks: list[float] = [0.0] * world  # each rank's peak memory (GiB) at the last step

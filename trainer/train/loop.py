@@ -68,6 +68,8 @@ class Trainer:
         # only the main rank writes (saves, previews, metrics)
         self.dist = dist
         self.writes = dist is None or dist.is_main
+        # train.distributed fsdp: every forward is a collective of the ranks, so every rank runs each one
+        self.sharded = dist is not None and dist.sharded
         tc = self.cfg.train
         world = dist.world if dist is not None else 1
         self.plan = BatchPlan(datasets, tc.batch_size * world, tc.seed)
@@ -237,11 +239,12 @@ class Trainer:
         """This rank's items of a global batch of `n` (all of them in one process)."""
         return slice(0, n) if self.dist is None else self.dist.share(n)
 
-    def batch_inputs(self, micro: int, gen: torch.Generator
+    def batch_inputs(self, micro: int, gen: torch.Generator, stand_in: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning] | None:
         """(latents, noise, sigmas, conditioning) of this rank's share of micro-batch `micro`, on the training
         device; every random draw comes from `gen`, drawn for the whole batch (so a share's draws are what one
-        process would draw for those items). None: the share is empty (a short last batch), after the draws."""
+        process would draw for those items). None: the share is empty (a short last batch), after the draws;
+        with `stand_in`, the batch's first item instead (for a forward whose loss does not count)."""
         tc = self.cfg.train
         batch = self.plan.batch(micro)
         share = self._share(len(batch))
@@ -265,7 +268,9 @@ class Trainer:
             noise = noise + tc.noise_offset * torch.randn((*whole[:2], *[1] * (len(whole) - 2)), generator=gen)
         sigmas = self.train_sigmas(len(batch), gen, whole)
         if not mine:
-            return None
+            if not stand_in:
+                return None
+            share = slice(0, 1)
         dev = self.model.device
         return latents.to(dev), noise[share].to(dev), sigmas[share].to(dev), cond
 
@@ -317,12 +322,14 @@ class Trainer:
             per_sample = (err * free).sum(dim=dims) / free.sum(dim=dims).clamp_min(1.0)
         return (per_sample * self.loss_weights(sigmas)).sum() / items
 
-    def forward_backward(self, inputs: tuple) -> torch.Tensor:
+    def forward_backward(self, inputs: tuple, weight: float = 1.0) -> torch.Tensor:
         """One micro-batch's loss (divided by the micro-batches a step takes) and its backward, the gradients
         accumulated into the parameters' .grad; returns the loss, detached. `inputs`: batch_inputs(), the batch's
-        item count, the micro-batches a step takes."""
+        item count, the micro-batches a step takes. `weight` 0: a stand-in whose loss and gradients are zero."""
         latents, noise, sigmas, cond, items, accumulation = inputs
         loss = self.loss_of(latents, noise, sigmas, cond, items) / accumulation
+        if weight != 1.0:
+            loss = loss * weight
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return loss.detach()
 
@@ -335,11 +342,16 @@ class Trainer:
         total = 0.0
         for a in range(tc.gradient_accumulation):
             micro = step * tc.gradient_accumulation + a
-            inputs = self.batch_inputs(micro, gen)
-            if inputs is None:  # this rank has no items in this micro-batch
+            n = len(self.plan.batch(micro))
+            share = self._share(n)
+            # no item here: skipped, or under fsdp a stand-in forward at weight 0 (the others' gathers need this
+            # rank's part)
+            inputs = self.batch_inputs(micro, gen, stand_in=self.sharded)
+            if inputs is None:
                 continue
+            args = (*inputs, n, tc.gradient_accumulation)
             try:
-                loss = self.micro_step((*inputs, len(self.plan.batch(micro)), tc.gradient_accumulation))
+                loss = self.micro_step(args) if share.stop > share.start else self.forward_backward(args, weight=0.0)
             except CaptureFailed as e:  # the weights are the last step's: saved, then the run stops
                 self._save_before_stop(step)
                 raise UserError(f"config.process[0].train.cuda_graphs: {e}. The run stopped at step {step}, saved"
@@ -391,6 +403,9 @@ class Trainer:
     def sample(self, report: Callable[[str], None] | None = None) -> list:
         if not self.samples:
             return []
+        if self.sharded:  # the sharded model samples on every rank at once; the main rank writes the previews
+            images = self._sample_all(report if self.writes else None)
+            return images if self.writes else []
         return self._on_main(f"sample at {self.state.step}", lambda: self._sample_all(report)) or []
 
     def _sample_all(self, report: Callable[[str], None] | None) -> list:
@@ -424,6 +439,8 @@ class Trainer:
                 cond, neg = self.model.encode_text([s.prompt]), self.model.encode_text([s.neg])
             request = replace(request, cond={**request.cond, **cond}, neg_cond={**(request.neg_cond or {}), **neg})
         out = sample(self.model, request)
+        if not self.writes:
+            return None
         fps = self.cfg.sample.fps or self.model.native_fps or 16.0
         files = save_preview(out, self.run.samples / f"{self.state.step:09d}_{s.index:02d}", fps)
         img = to_pil(out if out.dim() == 3 else out[:, 0])
