@@ -19,3 +19,11 @@ class DatasetError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good save is kept."""
+
+
+def refuse_clashes(key: str, clashes: list[tuple[object, str, str]], lead: str, advice: str) -> None:
+    """A setting beside others it cannot work with: the first (clash, other key, why) whose clash is true is raised
+    as `key: <lead><other>: <why>. <advice>`."""
+    for clash, other, why in clashes:
+        if clash:
+            raise ConfigError(f"{key}: {lead}{other}: {why}. {advice}")

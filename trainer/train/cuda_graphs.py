@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_clashes
 
 log = logging.getLogger("trainer")
 
@@ -50,9 +50,7 @@ def check_config(job, device: torch.device) -> None:
         (mc.backend == "comfyui", "model.backend comfyui", "ComfyUI's model management may move the weights between"
          " steps; train from the model files (the engine's loaders) to use CUDA graphs"),
     ]
-    for clash, other, why in clashes:
-        if clash:
-            raise ConfigError(f"{key}: not with {other}: {why}. Set one of them to false.")
+    refuse_clashes(key, clashes, "not with ", "Set one of them to false.")
     if mc.backend == "diffusers":
         from ..models import registry
 

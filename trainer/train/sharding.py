@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_clashes
 from ..models.base import TrainingModel
 
 KEY = "config.process[0].train.distributed"
@@ -47,9 +47,7 @@ def check_config(job) -> None:
         (mc.backend == "comfyui", "model.backend comfyui", "ComfyUI's model management places the weights itself;"
          " train from the model files with the engine's loaders"),
     ]
-    for clash, other, why in clashes:
-        if clash:
-            raise ConfigError(f"{KEY}: fsdp is not available with {other}: {why}. Set one of them off, or use ddp.")
+    refuse_clashes(KEY, clashes, "fsdp is not available with ", "Set one of them off, or use ddp.")
 
 
 def shard_denoiser(model: TrainingModel, device: torch.device, report: Callable[[str], None]) -> tuple[int, int]:
