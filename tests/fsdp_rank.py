@@ -18,15 +18,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from launch_helpers import rel
 from trainer.config import load_job_dict
 from trainer.job import build_trainer
 from trainer.train.sharding import shard_denoiser
-
-
-def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    va = torch.cat([t.double().flatten() for t in a])
-    vb = torch.cat([t.double().flatten() for t in b])
-    return float((va - vb).norm() / vb.norm())
 
 
 def run(trainer, inputs: tuple, n: int) -> tuple[float, list[torch.Tensor], float]:
@@ -64,7 +59,8 @@ def main() -> None:
             log.write(json.dumps({
                 "job": Path(path).stem, "arch": job.arch, "network": job.process.network.type,
                 "loss": loss, "sharded_loss": s_loss, "value": value, "sharded_value": s_value,
-                "grad_rel": rel(s_grads, grads), "grad_norm": float(torch.cat([g.flatten() for g in grads]).norm()),
+                "grad_rel": rel(dict(enumerate(s_grads)), dict(enumerate(grads))),
+                "grad_norm": float(torch.cat([g.flatten() for g in grads]).norm()),
                 "local_bytes": local, "total_bytes": total, "report": said,
             }) + "\n")
             log.flush()
