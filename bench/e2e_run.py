@@ -92,6 +92,11 @@ def ckpt_of(extra: dict) -> float:
     return checkpoint_fraction(extra.get("gradient_checkpointing", True))
 
 
+def ckpt_arg(text: str) -> float | str:
+    """--ckpt: a fraction of blocks, or `auto` (the trainer picks them under the card's free memory)."""
+    return "auto" if text == "auto" else float(text)
+
+
 def auto_fraction(line: str) -> float:
     """The share of blocks checkpointed, from train.gradient_checkpointing auto's report line (for the FLOPs count:
     the blocks it leaves unchecked are spread over depth, the counted fraction too)."""
@@ -186,8 +191,8 @@ def add_args(ap: argparse.ArgumentParser, work: str, variants: dict, default: li
     ap.add_argument("--tiny", action="store_true", help="tiny random files, 3 steps on the CPU (a smoke test)")
     ap.add_argument("--cap-gib", type=float, default=None, help="the runs under this much of the card's memory"
                     " (torch.cuda.set_per_process_memory_fraction before the trainer starts: a 24 GB card's room)")
-    ap.add_argument("--ckpt", type=float, default=None, help="train.gradient_checkpointing of every chosen variant"
-                    " (the fraction of blocks checkpointed, 0 to 1), over the variant's own")
+    ap.add_argument("--ckpt", type=ckpt_arg, default=None, help="train.gradient_checkpointing of every chosen"
+                    " variant (the fraction of blocks checkpointed, 0 to 1, or auto), over the variant's own")
     ap.add_argument("--memory-budget", type=float, default=None, help="train.compile_memory_budget of every chosen"
                     " variant (with compile: the share of a compiled block's activations kept for backward)")
 
@@ -279,7 +284,8 @@ def bench_main(label: str, variants: dict, build: Callable[[Path, argparse.Names
     for v in a.variants:
         extra, run_name = variants[v], name(a, v)
         if a.ckpt is not None:  # its own run folder: a fraction is another job
-            extra, run_name = {**extra, "gradient_checkpointing": a.ckpt}, f"{run_name}_ckpt{a.ckpt:g}"
+            tag = a.ckpt if a.ckpt == "auto" else f"{a.ckpt:g}"
+            extra, run_name = {**extra, "gradient_checkpointing": a.ckpt}, f"{run_name}_ckpt{tag}"
         if a.memory_budget is not None:
             extra, run_name = {**extra, "compile_memory_budget": a.memory_budget}, f"{run_name}_mb{a.memory_budget:g}"
         out = run_variant(v, extra, run_name, folder, model, a, device, dtype, flops, fields(a) if fields else None)
