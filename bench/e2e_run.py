@@ -233,25 +233,27 @@ def run_variant(v: str, extra: dict, name: str, folder: Path, model: dict, a: ar
     r = subprocess.run(trainer_command(path, a.cap_gib if device == "cuda" else None), capture_output=True,
                        text=True, env=env)
     wall = time.time() - t0
+    log = (r.stdout + r.stderr).splitlines()
+    # what the run reported of its settings, kept for a failed run too (which plan ran out of memory)
+    said = {"device": device_name(), "torch": torch.__version__, **({"cap_gib": a.cap_gib} if a.cap_gib and
+                                                                     device == "cuda" else {})}
+    if extra.get("cuda_graphs"):
+        said["cuda_graphs"] = [ln for ln in log if "train.cuda_graphs" in ln][-1:]
+    auto = [ln for ln in log if "gradient_checkpointing auto:" in ln][-1:]
+    if auto:
+        said["auto_checkpointing"] = auto
     if r.returncode != 0:
-        return {"variant": v, "error": r.stderr[-2000:]}
+        told = [ln.strip() for ln in r.stderr.splitlines() if ln.startswith("error:")][-1:]
+        return {"variant": v, "res": a.res, "error": told[0] if told else r.stderr[-2000:], **said}
     m = [json.loads(ln) for ln in (folder / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     steady = [x["s_per_step"] for x in m[a.warmup:]] or [x["s_per_step"] for x in m]
     median = statistics.median(steady)
-    log = (r.stdout + r.stderr).splitlines()
     out = {"variant": v, "res": a.res, "median_s_per_step": round(median, 4),
            "mean_s_per_step": round(statistics.mean(steady), 4), "first_step_s": round(m[0]["s_per_step"], 2),
            "first_steps_s": [round(x["s_per_step"], 2) for x in m[:4]],
            "attention": [ln for ln in r.stdout.splitlines() if "attention" in ln][-1:],
            "peak_gib": round(max(x["peak_mem_gib"] for x in m), 2), "wall_s": round(wall, 1), **(fields or {}),
-           "device": device_name(), "torch": torch.__version__}
-    if a.cap_gib and device == "cuda":
-        out["cap_gib"] = a.cap_gib
-    if extra.get("cuda_graphs"):
-        out["cuda_graphs"] = [ln for ln in log if "train.cuda_graphs" in ln][-1:]
-    auto = [ln for ln in log if "gradient_checkpointing auto:" in ln][-1:]
-    if auto:
-        out["auto_checkpointing"] = auto
+           **said}
     if flops is not None:
         f = flops(auto_fraction(auto[0]) if auto else ckpt_of(extra))
         out["tflop_per_step"] = float(f"{f / 1e12:.4g}")
